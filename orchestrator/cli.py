@@ -1,0 +1,202 @@
+"""The ``orchestrator`` command: parse, build settings, call a service, render output.
+
+Each command's behaviour lives in the module that owns the capability; handlers are imported
+lazily so ``orchestrator --help`` stays fast and nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator import __version__
+from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.settings import Settings, load_settings
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+# command path → "module:function"; each handler takes (settings, args) and returns an exit code.
+HANDLERS: dict[str, str] = {
+    "up": "orchestrator.lifecycle:cmd_up",
+    "down": "orchestrator.lifecycle:cmd_down",
+    "status": "orchestrator.lifecycle:cmd_status",
+    "start": "orchestrator.lifecycle:cmd_control",
+    "stop": "orchestrator.lifecycle:cmd_control",
+    "restart": "orchestrator.lifecycle:cmd_control",
+    "logs": "orchestrator.lifecycle:cmd_logs",
+    "gpus": "orchestrator.lifecycle:cmd_gpus",
+    "plan": "orchestrator.lifecycle:cmd_plan",
+    "config": "orchestrator.cli:cmd_config",
+    "nodes sync": "orchestrator.nodes:cmd_sync",
+    "nodes validate": "orchestrator.nodes:cmd_validate",
+    "models sync": "orchestrator.models:cmd_sync",
+    "models status": "orchestrator.models:cmd_status",
+    "cleanup": "orchestrator.cleanup:cmd_cleanup",
+    "health": "orchestrator.monitor:cmd_health",
+    "serve": "orchestrator.monitor:cmd_serve",
+    "demo": "orchestrator.demo:cmd_demo",
+    "runpod-worker": "orchestrator.runpod_worker:cmd_runpod_worker",
+}
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Run one ComfyUI per GPU under supervisord, watched and measured.",
+    )
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+    parser.add_argument("--root", help="root directory (ROOT, default /workspace)")
+    parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
+    parser.add_argument(
+        "--set", "-s", action="append", default=[], metavar="NAME=VALUE",
+        help="override a setting (highest precedence); repeatable",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), help="log format (LOG_FORMAT)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("up", help="prepare the machine and start every instance under supervisord")
+    p.add_argument("--foreground", action="store_true", help="exec supervisord in the foreground (containers)")
+    p.add_argument("--skip-provision", action="store_true", help="do not fetch code, nodes or models")
+    p = sub.add_parser("down", help="stop every instance, the monitor and supervisord")
+    p = sub.add_parser("status", help="per instance: GPU, port, pid, state, uptime, restarts, health")
+    _json_flag(p)
+    for verb in ("start", "stop", "restart"):
+        p = sub.add_parser(verb, help=f"{verb} one instance (GPU index) or all")
+        p.add_argument("target", metavar="GPU|all")
+    p = sub.add_parser("logs", help="show an instance's log (all: merged with a GPU prefix)")
+    p.add_argument("target", metavar="GPU|all")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    p = sub.add_parser("gpus", help="list the GPUs this machine would use")
+    _json_flag(p)
+    p = sub.add_parser("plan", help="dry run: the instances `up` would start")
+    _json_flag(p)
+    p = sub.add_parser("config", help="effective settings and where each came from (secrets redacted)")
+    _json_flag(p)
+
+    nodes = sub.add_parser("nodes", help="custom nodes from config_nodes.json")
+    nsub = nodes.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = nsub.add_parser("sync", help="install, update and remove custom nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the actions only")
+    p.add_argument("--prune", action="store_true", help="also remove node folders this tool did not install")
+    p.add_argument("--file", type=Path, help="config file (default: from the shared repo)")
+    _json_flag(p)
+    p = nsub.add_parser("validate", help="schema and safety checks of a config file, no network")
+    p.add_argument("file", type=Path)
+    _json_flag(p)
+
+    models = sub.add_parser("models", help="model tree and downloads")
+    msub = models.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = msub.add_parser("sync", help="create the model tree and download models")
+    p.add_argument("--dry-run", action="store_true", help="list files, destinations and actions only")
+    p.add_argument(
+        "--tier", choices=("before_start", "background", "all"), default="all",
+        help="which manifest entries to fetch (default all)",
+    )
+    _json_flag(p)
+    p = msub.add_parser("status", help="download progress")
+    _json_flag(p)
+
+    p = sub.add_parser("cleanup", help="delete old outputs (runs under supervisord)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    _json_flag(p)
+    p = sub.add_parser("health", help="exit 0 when ready (for container health checks)")
+    p.add_argument("--live", action="store_true", help="exit 0 when the monitor is alive")
+    p = sub.add_parser("serve", help="run the monitor (health checks, metrics, control API)")
+    p = sub.add_parser("demo", help="the full pipeline offline with simulated GPUs")
+    p.add_argument("--gpus", type=int, default=2, help="number of simulated GPUs (default 2)")
+    p = sub.add_parser("runpod-worker", help="RunPod serverless handler over the local job API")
+    p.add_argument("runpod_args", nargs=argparse.REMAINDER, help="arguments for the RunPod SDK")
+    return parser
+
+
+def _command_key(args: argparse.Namespace) -> str:
+    sub = getattr(args, "subcommand", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"invalid --set {item!r}: expected NAME=VALUE")
+        flags[name.strip().upper()] = value
+    if args.root:
+        flags["ROOT"] = args.root
+    if args.log_format:
+        flags["LOG_FORMAT"] = args.log_format
+    if args.log_level:
+        flags["LOG_LEVEL"] = args.log_level
+    if args.command == "demo":
+        flags.setdefault("NUM_GPUS", str(args.gpus))
+    return flags
+
+
+def resolve_handler(key: str) -> Handler:
+    module_name, _, func = HANDLERS[key].partition(":")
+    module = importlib.import_module(module_name)
+    handler: Handler = getattr(module, func)
+    return handler
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    rows = settings.effective()
+    if args.json:
+        print_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        value = r["value"]
+        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        print(f"{r['name']:<{width}}  {shown:<40}  ({r['source']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    key = _command_key(args)
+    quiet_file_log = key in {"config", "gpus", "plan", "nodes validate", "health"}
+    settings: Settings | None = None
+    try:
+        settings = load_settings(os.environ, _flags(args), args.config)
+        from orchestrator.logs import setup_logging
+        from orchestrator.paths import Layout
+
+        setup_logging(
+            fmt=settings.log_format,
+            level=settings.log_level,
+            secrets=settings.secret_values,
+            log_file=None if quiet_file_log else Layout(settings.root).orchestrator_log,
+        )
+        return resolve_handler(key)(settings, args)
+    except OrchestratorError as exc:
+        message = str(exc).replace("\n", " ")
+        if settings is not None:
+            message = settings.redact(message)
+        print(f"error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

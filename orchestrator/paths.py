@@ -1,0 +1,73 @@
+"""Where everything lives under ``$ROOT`` (DESIGN.md, "On disk")."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def comfy_dir(self) -> Path:
+        """The one ComfyUI code tree shared by every instance."""
+        return self.root / "ComfyUI"
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".orchestrator"
+
+    @property
+    def supervisord_conf(self) -> Path:
+        return self.state_dir / "supervisord.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / "supervisor.sock"
+
+    @property
+    def supervisord_pid(self) -> Path:
+        return self.state_dir / "supervisord.pid"
+
+    @property
+    def supervisord_log(self) -> Path:
+        return self.logs_dir / "supervisord.log"
+
+    @property
+    def orchestrator_log(self) -> Path:
+        return self.logs_dir / "orchestrator.log"
+
+    @property
+    def extra_model_paths(self) -> Path:
+        """comfy_dir_config.yaml with its base path rebased under $ROOT (passed to ComfyUI)."""
+        return self.state_dir / "extra_model_paths.yaml"
+
+    @property
+    def static_models(self) -> Path:
+        return self.shared_dir / "static-models.json"
+
+    @property
+    def plan_file(self) -> Path:
+        """The plan last applied by `up`, read by the monitor and the CLI."""
+        return self.state_dir / "plan.json"
+
+    @property
+    def status_file(self) -> Path:
+        """Provisioning status (fallback in use, failed nodes) for `status` and metrics."""
+        return self.state_dir / "status.json"
+
+    def instance_dir(self, index: int) -> Path:
+        return self.root / f"comfyui_gpu{index}"
+
+    def instance_log(self, index: int) -> Path:
+        return self.instance_dir(index) / "logs" / "output.log"
