@@ -20,6 +20,10 @@ class Layout:
         return self.root / "shared"
 
     @property
+    def custom_nodes_dir(self) -> Path:
+        return self.comfy_dir / "custom_nodes"
+
+    @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
@@ -65,6 +69,15 @@ class Layout:
     def status_file(self) -> Path:
         """Provisioning status (fallback in use, failed nodes) for `status` and metrics."""
         return self.state_dir / "status.json"
+
+    @property
+    def models_status_file(self) -> Path:
+        """Download progress, written by `models sync`, read by `models status` and the monitor."""
+        return self.state_dir / "models_status.json"
+
+    @property
+    def cleanup_status_file(self) -> Path:
+        return self.state_dir / "cleanup_status.json"
 
     def instance_dir(self, index: int) -> Path:
         return self.root / f"comfyui_gpu{index}"
