@@ -123,6 +123,9 @@ class Supervisor:
             if "not running" not in str(exc):
                 raise
 
+    def stop_all(self) -> None:
+        self._call("supervisor.stopAllProcesses", True)
+
     def restart(self, name: str) -> None:
         """Stop the process group (waiting for it), then start it again without waiting."""
         self.stop(name, wait=True)

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import ConfigError, GpuError
+from orchestrator.gpu import MockBackend, NvmlBackend, detect, open_backend, select_gpus
+from orchestrator.settings import load_settings
+
+
+class NVMLError(Exception):
+    def __init__(self, value: int) -> None:
+        super().__init__(f"nvml error {value}")
+        self.value = value
+
+
+def fake_pynvml(*, init_fails: bool = False, lost_uuid: str = "", unsupported: tuple[str, ...] = ()) -> Any:
+    """A recording stand-in for the pynvml module with two GPUs."""
+    m = types.SimpleNamespace()
+    m.NVMLError = NVMLError
+    m.NVML_ERROR_NOT_SUPPORTED = 3
+    m.NVML_ERROR_GPU_IS_LOST = 15
+    m.NVML_ERROR_UNKNOWN = 999
+    m.NVML_TEMPERATURE_GPU = 0
+    m.NVML_CLOCK_SM = 1
+    m.NVML_CLOCK_MEM = 2
+    m.calls = []
+    gpus = [
+        {"uuid": "GPU-aaaa", "bus": "00000000:17:00.0", "name": "NVIDIA H100 80GB HBM3", "mem": 80 * 2**30},
+        {"uuid": "GPU-bbbb", "bus": "00000000:65:00.0", "name": "NVIDIA H100 80GB HBM3", "mem": 80 * 2**30},
+    ]
+
+    def init() -> None:
+        m.calls.append("init")
+        if init_fails:
+            raise NVMLError(9)
+
+    def check(handle: dict[str, Any], field: str) -> None:
+        if handle["uuid"] == lost_uuid:
+            raise NVMLError(15)
+        if field in unsupported:
+            raise NVMLError(3)
+
+    m.nvmlInit = init
+    m.nvmlShutdown = lambda: m.calls.append("shutdown")
+    m.nvmlSystemGetDriverVersion = lambda: b"550.54.15"
+    m.nvmlDeviceGetCount = lambda: len(gpus)
+    m.nvmlDeviceGetHandleByIndex = lambda i: gpus[i]
+    m.nvmlDeviceGetHandleByUUID = lambda u: next(g for g in gpus if g["uuid"] == u)
+    m.nvmlDeviceGetUUID = lambda h: h["uuid"]
+    m.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=h["bus"].encode())
+    m.nvmlDeviceGetName = lambda h: h["name"]
+
+    def mem(h: dict[str, Any]) -> Any:
+        check(h, "memory")
+        return types.SimpleNamespace(total=h["mem"], used=2**30, free=h["mem"] - 2**30)
+
+    def util(h: dict[str, Any]) -> Any:
+        check(h, "utilization")
+        return types.SimpleNamespace(gpu=42, memory=10)
+
+    def temp(h: dict[str, Any], _s: int) -> int:
+        check(h, "temperature")
+        return 55
+
+    def power(h: dict[str, Any]) -> int:
+        check(h, "power")
+        return 250_000
+
+    def clock(h: dict[str, Any], kind: int) -> int:
+        check(h, "clock")
+        return 1980 if kind == 1 else 2619
+
+    m.nvmlDeviceGetMemoryInfo = mem
+    m.nvmlDeviceGetUtilizationRates = util
+    m.nvmlDeviceGetTemperature = temp
+    m.nvmlDeviceGetPowerUsage = power
+    m.nvmlDeviceGetClockInfo = clock
+    return m
+
+
+def test_nvml_lists_every_gpu_with_identity_and_inits_once() -> None:
+    nvml = fake_pynvml()
+    backend = NvmlBackend(nvml)
+    gpus = backend.list_gpus()
+    backend.list_gpus()
+    assert [g.uuid for g in gpus] == ["GPU-aaaa", "GPU-bbbb"]
+    assert gpus[1].pci_bus_id == "00000000:65:00.0" and gpus[1].index == 1
+    assert gpus[0].driver_version == "550.54.15" and gpus[0].memory_total == 80 * 2**30
+    backend.close()
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_no_driver_is_one_clear_error_with_the_mock_hint() -> None:
+    backend = NvmlBackend(fake_pynvml(init_fails=True))
+    with pytest.raises(GpuError, match=r"no NVIDIA driver found \(NVML: .*\); set MOCK_GPU=1 to run CPU instances"):
+        backend.list_gpus()
+
+
+def test_an_unsupported_field_is_omitted_for_that_field_only() -> None:
+    backend = NvmlBackend(fake_pynvml(unsupported=("power", "temperature")))
+    sample = backend.sample(backend.list_gpus())[0]
+    assert sample.power is None and sample.temperature is None
+    assert sample.utilization == 42.0 and sample.memory_used == 2**30 and sample.sm_clock == 1980.0
+    assert not sample.failed
+    assert "power" not in sample.to_dict()
+
+
+def test_a_lost_gpu_is_marked_failed_and_the_others_are_still_sampled() -> None:
+    nvml = fake_pynvml()
+    backend = NvmlBackend(nvml)
+    gpus = backend.list_gpus()
+    nvml_lost = fake_pynvml(lost_uuid="GPU-aaaa")
+    backend._nvml = nvml_lost  # the same process, the GPU falls off the bus
+    backend._handles.clear()
+    samples = backend.sample(gpus)
+    assert samples[0].failed and "15" in samples[0].error
+    assert not samples[1].failed and samples[1].utilization == 42.0
+
+
+def test_mock_auto_falls_back_only_when_asked() -> None:
+    s = load_settings({"MOCK_GPU": "auto", "NUM_GPUS": "2"})
+    assert isinstance(open_backend(s, fake_pynvml(init_fails=True)), MockBackend)
+    s = load_settings({"MOCK_GPU": "0"})
+    with pytest.raises(GpuError):
+        detect(s, open_backend(s, fake_pynvml(init_fails=True)))
+
+
+def test_mock_gpus_have_stable_uuids_and_configurable_memory() -> None:
+    s = load_settings({"MOCK_GPU": "1", "TEST_GPUS": "3", "MOCK_GPU_MEMORY_MB": "1024"})
+    a, b = detect(s), detect(s)
+    assert [g.uuid for g in a] == [g.uuid for g in b] and len({g.uuid for g in a}) == 3
+    assert all(g.memory_total == 2**30 and "Mock" in g.name and g.mock for g in a)
+
+
+def test_selection_by_index_and_uuid_and_the_cap() -> None:
+    gpus = NvmlBackend(fake_pynvml()).list_gpus()
+    assert [g.index for g in select_gpus(gpus, load_settings({"GPUS": "1"}))] == [1]
+    assert [g.index for g in select_gpus(gpus, load_settings({"GPUS": "gpu-bbbb,0"}))] == [0, 1]
+    assert [g.index for g in select_gpus(gpus, load_settings({"NUM_GPUS": "1"}))] == [0]
+    with pytest.raises(ConfigError, match="no GPU '7'"):
+        select_gpus(gpus, load_settings({"GPUS": "7"}))
+    with pytest.raises(ConfigError, match="GPU-nope"):
+        select_gpus(gpus, load_settings({"GPUS": "GPU-nope"}))
+
+
+def test_gpus_without_a_driver_exits_non_zero_with_the_hint() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MOCK_GPU"}
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "gpus"], env=env, capture_output=True, text=True)
+    if r.returncode == 0:
+        pytest.skip("this machine has an NVIDIA driver")
+    assert r.returncode == 1
+    assert "set MOCK_GPU=1 to run CPU instances" in r.stderr and "Traceback" not in r.stderr
