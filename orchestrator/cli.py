@@ -117,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the full pipeline offline with simulated GPUs")
     p.add_argument("--gpus", type=int, default=2, help="number of simulated GPUs (default 2)")
     p = sub.add_parser("runpod-worker", help="RunPod serverless handler over the local job API")
-    p.add_argument("runpod_args", nargs=argparse.REMAINDER, help="arguments for the RunPod SDK")
+    # The RunPod SDK's own flags (it reads them from sys.argv); declared so they parse anywhere.
+    p.add_argument("--test_input", metavar="JSON", help="run one job with this RunPod input, then exit")
+    p.add_argument("--rp_log_level", choices=("ERROR", "WARN", "INFO", "DEBUG"), help="RunPod SDK log level")
+    p.add_argument("--rp_serve_api", action="store_true", help="serve the SDK's local test API instead")
+    p.add_argument("--rp_api_port", type=int, help="port of the SDK's local test API (default 8000)")
+    p.add_argument("--rp_api_host", help="host of the SDK's local test API (default localhost)")
+    p.add_argument("runpod_args", nargs=argparse.REMAINDER, help="further RunPod SDK arguments (after --)")
     return parser
 
 

@@ -189,6 +189,8 @@ FIELDS: tuple[Field, ...] = (
     Field("CIVITAI_VAES", "", to_list, "CivitAI version ids → vae"),
     Field("CIVITAI_FLUX", "", to_list, "CivitAI version ids → diffusion_models"),
     Field("HUGGINGFACE_MODELS", "", to_list, "Hugging Face files (owner/repo/path) or whole repos (owner/repo)"),
+    Field("HF_ENDPOINT", "https://huggingface.co", to_str, "Hugging Face server (HF_TOKEN is sent only to this host)"),
+    Field("CIVITAI_ENDPOINT", "https://civitai.com", to_str, "CivitAI server (CIVITAI_TOKEN is sent only to this host)"),
     Field("CLEANUP_INTERVAL", "15m", to_positive_duration, "How often old outputs are deleted"),
     Field("OUTPUT_MAX_AGE", "60m", to_duration, "Outputs older than this are deleted (0: off)"),
     Field("ORCHESTRATOR_LISTEN", "127.0.0.1", to_listen, "Monitor HTTP address"),
@@ -201,6 +203,7 @@ FIELDS: tuple[Field, ...] = (
     Field("MIN_READY_INSTANCES", "", to_optional_count, "/readyz is 200 with at least this many READY (default: all)"),
     Field("GPU_METRICS", "dcgm", _choice("dcgm", "off"), "Export dcgm-exporter style GPU gauges"),
     Field("GPU_METRICS_HOST_LABEL", "Hostname", to_str, "Name of the host label on GPU gauges"),
+    Field("GPU_METRICS_MODEL_LABEL", "model_name", to_str, "GPU model label (modelName: as dcgm-exporter)"),
     Field("GPU_SAMPLE_INTERVAL", "5s", to_positive_duration, "NVML sampling interval"),
     Field("MAX_QUEUE_DEPTH", "8", _int_in(1, 10000), "Jobs are refused (503) when every ready instance has this many"),
     Field("READYZ_SATURATION", "false", to_bool, "/readyz reports not ready while every instance is saturated"),
@@ -265,6 +268,8 @@ class Settings:
     civitai_vaes: tuple[str, ...]
     civitai_flux: tuple[str, ...]
     huggingface_models: tuple[str, ...]
+    hf_endpoint: str
+    civitai_endpoint: str
     cleanup_interval: float
     output_max_age: float
     orchestrator_listen: str
@@ -277,6 +282,7 @@ class Settings:
     min_ready_instances: int | None
     gpu_metrics: str
     gpu_metrics_host_label: str
+    gpu_metrics_model_label: str
     gpu_sample_interval: float
     max_queue_depth: int
     readyz_saturation: bool

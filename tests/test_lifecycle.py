@@ -10,7 +10,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from tests.conftest import Machine, answers, wait_until
+from conftest import Machine, answers, wait_until
 
 pytestmark = pytest.mark.integration
 

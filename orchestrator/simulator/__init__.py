@@ -1,0 +1,9 @@
+"""A ComfyUI API simulator: the stand-in for ComfyUI in tests and in ``orchestrator demo``.
+
+    tree.write_code_tree(dest)   a code tree that starts like ComfyUI (``python main.py <flags>``)
+    server.run(...) / main()     the aiohttp server (HTTP API, /ws with the fork's messages)
+    cli_args                     the flags, declared like ComfyUI's comfy/cli_args.py
+    faults                       SIM_* variables and <user-directory>/simulator_faults.json
+
+Importing this package starts nothing and imports no third-party module.
+"""

@@ -1,0 +1,264 @@
+"""ComfyUI code tree and shared config repo, against real local git repos (file:// URLs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from conftest import commit_file, free_port_block, git, make_repo
+
+from orchestrator import gitops, repos
+from orchestrator.errors import ConfigError
+from orchestrator.gitops import GitClient, RetryPolicy
+from orchestrator.paths import Layout
+from orchestrator.settings import FORK_URL, Settings, load_settings
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> tuple[Path, str, str]:
+    """The "official" repo: (path, pinned commit, newer tip)."""
+    path = tmp_path / "upstream"
+    pinned = make_repo(path, {"main.py": "print('pinned')\n", "custom_nodes/example_node.py.example": "x\n"})
+    tip = commit_file(path, "main.py", "print('newer')\n")
+    return path, pinned, tip
+
+
+@pytest.fixture
+def fork(tmp_path: Path) -> Path:
+    """The fork: default branch main, the followed branch forward."""
+    path = tmp_path / "fork"
+    make_repo(path, {"main.py": "print('fork main')\n"})
+    git(path, "checkout", "-q", "-b", "forward")
+    commit_file(path, "main.py", "print('fork forward')\n")
+    git(path, "checkout", "-q", "main")
+    return path
+
+
+def settings_for(root: Path, **env: str) -> Settings:
+    return load_settings({"ROOT": str(root), "GIT_TIMEOUT": "30", **env})
+
+
+def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner, attempts: int = 2) -> GitClient:
+    return GitClient(timeout=30, runner=runner, retry=RetryPolicy(attempts=attempts, initial=0, maximum=0),
+                     sleep=lambda s: None)
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
+        self.calls.append(list(args))
+        return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
+
+
+def no_git(args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
+    raise AssertionError(f"git was called: {args}")
+
+
+def comfy_settings(root: Path, fork: Path, upstream: tuple[Path, str, str], **env: str) -> Settings:
+    base = {"COMFY_REPO_URL": f"file://{fork}", "COMFY_BRANCH": "forward",
+            "COMFY_FALLBACK_URL": f"file://{upstream[0]}", "COMFY_COMMIT": upstream[1]}
+    base.update(env)
+    return settings_for(root, **base)
+
+
+# ---------------------------------------------------------------- the fork rule (pure)
+def test_the_default_url_is_the_fork_and_follows_the_branch() -> None:
+    s = load_settings({})
+    assert repos.is_fork(s) and repos.comfy_target(s) == repos.Target(FORK_URL, branch="forward")
+    assert repos.is_fork(load_settings({"COMFY_REPO_URL": "https://GitHub.com/stakeordie/ComfyUI/"}))
+
+
+def test_another_url_is_pinned_unless_a_branch_is_set_explicitly() -> None:
+    other = load_settings({"COMFY_REPO_URL": "https://example.com/me/ComfyUI.git"})
+    assert repos.comfy_target(other) == repos.Target(other.comfy_repo_url, commit=other.comfy_commit)
+    followed = load_settings({"COMFY_REPO_URL": "https://example.com/me/ComfyUI.git", "COMFY_BRANCH": "dev"})
+    assert repos.comfy_target(followed).branch == "dev"
+
+
+def test_unsafe_repository_settings_are_config_errors(root: Path) -> None:
+    s = settings_for(root, COMFY_REPO_URL="ext::sh -c touch% /tmp/pwned")
+    with pytest.raises(ConfigError, match="COMFY_REPO_URL"):
+        repos.sync_comfy(s, Layout(root), git=quick_git(no_git))
+    s = settings_for(root, SHARED_REPO_URL="https://h/r", SHARED_BRANCH="--upload-pack=x")
+    with pytest.raises(ConfigError, match="SHARED_BRANCH"):
+        repos.sync_shared(s, Layout(root), git=quick_git(no_git))
+    assert not (root / "ComfyUI").exists()
+
+
+# ---------------------------------------------------------------- ComfyUI
+def test_the_fork_is_cloned_at_its_branch_and_fast_forwarded_later(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    s = comfy_settings(root, fork, upstream)
+    layout = Layout(root)
+    first = repos.sync_comfy(s, layout, git=quick_git())
+    assert first.ref == "forward" and not first.fallback and first.changed
+    assert first.commit == git(fork, "rev-parse", "forward")
+    assert (root / "ComfyUI" / "main.py").read_text() == "print('fork forward')\n"
+    git(fork, "checkout", "-q", "forward")
+    newer = commit_file(fork, "main.py", "print('fork forward 2')\n")
+    second = repos.sync_comfy(s, layout, git=quick_git())
+    assert second.changed and second.commit == newer
+    assert (root / "ComfyUI" / "main.py").read_text() == "print('fork forward 2')\n"
+    third = repos.sync_comfy(s, layout, git=quick_git())
+    assert not third.changed and third.commit == newer
+    assert json.loads((root / ".orchestrator" / "repos.json").read_text())["comfy"]["commit"] == newer
+
+
+def test_another_url_is_checked_out_at_the_pin_and_a_pin_in_place_costs_no_git_at_all(
+    root: Path, upstream: tuple[Path, str, str]
+) -> None:
+    path, pinned, _tip = upstream
+    s = settings_for(root, COMFY_REPO_URL=f"file://{path}", COMFY_COMMIT=pinned,
+                     COMFY_FALLBACK_URL=f"file://{path}")
+    first = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert first.commit == pinned and first.ref == pinned and not first.fallback
+    assert (root / "ComfyUI" / "main.py").read_text() == "print('pinned')\n"
+    second = repos.sync_comfy(s, Layout(root), git=quick_git(no_git))
+    assert second.commit == pinned and not second.changed and second.warnings == ()
+
+
+def test_an_unreachable_repo_falls_back_to_the_official_one_at_the_pin_loudly(
+    root: Path, upstream: tuple[Path, str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = comfy_settings(root, tmp_path / "no-such-fork", upstream)
+    with caplog.at_level(logging.ERROR, logger="orchestrator.repos"):
+        result = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert result.fallback and result.commit == upstream[1]
+    assert result.url == f"file://{upstream[0]}"
+    assert any("FALLING BACK" in w for w in result.warnings)
+    assert any("FALLING BACK" in r.getMessage() for r in caplog.records)
+    assert repos.load_status(Layout(root))["comfy"]["fallback"] is True
+
+
+def test_connection_failures_are_retried_before_falling_back(
+    root: Path, upstream: tuple[Path, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    port = free_port_block(1)  # nothing listens there: connection refused
+    s = settings_for(root, COMFY_REPO_URL=f"https://127.0.0.1:{port}/ComfyUI.git", COMFY_BRANCH="forward",
+                     COMFY_FALLBACK_URL=f"file://{upstream[0]}", COMFY_COMMIT=upstream[1])
+    runner = Counting()
+    result = repos.sync_comfy(s, Layout(root), git=quick_git(runner, attempts=3))
+    primary = [c for c in runner.calls if "clone" in c and any("127.0.0.1" in a for a in c)]
+    assert len(primary) == 3
+    assert result.fallback and result.commit == upstream[1]
+
+
+def test_after_a_fallback_the_configured_repo_is_used_again_once_reachable(
+    root: Path, upstream: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    later = tmp_path / "late-fork"
+    s = comfy_settings(root, later, upstream)
+    assert repos.sync_comfy(s, Layout(root), git=quick_git()).fallback
+    again = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert again.fallback and any("cannot fetch" in w for w in again.warnings)
+    make_repo(later, {"main.py": "print('late')\n"}, branch="forward")
+    recovered = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert not recovered.fallback and recovered.ref == "forward"
+    assert recovered.commit == git(later, "rev-parse", "HEAD")
+    assert (root / "ComfyUI" / "main.py").read_text() == "print('late')\n"
+
+
+def test_a_failed_fetch_keeps_the_checkout_and_warns(root: Path, fork: Path, upstream: tuple[Path, str, str]) -> None:
+    s = comfy_settings(root, fork, upstream)
+    first = repos.sync_comfy(s, Layout(root), git=quick_git())
+    fork.rename(fork.with_name("gone"))
+    offline = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert offline.commit == first.commit and not offline.changed and not offline.fallback
+    assert any("cannot fetch" in w and "keeping" in w for w in offline.warnings)
+
+
+def test_a_folder_without_a_valid_head_is_redone_and_keeps_its_custom_nodes(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    comfy = root / "ComfyUI"
+    (comfy / "custom_nodes" / "mine").mkdir(parents=True)
+    (comfy / "custom_nodes" / "mine" / "node.py").write_text("keep me\n")
+    git(comfy, "init", "-q")  # like a clone killed before it wrote a ref
+    (root / gitops.partial_name("ComfyUI")).mkdir()  # and a leftover temp clone
+    result = repos.sync_comfy(comfy_settings(root, fork, upstream), Layout(root), git=quick_git())
+    assert result.commit == git(fork, "rev-parse", "forward")
+    assert (comfy / "main.py").read_text() == "print('fork forward')\n"
+    assert (comfy / "custom_nodes" / "mine" / "node.py").read_text() == "keep me\n"
+    assert gitops.read_head(comfy) == result.commit
+    assert [p.name for p in root.iterdir() if ".partial-" in p.name] == []
+
+
+# ---------------------------------------------------------------- shared
+@pytest.fixture
+def shared_repo(tmp_path: Path) -> Path:
+    path = tmp_path / "emprops_shared"
+    make_repo(path, {"config_nodes.json": '{"custom_nodes": []}\n', "comfy_dir_config.yaml": "comfyui: {}\n"})
+    return path
+
+
+def test_the_shared_repo_fast_forwards_but_never_discards_local_work(root: Path, shared_repo: Path) -> None:
+    s = settings_for(root, SHARED_REPO_URL=f"file://{shared_repo}")
+    layout = Layout(root)
+    first = repos.sync_shared(s, layout, git=quick_git())
+    assert first.ref == "main" and (root / "shared" / "config_nodes.json").exists()
+    newer = commit_file(shared_repo, "static-models.json", "{}\n")
+    assert repos.sync_shared(s, layout, git=quick_git()).commit == newer
+    # A local edit of a file the next upstream commit also changes: keep it and warn.
+    (root / "shared" / "comfy_dir_config.yaml").write_text("comfyui: {local: true}\n")
+    upstream_change = commit_file(shared_repo, "comfy_dir_config.yaml", "comfyui: {upstream: true}\n")
+    kept = repos.sync_shared(s, layout, git=quick_git())
+    assert kept.commit == newer and kept.warnings
+    assert (root / "shared" / "comfy_dir_config.yaml").read_text() == "comfyui: {local: true}\n"
+    # A local commit plus an upstream commit: diverged, local history kept.
+    git(root / "shared", "commit", "-q", "-am", "local")
+    local = git(root / "shared", "rev-parse", "HEAD")
+    diverged = repos.sync_shared(s, layout, git=quick_git())
+    assert diverged.commit == local != upstream_change
+    assert any("diverged" in w for w in diverged.warnings)
+
+
+def test_the_shared_repo_can_be_pinned(root: Path, shared_repo: Path) -> None:
+    first = git(shared_repo, "rev-parse", "HEAD")
+    commit_file(shared_repo, "x.txt", "x\n")
+    s = settings_for(root, SHARED_REPO_URL=f"file://{shared_repo}", SHARED_COMMIT=first)
+    assert repos.sync_shared(s, Layout(root), git=quick_git()).commit == first
+    assert not (root / "shared" / "x.txt").exists()
+
+
+def test_without_a_shared_repo_the_shipped_defaults_are_used_and_local_edits_survive(root: Path) -> None:
+    s = settings_for(root, SHARED_REPO_URL="")
+    result = repos.sync_shared(s, Layout(root), git=quick_git(no_git))
+    assert result.url == repos.SHIPPED and result.changed
+    shipped = repos.shipped_shared_dir() / "config_nodes.json"
+    assert (root / "shared" / "config_nodes.json").read_bytes() == shipped.read_bytes()
+    (root / "shared" / "config_nodes.json").write_text('{"custom_nodes": []}\n')
+    again = repos.sync_shared(s, Layout(root), git=quick_git(no_git))
+    assert not again.changed
+    assert (root / "shared" / "config_nodes.json").read_text() == '{"custom_nodes": []}\n'
+
+
+def test_an_unreachable_shared_repo_uses_the_shipped_defaults_then_adopts_the_repo(
+    root: Path, tmp_path: Path
+) -> None:
+    later = tmp_path / "late-shared"
+    s = settings_for(root, SHARED_REPO_URL=f"file://{later}")
+    first = repos.sync_shared(s, Layout(root), git=quick_git())
+    assert first.url == repos.SHIPPED and first.fallback
+    (root / "shared" / "models").mkdir()  # the shared model tree lives here too
+    (root / "shared" / "static-models.json").write_text("{\"edited\": true}\n")
+    make_repo(later, {"config_nodes.json": '{"custom_nodes": [{"name": "x", "url": "https://h/x"}]}\n',
+                      "static-models.json": "{}\n"})
+    adopted = repos.sync_shared(s, Layout(root), git=quick_git())
+    assert adopted.url == f"file://{later}" and not adopted.fallback
+    assert gitops.read_head(root / "shared") == git(later, "rev-parse", "HEAD")
+    assert "x" in (root / "shared" / "config_nodes.json").read_text()  # the shipped copy was replaced
+    assert (root / "shared" / "static-models.json").read_text() == "{\"edited\": true}\n"  # local edit kept
+    assert any("locally edited" in w for w in adopted.warnings)
+    assert (root / "shared" / "models").is_dir()
+
+
+def test_the_shipped_defaults_are_found_in_the_source_checkout() -> None:
+    assert (repos.shipped_shared_dir() / "config_nodes.json").exists()
