@@ -112,12 +112,24 @@ def redact_url(text: str) -> str:
 
 
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._~+-]+@[A-Za-z0-9.-]+:(?!//)")
+_SCP_LIKE_HOST = re.compile(r"^[A-Za-z0-9._~+-]+@([A-Za-z0-9.-]+):(?!//)")
 
 
 def needs_ssh(url: str) -> bool:
     """True for ``ssh://``, ``git+ssh://`` and scp-like ``git@host:path`` URLs."""
     lowered = url.lower()
     return lowered.startswith(("ssh://", "git+ssh://", "ssh+git://")) or bool(_SCP_LIKE.match(url))
+
+
+_HOST = re.compile(r"^[A-Za-z0-9+.-]+://(?:[^/@]*@)?(\[[^\]]+\]|[^/:]+)")
+
+
+def url_host(url: str) -> str | None:
+    """The host a URL talks to; None for local repositories."""
+    if is_local(url):
+        return None
+    match = _HOST.match(url) or _SCP_LIKE_HOST.match(url)
+    return match.group(1).lower() if match else None
 
 
 def is_local(url: str) -> bool:
@@ -492,6 +504,10 @@ class GitClient:
         self.sleep = sleep
         self.ssh = ssh
         self._redact = redact
+        # Hosts whose retries were exhausted in this run: later operations try them once, so
+        # 64 nodes on an unreachable github.com cost one backoff, not 64.
+        self._down: set[str] = set()
+        self._down_lock = threading.Lock()
 
     def redact(self, text: str) -> str:
         return self._redact(redact_url(text))
@@ -558,18 +574,33 @@ class GitClient:
             if reset is not None:
                 reset()
 
+        host = url_host(url)
+        with self._down_lock:
+            attempts = 1 if host in self._down else max(1, self.retry.attempts)
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(max(1, self.retry.attempts)),
+            stop=tenacity.stop_after_attempt(attempts),
             wait=tenacity.wait_exponential(multiplier=self.retry.initial, max=self.retry.maximum),
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, GitError) and e.transient),
             sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                return self._call(args, cwd=path, timeout=timeout, url=url, op=op)
-        raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises
+        try:
+            for attempt in retrying:
+                with attempt:
+                    out = self._call(args, cwd=path, timeout=timeout, url=url, op=op)
+        except GitError as exc:
+            if exc.transient and host and attempts > 1:
+                with self._down_lock:
+                    self._down.add(host)
+                log.warning(
+                    "%s looks unreachable: later operations on it are tried once, without retries", host
+                )
+            raise
+        if host:
+            with self._down_lock:
+                self._down.discard(host)
+        return out
 
     # -------------------------------------------------------------- composite operations
     def clone(

@@ -106,6 +106,7 @@ class Record:
     started: float = 0.0  # supervisord's start time (epoch) of that process
     starting_since: float = 0.0  # when the current start began (startup timeout)
     failures: int = 0  # consecutive failed probes
+    bound_failures: int = 0  # consecutive failed probes while starting with the port already open
     last_error: str = ""
     restarts: int = 0  # new processes observed after the first one (crashes and restarts alike)
     attempts: int = 0  # monitor restarts/starts since the instance was last READY (backoff)
@@ -178,7 +179,9 @@ def _restart(b: _Builder, cfg: HealthConfig, cause: str, *, forced: bool = False
         return
     b.change_state(InstanceState.UNHEALTHY, cause)
     delay = backoff_delay(b.rec.attempts, cfg.backoff_base, cfg.backoff_cap)
-    b.update(attempts=b.rec.attempts + 1, retry_at=b.now + delay, failures=0, oom_events=())
+    b.update(
+        attempts=b.rec.attempts + 1, retry_at=b.now + delay, failures=0, bound_failures=0, oom_events=()
+    )
     b.actions.append(Action.RESTART)
     # UNHEALTHY -> RESTARTING
     b.change_state(InstanceState.RESTARTING, f"restarting: {cause}")
@@ -223,7 +226,7 @@ def _new_process(b: _Builder, proc: ProcessInfo) -> None:
     was = b.rec.state
     b.update(
         pid=proc.pid, started=proc.start, restarts=b.rec.restarts + 1, starting_since=b.now,
-        failures=0, startup_error="", failed_nodes=(), oom_events=(),
+        failures=0, bound_failures=0, startup_error="", failed_nodes=(), oom_events=(),
     )
     if was not in _EXPECTING_NEW_PROCESS:
         b.events.append(f"process restarted outside the monitor (new pid {proc.pid}, was {was.value})")
@@ -250,7 +253,7 @@ def _probe_running(
             return
 
     if probe.ok:
-        b.update(failures=0, last_error="")
+        b.update(failures=0, bound_failures=0, last_error="")
         if rec.state is not InstanceState.READY:
             took = b.now - rec.starting_since
             # STARTING/UNHEALTHY -> READY
@@ -275,6 +278,13 @@ def _probe_running(
         return
     if rec.state is InstanceState.STARTING:
         elapsed = b.now - rec.starting_since
+        # ComfyUI binds its port only at the very end of its start: a port that accepts
+        # connections but does not answer is a hang, not a slow start.
+        bound = rec.bound_failures + 1 if probe.tcp else 0
+        b.update(bound_failures=bound)
+        if bound >= cfg.unhealthy_threshold and can_act:
+            _restart(b, cfg, f"port open but not answering: {bound} failed probes in a row (last: {error})")
+            return
         if elapsed >= cfg.startup_timeout and failures >= cfg.unhealthy_threshold and can_act:
             cause = f"not ready after {_fmt(elapsed)} (STARTUP_TIMEOUT={_fmt(cfg.startup_timeout)}): {error}"
             _restart(b, cfg, cause)

@@ -82,6 +82,9 @@ GONE_STATES = frozenset(
 )
 
 _HTTP_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
+SUBMIT_TIMEOUT = 30.0  # seconds for the ws handshake, uploads and POST /prompt together
+POLL_CALL_TIMEOUT = 10.0  # seconds for one /history or /queue call while polling
+STOP_CALL_TIMEOUT = 3.0  # seconds for POST /interrupt or /queue at the deadline (best effort)
 _IMAGE_NAME = re.compile(r"^[\w][\w .()+-]{0,200}$")
 _NODE_ID_IN_DETAILS = re.compile(r"#([^'\s]+)'")
 
@@ -501,8 +504,12 @@ class ResultStore:
         self._jobs[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
-        self.prune()
-        return self._jobs.get(job_id)
+        """The job, or None when unknown or expired (a pure read: safe from another thread)."""
+        job = self._jobs.get(job_id)
+        finished_at = self._finished.get(job_id)
+        if job is None or (finished_at is not None and self._clock() - finished_at >= self.ttl):
+            return None
+        return job
 
     def finished(self, job: Job) -> None:
         self._finished[job.id] = self._clock()
@@ -808,15 +815,27 @@ class JobManager:
         client_id = uuid.uuid4().hex
         ws: aiohttp.ClientWebSocketResponse | None = None
         try:
-            with contextlib.suppress(*_HTTP_ERRORS, aiohttp.WSServerHandshakeError):
-                # Connect before queueing so no event of our prompt can be missed.
-                ws = await session.ws_connect(
-                    f"{view.base_url}/ws",
-                    params={"clientId": client_id},
-                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                )
-            await self._upload_images(job, view)
-            job.prompt_id = await self._post_prompt(job, view, client_id)
+            try:
+                async with asyncio.timeout(min(SUBMIT_TIMEOUT, max(0.0, job.deadline - self._clock()))):
+                    with contextlib.suppress(*_HTTP_ERRORS):
+                        # Connect before queueing so no event of our prompt can be missed.
+                        ws = await session.ws_connect(
+                            f"{view.base_url}/ws",
+                            params={"clientId": client_id},
+                            timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                        )
+                    await self._upload_images(job, view)
+                    job.prompt_id = await self._post_prompt(job, view, client_id)
+            except TimeoutError:
+                if self._clock() < job.deadline:
+                    raise _Down(
+                        f"{view.name} (GPU {view.index}) did not take the prompt within {SUBMIT_TIMEOUT:g} s",
+                        started=False,
+                    ) from None
+                reason = f"{view.name} did not accept job {job.id} within its {job.timeout:g} s deadline"
+                self.directory.report_hung(view.index, reason)
+                self._finish(job, "timeout", JobErrorInfo(type="timeout", message=reason))
+                return
             job.status = "queued"
             event = await self._follow(job, view, ws)
         finally:
@@ -955,7 +974,8 @@ class JobManager:
             if gone:
                 raise _Down(gone, started=job.started_mono is not None)
             try:
-                entry = await self._history(view, job.prompt_id or "")
+                limit = min(POLL_CALL_TIMEOUT, job.deadline - self._clock())
+                entry = await self._history(view, job.prompt_id or "", limit)
                 if entry is not None:
                     event = history_outcome(entry)
                     job.ended_mono = self._clock()
@@ -964,7 +984,7 @@ class JobManager:
                     if event.kind == "error" or event.kind == "interrupted":
                         return _Outcome(event.kind, event.error)
                     return _Outcome("done")
-                where = await self._queue_position(view, job.prompt_id or "")
+                where = await self._queue_position(view, job.prompt_id or "", limit)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
                 started = job.started_mono is not None
                 when = "while running the job" if started else "before the job started"
@@ -987,20 +1007,24 @@ class JobManager:
                 missing = 0
             await asyncio.sleep(min(self.poll_interval, max(0.0, job.deadline - self._clock())))
 
-    async def _history(self, view: InstanceView, prompt_id: str) -> dict[str, Any] | None:
+    async def _history(
+        self, view: InstanceView, prompt_id: str, limit: float = 60.0
+    ) -> dict[str, Any] | None:
         session = self._session
         assert session is not None
-        async with session.get(f"{view.base_url}/history/{prompt_id}") as resp:
+        timeout = aiohttp.ClientTimeout(total=max(0.1, limit))
+        async with session.get(f"{view.base_url}/history/{prompt_id}", timeout=timeout) as resp:
             if resp.status != 200:
                 raise ValueError(f"GET /history answered HTTP {resp.status}")
             body = await resp.json(content_type=None)
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
 
-    async def _queue_position(self, view: InstanceView, prompt_id: str) -> str:
+    async def _queue_position(self, view: InstanceView, prompt_id: str, limit: float = 60.0) -> str:
         session = self._session
         assert session is not None
-        async with session.get(f"{view.base_url}/queue") as resp:
+        timeout = aiohttp.ClientTimeout(total=max(0.1, limit))
+        async with session.get(f"{view.base_url}/queue", timeout=timeout) as resp:
             body = await resp.json(content_type=None)
         for key, where in (("queue_running", "running"), ("queue_pending", "pending")):
             for item in body.get(key, []) if isinstance(body, dict) else []:
@@ -1062,18 +1086,23 @@ class JobManager:
         session = self._session
         assert session is not None
         started = job.started_mono is not None
+        stop_timeout = aiohttp.ClientTimeout(total=STOP_CALL_TIMEOUT)
         try:
             if started:
                 # A stuck execution is a hung instance: interrupt it and tell the monitor.
                 async with session.post(
-                    f"{view.base_url}/interrupt", json={"prompt_id": job.prompt_id}
+                    f"{view.base_url}/interrupt", json={"prompt_id": job.prompt_id}, timeout=stop_timeout
                 ) as resp:
                     await resp.read()
             else:
-                async with session.post(f"{view.base_url}/queue", json={"delete": [job.prompt_id]}) as resp:
+                async with session.post(
+                    f"{view.base_url}/queue", json={"delete": [job.prompt_id]}, timeout=stop_timeout
+                ) as resp:
                     await resp.read()
         except _HTTP_ERRORS as exc:
-            log.warning("job %s: could not stop prompt %s on %s: %s", job.id, job.prompt_id, view.name, exc)
+            log.warning(
+                "job %s: could not stop prompt %s on %s: %s", job.id, job.prompt_id, view.name, describe(exc)
+            )
         where = "while executing; interrupted" if started else "while still queued; removed from the queue"
         reason = f"job {job.id} (prompt {job.prompt_id}) ran past its {job.timeout:g} s deadline {where}"
         if started:

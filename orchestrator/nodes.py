@@ -59,6 +59,7 @@ from orchestrator.gitops import (
     url_problem,
 )
 from orchestrator.paths import Layout
+from orchestrator.repos import git_client, shipped_shared_dir
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -266,8 +267,6 @@ def default_config_file(settings: Settings, layout: Layout) -> Path:
     candidate = layout.shared_dir / name
     if candidate.exists():
         return candidate
-    from orchestrator.repos import shipped_shared_dir
-
     return shipped_shared_dir() / name
 
 
@@ -813,6 +812,7 @@ class _Run:
                         dest,
                         "checkout",
                         "-q",
+                        "-f",  # node folders are managed code: like the legacy `git reset --hard`
                         "--detach",
                         spec.commit,
                         op="checkout",
@@ -844,7 +844,9 @@ class _Run:
     def _switch_branch(self, dest: Path, url: str, branch: str, deadline: _Deadline) -> None:
         remote_ref = f"refs/remotes/origin/{branch}"
         self.git.fetch(dest, url, f"+refs/heads/{branch}:{remote_ref}", timeout=deadline.left())
-        self.git.run(dest, "checkout", "-q", "-B", branch, remote_ref, op="checkout", timeout=deadline.left())
+        self.git.run(
+            dest, "checkout", "-q", "-f", "-B", branch, remote_ref, op="checkout", timeout=deadline.left()
+        )
 
     def _fresh(self, spec: NodeSpec, dest: Path, deadline: _Deadline) -> None:
         """Clone into a temp sibling, then swap it into place (a killed clone is never used)."""
@@ -977,8 +979,8 @@ class _Run:
     # .env ----------------------------------------------------------------
     def env_step(self, spec: NodeSpec) -> None:
         rec = self.records.get(spec.name)
-        if rec is None or not self.ok(spec.name):
-            return
+        if rec is None or read_head(self.dir / spec.name) is None:
+            return  # written even when pip failed: the folder is there and the values are known
         path = self.dir / spec.name / ".env"
         marker = env_marker(spec)
         try:
@@ -1104,8 +1106,6 @@ def sync_nodes(
             for p in plan
         )
         return NodesReport(path, results, True, tuple(warnings), {}, time.monotonic() - start)
-    from orchestrator.repos import git_client
-
     with _lock(layout):
         run = _Run(
             settings,

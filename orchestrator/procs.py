@@ -147,7 +147,8 @@ class Supervisor:
         self._call("supervisor.removeProcessGroup", name)
 
     def read_log(self, name: str, offset: int, length: int) -> tuple[str, int, bool]:
-        return tuple(self._call("supervisor.tailProcessStdoutLog", name, offset, length))  # type: ignore[return-value]
+        data, off, overflow = self._call("supervisor.tailProcessStdoutLog", name, offset, length)
+        return str(data), int(off), bool(overflow)
 
     def shutdown(self) -> None:
         self._call("supervisor.shutdown")

@@ -287,6 +287,16 @@ def _apply(git: GitClient, path: Path, target: Target, label: str, kind: str) ->
     return _follow(git, path, target, label, kind)
 
 
+def _apply_safely(
+    git: GitClient, path: Path, target: Target, label: str, kind: str
+) -> tuple[bool, list[str]]:
+    """:func:`_apply`, but an unexpected git failure keeps the checkout with a warning."""
+    try:
+        return _apply(git, path, target, label, kind)
+    except GitError as exc:
+        return False, [f"{label}: cannot update ({exc}); keeping {_short(read_head(path))}"]
+
+
 def _adopt_checkout(git: GitClient, path: Path, rev: str, kind: str, record: dict[str, str]) -> list[str]:
     """Populate an adopted folder: code is forced to ``rev``; config keeps locally edited files."""
     if kind == "code":
@@ -364,7 +374,7 @@ def sync_comfy(settings: Settings, layout: Layout, *, git: GitClient | None = No
     remove_partials(path.parent)
     warnings: list[str] = []
     if read_head(path):
-        changed, warnings = _apply(git, path, target, "ComfyUI", "code")
+        changed, warnings = _apply_safely(git, path, target, "ComfyUI", "code")
         origin = origin_url(path)
         fallback = not same_url(origin, target.url) and same_url(origin, fb.url)
         result = _result(path, fb if fallback else target, fallback, changed, warnings)
@@ -429,7 +439,7 @@ def sync_shared(settings: Settings, layout: Layout, *, git: GitClient | None = N
     check_target(target, "SHARED_REPO_URL", "SHARED_BRANCH", "SHARED_COMMIT")
     git = git or git_client(settings, layout)
     if read_head(path):
-        changed, warnings = _apply(git, path, target, "shared", "config")
+        changed, warnings = _apply_safely(git, path, target, "shared", "config")
         result = _result(path, target, False, changed, warnings)
     else:
         try:

@@ -37,10 +37,10 @@ def port_base() -> int:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
+def root(tmp_path: Path) -> Path:
     r = tmp_path / "root"
     r.mkdir()
-    yield r
+    return r
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -15,7 +15,9 @@ from conftest import commit_file, git, make_repo
 from orchestrator import gitops
 from orchestrator.gitops import GitClient, GitError, RetryPolicy, SshKey, SshKeyError
 
-FAKE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+FAKE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+)
 
 
 class Recorder:
@@ -43,8 +45,13 @@ def transient() -> GitError:
 
 def client(runner: gitops.GitRunner, sleeps: list[float] | None = None, **kw: object) -> GitClient:
     record = sleeps if sleeps is not None else []
-    return GitClient(timeout=30, runner=runner, retry=RetryPolicy(attempts=4, initial=2, maximum=5),
-                     sleep=record.append, **kw)  # type: ignore[arg-type]
+    return GitClient(
+        timeout=30,
+        runner=runner,
+        retry=RetryPolicy(attempts=4, initial=2, maximum=5),
+        sleep=record.append,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -55,22 +62,37 @@ def client(runner: gitops.GitRunner, sleeps: list[float] | None = None, **kw: ob
         ("error: RPC failed; curl 56 GnuTLS recv error (-9)\nfatal: early EOF", False, True),
         ("The requested URL returned error: 502", False, True),
         ("", True, True),
-        ("remote: Repository not found.\nfatal: repository 'https://github.com/x/y/' not found", False, False),
+        (
+            "remote: Repository not found.\nfatal: repository 'https://github.com/x/y/' not found",
+            False,
+            False,
+        ),
         ("fatal: '/tmp/nope' does not appear to be a git repository", False, False),
-        ("git@github.com: Permission denied (publickey).\nfatal: Could not read from remote repository.", False, False),
+        (
+            "git@github.com: Permission denied (publickey).\nfatal: Could not read from remote repository.",
+            False,
+            False,
+        ),
         ("fatal: could not read Username for 'https://github.com': terminal prompts disabled", False, False),
         ("fatal: Remote branch nope not found in upstream origin", False, False),
         ("something nobody has seen before", False, False),
     ],
 )
-def test_only_network_trouble_and_timeouts_count_as_transient(detail: str, timed_out: bool, expected: bool) -> None:
+def test_only_network_trouble_and_timeouts_count_as_transient(
+    detail: str, timed_out: bool, expected: bool
+) -> None:
     assert gitops.is_transient(detail, timed_out=timed_out) is expected
 
 
 @pytest.mark.parametrize(
     "url",
-    ["https://github.com/a/b.git", "ssh://git@github.com/a/b.git", "git@github.com:a/b.git", "file:///srv/m/b",
-     "/srv/mirror/b"],
+    [
+        "https://github.com/a/b.git",
+        "ssh://git@github.com/a/b.git",
+        "git@github.com:a/b.git",
+        "file:///srv/m/b",
+        "/srv/mirror/b",
+    ],
 )
 def test_accepted_url_schemes(url: str) -> None:
     assert gitops.url_problem(url) is None
@@ -92,7 +114,8 @@ def test_accepted_url_schemes(url: str) -> None:
 )
 def test_dangerous_or_unknown_urls_are_rejected_with_a_reason(url: str, fragment: str) -> None:
     problem = gitops.url_problem(url)
-    assert problem is not None and fragment in problem
+    assert problem is not None
+    assert fragment in problem
 
 
 def test_branches_and_commits_that_git_could_read_as_options_are_rejected() -> None:
@@ -105,7 +128,10 @@ def test_branches_and_commits_that_git_could_read_as_options_are_rejected() -> N
 
 
 def test_credentials_in_urls_are_hidden() -> None:
-    assert gitops.redact_url("clone https://user:tok3n@github.com/a/b failed") == "clone https://***@github.com/a/b failed"
+    assert (
+        gitops.redact_url("clone https://user:tok3n@github.com/a/b failed")
+        == "clone https://***@github.com/a/b failed"
+    )
 
 
 def test_urls_that_need_ssh() -> None:
@@ -123,7 +149,8 @@ def test_head_and_origin_are_read_without_git(tmp_path: Path) -> None:
     git(src, "pack-refs", "--all")  # the ref now lives in packed-refs only
     assert gitops.read_head(src) == first
     git(src, "checkout", "-q", "--detach", first)
-    assert gitops.read_head(src) == first and gitops.current_branch(src) is None
+    assert gitops.read_head(src) == first
+    assert gitops.current_branch(src) is None
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", f"file://{src}", str(clone))
     assert gitops.origin_url(clone) == f"file://{src}"
@@ -155,7 +182,8 @@ def test_retries_are_bounded(tmp_path: Path) -> None:
     with pytest.raises(GitError) as info:
         client(runner, sleeps).clone("https://example.invalid/r.git", tmp_path / "d")
     assert info.value.transient
-    assert len(runner.calls) == 4 and sleeps == [2, 4, 5]
+    assert len(runner.calls) == 4
+    assert sleeps == [2, 4, 5]
     assert "Could not resolve host" in str(info.value)
 
 
@@ -165,7 +193,8 @@ def test_repository_not_found_is_not_retried(tmp_path: Path) -> None:
     with pytest.raises(GitError) as info:
         client(runner, sleeps).clone(f"file://{tmp_path}/nope", tmp_path / "d")
     assert not info.value.transient
-    assert len(runner.calls) == 1 and sleeps == []
+    assert len(runner.calls) == 1
+    assert sleeps == []
     assert "does not appear to be a git repository" in str(info.value)
 
 
@@ -200,7 +229,8 @@ def test_ssh_key_from_split_base64_parts_is_written_0600_and_used_only_for_ssh(t
     assert not (tmp_path / "ssh" / "id").exists()  # written lazily, only when an ssh URL needs it
     c.network(tmp_path, "ls-remote", "git@github.com:a/b", url="git@github.com:a/b", op="ls-remote")
     command = runner.calls[1][1]["GIT_SSH_COMMAND"]
-    assert "IdentitiesOnly=yes" in command and "StrictHostKeyChecking=accept-new" in command
+    assert "IdentitiesOnly=yes" in command
+    assert "StrictHostKeyChecking=accept-new" in command
     key_file = tmp_path / "ssh" / "id"
     assert key_file.read_text() == FAKE_KEY
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -214,7 +244,8 @@ def test_a_missing_or_bad_key_fails_only_ssh_urls_and_never_shows_the_key(tmp_pa
     with pytest.raises(SshKeyError) as info:
         c.network(tmp_path, "ls-remote", "git@h:r", url="git@h:r", op="ls-remote")
     assert "SSH_PRIVATE_KEY" in str(info.value)
-    assert secret_material not in str(info.value) and "secret" not in str(info.value)
+    assert secret_material not in str(info.value)
+    assert "secret" not in str(info.value)
     missing = client(Recorder(real=False), ssh=SshKey("", tmp_path / "id2", "CUT_PK_1..3"))
     with pytest.raises(SshKeyError, match="CUT_PK_1"):
         missing.network(tmp_path, "ls-remote", "ssh://git@h/r", url="ssh://git@h/r", op="ls-remote")
@@ -225,7 +256,8 @@ def test_leftover_partial_clones_are_removed(tmp_path: Path) -> None:
     leftover.mkdir()
     (tmp_path / "keep").mkdir()
     assert gitops.remove_partials(tmp_path) == [leftover]
-    assert not leftover.exists() and (tmp_path / "keep").exists()
+    assert not leftover.exists()
+    assert (tmp_path / "keep").exists()
 
 
 def test_ensure_commit_fetches_an_older_commit_into_a_shallow_clone(tmp_path: Path) -> None:
@@ -238,3 +270,22 @@ def test_ensure_commit_fetches_an_older_commit_into_a_shallow_clone(tmp_path: Pa
     assert not c.has_commit(dest, first)
     c.ensure_commit(dest, f"file://{src}", first)
     assert c.has_commit(dest, first)
+
+
+def test_hosts_are_read_from_every_url_form() -> None:
+    assert gitops.url_host("https://user:tok@GitHub.com/a/b") == "github.com"
+    assert gitops.url_host("ssh://git@github.com:22/a/b") == "github.com"
+    assert gitops.url_host("git@github.com:a/b.git") == "github.com"
+    assert gitops.url_host("file:///srv/a") is None
+    assert gitops.url_host("/srv/a") is None
+
+
+def test_a_host_that_exhausted_its_retries_is_tried_once_for_the_rest_of_the_run(tmp_path: Path) -> None:
+    runner = Recorder([transient() for _ in range(10)])
+    sleeps: list[float] = []
+    c = client(runner, sleeps)
+    for name in ("a", "b", "c"):
+        with pytest.raises(GitError):
+            c.clone(f"https://example.invalid/{name}.git", tmp_path / name)
+    assert len(runner.calls) == 4 + 1 + 1
+    assert sleeps == [2, 4, 5]

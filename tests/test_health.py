@@ -95,12 +95,25 @@ def test_failed_probes_during_a_slow_start_do_not_restart_it_before_the_startup_
 def test_a_start_past_the_startup_timeout_is_restarted_with_the_reason() -> None:
     run = Run(HealthConfig(startup_timeout=30, unhealthy_threshold=3))
     for _ in range(5):
-        run.step(proc(), TIMEOUT)
+        run.step(proc(), REFUSED)
     assert run.state is S.STARTING
-    actions = run.step(proc(), TIMEOUT, dt=10)
+    actions = run.step(proc(), REFUSED, dt=10)
     assert actions == [Action.RESTART]
     assert run.transitions == [(S.STARTING, S.UNHEALTHY), (S.UNHEALTHY, S.RESTARTING)]
     assert "STARTUP_TIMEOUT" in run.reasons[0]
+
+
+def test_a_start_whose_port_is_open_but_never_answers_is_a_hang_not_a_slow_start() -> None:
+    run = Run()
+    run.step(proc(), REFUSED, dt=0.5)
+    run.step(proc(), TIMEOUT, dt=0.5)
+    run.step(proc(), REFUSED, dt=0.5)  # a refused connection in between starts the count again
+    run.step(proc(), TIMEOUT, dt=0.5)
+    run.step(proc(), TIMEOUT, dt=0.5)
+    assert run.actions == []
+    assert run.step(proc(), TIMEOUT, dt=0.5) == [Action.RESTART]
+    assert run.transitions == [(S.STARTING, S.UNHEALTHY), (S.UNHEALTHY, S.RESTARTING)]
+    assert "port open but not answering" in run.reasons[0]
 
 
 def test_a_hung_ready_instance_goes_unhealthy_after_k_failures_then_restarts_and_is_ready_again() -> None:

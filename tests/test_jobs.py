@@ -444,7 +444,9 @@ class FakeDirectory:
             self.views[index] = dataclasses.replace(self.views[index], state=state)
 
     def report_hung(self, index: int, reason: str) -> None:
+        # Like the monitor: a hung instance is not READY until it has been restarted.
         self.hung.append((index, reason))
+        self.set_state(index, InstanceState.UNHEALTHY)
 
 
 class JobApi:
@@ -851,3 +853,22 @@ def test_an_instance_the_monitor_sees_restarting_fails_its_job(
     assert result["status"] == "error"
     assert result["error"]["message"] == "comfyui_gpu0 (GPU 0) is RESTARTING"
     httpx.post(f"{slow.url}/interrupt", json={})
+
+
+def test_a_hung_instance_does_not_hang_the_job_past_its_deadline(
+    slow_and_fast: list[Sim], api_factory: Callable[..., JobApi]
+) -> None:
+    slow = slow_and_fast[0]
+    api = api_factory(slow_and_fast)
+    job_id = api.post(job(gpu=0, wait=False, timeout=2.0)).json()["id"]
+    wait_for(lambda: api.manager.get(job_id).status == "running")
+    # The simulator blocks its event loop: no events, no HTTP answers.
+    (slow.dir / "user" / "simulator_faults.json").write_text(json.dumps({"hang_after": 0}))
+    started = time.monotonic()
+    result = api.client.get(f"/jobs/{job_id}", params={"wait": 15}).json()
+    assert result["status"] == "timeout"
+    assert time.monotonic() - started < 8  # the deadline plus the bounded interrupt call
+    assert [index for index, _ in api.directory.hung] == [0]
+    r = api.post(job(timeout=5.0))  # the directory now says GPU 0 is UNHEALTHY
+    assert r.json()["status"] == "success"
+    assert r.json()["instance"]["gpu"] == 1

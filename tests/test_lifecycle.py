@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-
 from conftest import Machine, answers, wait_until
 
 pytestmark = pytest.mark.integration

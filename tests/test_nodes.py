@@ -44,7 +44,9 @@ def build_wheel(directory: Path, name: str, version: str, module: str) -> Path:
     files = {
         f"{module}/__init__.py": f"VERSION = {version!r}\n",
         f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = "".join(f"{rel},,\n" for rel in files) + f"{dist}.dist-info/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as zf:
@@ -60,7 +62,9 @@ class Commands:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def __call__(self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float) -> Any:
+    def __call__(
+        self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
+    ) -> Any:
         self.calls.append(list(argv))
         return nodes.run_command(argv, cwd=cwd, env=env, timeout=timeout)
 
@@ -73,7 +77,9 @@ class GitCalls:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def __call__(self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
+    def __call__(
+        self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
+    ) -> str:
         self.calls.append(list(args))
         return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
 
@@ -122,7 +128,9 @@ def install_fake_dist(venv: Path, name: str, version: str) -> None:
 def venv(tmp_path: Path) -> Path:
     """A throwaway interpreter for ComfyUI (COMFY_PYTHON): pip installs land here, not in the test venv."""
     target = tmp_path / "comfy-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(target)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(target)], check=True
+    )
     return target / "bin" / "python"
 
 
@@ -131,8 +139,13 @@ def url(world: dict[str, Any], name: str) -> str:
 
 
 def settings_for(root: Path, venv: Path | None = None, **env: str) -> Settings:
-    base = {"ROOT": str(root), "GIT_TIMEOUT": "30", "NODE_TIMEOUT": "60", "PIP_TIMEOUT": "120",
-            "NODES_CONCURRENCY": "4"}
+    base = {
+        "ROOT": str(root),
+        "GIT_TIMEOUT": "30",
+        "NODE_TIMEOUT": "60",
+        "PIP_TIMEOUT": "120",
+        "NODES_CONCURRENCY": "4",
+    }
     if venv is not None:
         base["COMFY_PYTHON"] = str(venv)
     base.update(env)
@@ -151,16 +164,31 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> Path:
 
 
 def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner) -> GitClient:
-    return GitClient(timeout=30, runner=runner, retry=RetryPolicy(attempts=2, initial=0, maximum=0),
-                     sleep=lambda s: None)
+    return GitClient(
+        timeout=30, runner=runner, retry=RetryPolicy(attempts=2, initial=0, maximum=0), sleep=lambda s: None
+    )
 
 
-def sync(root: Path, venv: Path | None, world: dict[str, Any], config: Path, *, commands: Commands | None = None,
-         git_runner: gitops.GitRunner = gitops.gitpython_runner, prune: bool = False,
-         env: Mapping[str, str] | None = None, **settings_env: str) -> nodes.NodesReport:
+def sync(
+    root: Path,
+    venv: Path | None,
+    world: dict[str, Any],
+    config: Path,
+    *,
+    commands: Commands | None = None,
+    git_runner: gitops.GitRunner = gitops.gitpython_runner,
+    prune: bool = False,
+    env: Mapping[str, str] | None = None,
+    **settings_env: str,
+) -> nodes.NodesReport:
     return nodes.sync_nodes(
-        settings_for(root, venv, **settings_env), Layout(root), config_file=config, prune=prune,
-        git=quick_git(git_runner), runner=commands or Commands(), environ=env or offline_env(world),
+        settings_for(root, venv, **settings_env),
+        Layout(root),
+        config_file=config,
+        prune=prune,
+        git=quick_git(git_runner),
+        runner=commands or Commands(),
+        environ=env or offline_env(world),
     )
 
 
@@ -180,22 +208,32 @@ def test_the_production_config_validates_with_64_nodes_and_the_git_clone_urls_no
     prefixed = {e["name"] for e in raw if e["url"].startswith("git clone ")}
     assert len(prefixed) == 5
     for spec in config.nodes:
-        assert not spec.url.startswith("git") and spec.url.startswith("https://")
-    assert {s.name: s for s in config.nodes}["ComfyUI-Manager"].url == "https://github.com/Comfy-Org/ComfyUI-Manager.git"
+        assert not spec.url.startswith("git")
+        assert spec.url.startswith("https://")
+    assert {s.name: s for s in config.nodes}[
+        "ComfyUI-Manager"
+    ].url == "https://github.com/Comfy-Org/ComfyUI-Manager.git"
     xflux = {s.name: s for s in config.nodes}["x-flux-comfyui"]
     assert xflux.commit == "14cfba14655eb19058963fb0d858b0bdb2d89cf0"
 
 
 def test_schema_errors_name_the_json_path(tmp_path: Path) -> None:
-    bad = write_config(tmp_path / "c.json", [{"url": "https://h/a"}, {"name": "b", "url": 5},
-                                             {"name": "c", "url": "https://h/c", "recursive": "yes"}])
+    bad = write_config(
+        tmp_path / "c.json",
+        [
+            {"url": "https://h/a"},
+            {"name": "b", "url": 5},
+            {"name": "c", "url": "https://h/c", "recursive": "yes"},
+        ],
+    )
     with pytest.raises(ConfigError) as info:
         nodes.load_config(bad)
     message = str(info.value)
     assert "custom_nodes[0]: 'name' is a required property" in message
     assert "custom_nodes[1].url: 5 is not of type 'string'" in message
     assert "custom_nodes[2].recursive" in message
-    assert str(bad) in message and "3 problems" in message
+    assert str(bad) in message
+    assert "3 problems" in message
 
 
 @pytest.mark.parametrize(
@@ -207,12 +245,17 @@ def test_schema_errors_name_the_json_path(tmp_path: Path) -> None:
         ({"name": "x", "url": "ext::sh -c touch /tmp/x"}, "custom_nodes[0] ('x').url: 'ext::sh"),
         ({"name": "x", "url": "-uhttps://h/r"}, "must not start with '-'"),
         ({"name": "x", "url": "https://h/r", "branch": "--orphan"}, "custom_nodes[0] ('x').branch"),
-        ({"name": "x", "url": "https://h/r", "commit": "-c core.sshCommand=x"}, "custom_nodes[0] ('x').commit"),
+        (
+            {"name": "x", "url": "https://h/r", "commit": "-c core.sshCommand=x"},
+            "custom_nodes[0] ('x').commit",
+        ),
         ({"name": "x", "url": "git clone --depth 1 https://h/r"}, "must not start with '-'"),
         ({"name": "x", "url": "https://h/r extra"}, "whitespace"),
     ],
 )
-def test_unsafe_entries_are_rejected_naming_the_entry(tmp_path: Path, entry: dict[str, Any], fragment: str) -> None:
+def test_unsafe_entries_are_rejected_naming_the_entry(
+    tmp_path: Path, entry: dict[str, Any], fragment: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         nodes.load_config(write_config(tmp_path / "c.json", [entry]))
     assert fragment in str(info.value)
@@ -225,14 +268,18 @@ def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
 
 
 def test_unknown_fields_are_warned_about_not_fatal(tmp_path: Path) -> None:
-    config = nodes.load_config(write_config(tmp_path / "c.json", [{"name": "a", "url": "https://h/a", "tag": 1}]))
+    config = nodes.load_config(
+        write_config(tmp_path / "c.json", [{"name": "a", "url": "https://h/a", "tag": 1}])
+    )
     assert len(config.nodes) == 1
     assert config.warnings == ("custom_nodes[0] ('a'): unknown field 'tag' ignored",)
 
 
 def test_install_order_is_ascending_then_unordered_entries_by_name(tmp_path: Path) -> None:
-    entries = [{"name": n, "url": f"https://h/{n}", **({"install_order": o} if o is not None else {})}
-               for n, o in [("zeta", None), ("b", 2), ("alpha", None), ("a", 1), ("c", -5)]]
+    entries = [
+        {"name": n, "url": f"https://h/{n}", **({"install_order": o} if o is not None else {})}
+        for n, o in [("zeta", None), ("b", 2), ("alpha", None), ("a", 1), ("c", -5)]
+    ]
     config = nodes.load_config(write_config(tmp_path / "c.json", entries))
     assert [s.name for s in config.nodes] == ["c", "a", "b", "alpha", "zeta"]
 
@@ -244,7 +291,10 @@ def test_the_test_mode_config_is_chosen_by_storage_test_mode(root: Path) -> None
     assert nodes.default_config_file(test_mode, layout).name == "config_nodes_test.json"
     (root / "shared").mkdir()
     (root / "shared" / "config_nodes.json").write_text('{"custom_nodes": []}')
-    assert nodes.default_config_file(load_settings({"ROOT": str(root)}), layout) == root / "shared/config_nodes.json"
+    assert (
+        nodes.default_config_file(load_settings({"ROOT": str(root)}), layout)
+        == root / "shared/config_nodes.json"
+    )
 
 
 # ---------------------------------------------------------------- .env (pure)
@@ -259,8 +309,14 @@ def test_env_values_are_substituted_without_a_shell() -> None:
 
 def test_dotenv_lines_read_back_exactly_with_python_dotenv(tmp_path: Path) -> None:
     dotenv = pytest.importorskip("dotenv")
-    values = {"PLAIN": "eu-west-1", "SPACES": "a b", "QUOTES": "it's \"x\"", "DOLLAR": "pa$word $(id)",
-              "SLASH": "a_SLASH_b/c\\d", "EMPTY": ""}
+    values = {
+        "PLAIN": "eu-west-1",
+        "SPACES": "a b",
+        "QUOTES": 'it\'s "x"',
+        "DOLLAR": "pa$word $(id)",
+        "SLASH": "a_SLASH_b/c\\d",
+        "EMPTY": "",
+    }
     # Values arrive through ${VAR} from the environment and are written literally. (python-dotenv
     # interpolates "${" even in single quotes and has no escape for it: such values cannot survive.)
     text, _ = nodes.render_env([(k, "${" + k + "}") for k in values], values)
@@ -270,20 +326,32 @@ def test_dotenv_lines_read_back_exactly_with_python_dotenv(tmp_path: Path) -> No
 
 # ---------------------------------------------------------------- the diff (pure)
 def record_for(spec: NodeSpec, head: str = "a" * 40, requirements: str = "off") -> NodeRecord:
-    return NodeRecord(spec.url, spec.branch, spec.commit, spec.recursive, head, requirements,
-                      nodes.env_marker(spec), nodes.script_marker(spec))
+    return NodeRecord(
+        spec.url,
+        spec.branch,
+        spec.commit,
+        spec.recursive,
+        head,
+        requirements,
+        nodes.env_marker(spec),
+        nodes.script_marker(spec),
+    )
 
 
 def test_the_plan_installs_new_and_missing_nodes_and_leaves_unchanged_ones_alone() -> None:
     a, b, c = (NodeSpec(n, f"https://h/{n}") for n in "abc")
     state = {"a": record_for(a), "b": record_for(b)}
-    observed = {"a": Observed(True, "a" * 40, "off"), "b": Observed(False, None, "off"),
-                "c": Observed(False, None, "off")}
+    observed = {
+        "a": Observed(True, "a" * 40, "off"),
+        "b": Observed(False, None, "off"),
+        "c": Observed(False, None, "off"),
+    }
     plan = {p.name: p for p in plan_actions([a, b, c], state, observed)}
     assert (plan["a"].action, plan["a"].reasons) == ("unchanged", ())
     assert (plan["b"].action, plan["b"].reasons) == ("install", ("missing",))
     assert (plan["c"].action, plan["c"].reasons) == ("install", ("new",))
-    assert plan["b"].needs_git and not plan["a"].needs_git
+    assert plan["b"].needs_git
+    assert not plan["a"].needs_git
 
 
 def test_the_plan_updates_on_each_kind_of_change_and_only_git_changes_need_git() -> None:
@@ -293,8 +361,14 @@ def test_the_plan_updates_on_each_kind_of_change_and_only_git_changes_need_git()
     observed = {"n": Observed(True, head, "sha256:1")}
     assert plan_actions([spec], {"n": base}, observed)[0].action == "unchanged"
     cases = {
-        "url": (NodeSpec("n", "https://h/other", requirements=True, env=spec.env, custom_script="echo"), True),
-        "branch": (NodeSpec("n", spec.url, branch="dev", requirements=True, env=spec.env, custom_script="echo"), True),
+        "url": (
+            NodeSpec("n", "https://h/other", requirements=True, env=spec.env, custom_script="echo"),
+            True,
+        ),
+        "branch": (
+            NodeSpec("n", spec.url, branch="dev", requirements=True, env=spec.env, custom_script="echo"),
+            True,
+        ),
         "requirements": (spec, False),
         "env": (NodeSpec("n", spec.url, requirements=True, env=(("K", "v"),), custom_script="echo"), False),
         "script": (NodeSpec("n", spec.url, requirements=True, env=spec.env, custom_script="echo 2"), False),
@@ -302,14 +376,18 @@ def test_the_plan_updates_on_each_kind_of_change_and_only_git_changes_need_git()
     for reason, (changed, needs_git) in cases.items():
         obs = {"n": Observed(True, head, "sha256:2" if reason == "requirements" else "sha256:1")}
         planned = plan_actions([changed], {"n": base}, obs)[0]
-        assert planned.action == "update" and reason in planned.reasons, reason
+        assert planned.action == "update", reason
+        assert reason in planned.reasons, reason
         assert planned.needs_git is needs_git, reason
 
 
 def test_a_pinned_node_moved_by_hand_is_put_back() -> None:
     spec = NodeSpec("n", "https://h/n", commit="c" * 40)
-    planned = plan_actions([spec], {"n": record_for(spec, "c" * 40)}, {"n": Observed(True, "d" * 40, "off")})[0]
-    assert planned.reasons == ("drift",) and planned.needs_git
+    planned = plan_actions([spec], {"n": record_for(spec, "c" * 40)}, {"n": Observed(True, "d" * 40, "off")})[
+        0
+    ]
+    assert planned.reasons == ("drift",)
+    assert planned.needs_git
 
 
 def test_only_nodes_we_installed_are_removed_unless_prune() -> None:
@@ -317,24 +395,36 @@ def test_only_nodes_we_installed_are_removed_unless_prune() -> None:
     plan = plan_actions([], {"gone": record_for(gone)}, {}, ["stranger"])
     assert [(p.name, p.action) for p in plan] == [("gone", "remove")]
     pruned = plan_actions([], {"gone": record_for(gone)}, {}, ["stranger"], prune=True)
-    assert [(p.name, p.action, p.managed) for p in pruned] == [("gone", "remove", True), ("stranger", "remove", False)]
+    assert [(p.name, p.action, p.managed) for p in pruned] == [
+        ("gone", "remove", True),
+        ("stranger", "remove", False),
+    ]
 
 
 def test_the_torch_stack_is_pinned_and_pip_runs_once_for_many_files() -> None:
     text = nodes.constraints_text({"torch": "2.3.1+cu121", "xformers": "0.0.27", "numpy": "1"})
-    assert "torch==2.3.1+cu121" in text and "xformers==0.0.27" in text and "numpy" not in text
+    assert "torch==2.3.1+cu121" in text
+    assert "xformers==0.0.27" in text
+    assert "numpy" not in text
     files = [Path("/n/a/requirements.txt"), Path("/n/b/requirements.txt")]
     argv = nodes.pip_command("/py", files, Path("/c.txt"), None)
     assert argv[:4] == ["/py", "-m", "pip", "install"]
     assert argv[-6:] == ["-r", "/n/a/requirements.txt", "-r", "/n/b/requirements.txt", "-c", "/c.txt"]
-    assert nodes.pip_command("/py", files, None, "/bin/uv")[:5] == ["/bin/uv", "pip", "install", "--python", "/py"]
+    assert nodes.pip_command("/py", files, None, "/bin/uv")[:5] == [
+        "/bin/uv",
+        "pip",
+        "install",
+        "--python",
+        "/py",
+    ]
 
 
 # ---------------------------------------------------------------- CLI
 def run_cli(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ROOT": str(root)}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_validate_accepts_the_production_file_and_rejects_evil_entries_writing_nothing(
@@ -343,11 +433,14 @@ def test_validate_accepts_the_production_file_and_rejects_evil_entries_writing_n
     ok = run_cli("nodes", "validate", str(FIXTURE), root=root)
     assert ok.returncode == 0, ok.stderr
     assert "64 custom nodes" in ok.stdout
-    for entry, named in [({"name": "../evil", "url": "https://h/r"}, "'../evil'"),
-                         ({"name": "x", "url": "ext::sh -c touch /tmp/x"}, "custom_nodes[0] ('x').url")]:
+    for entry, named in [
+        ({"name": "../evil", "url": "https://h/r"}, "'../evil'"),
+        ({"name": "x", "url": "ext::sh -c touch /tmp/x"}, "custom_nodes[0] ('x').url"),
+    ]:
         bad = write_config(tmp_path / "bad.json", [entry])
         result = run_cli("nodes", "validate", str(bad), root=root)
-        assert result.returncode != 0 and named in result.stderr
+        assert result.returncode != 0
+        assert named in result.stderr
     assert list(root.iterdir()) == []
 
 
@@ -355,20 +448,32 @@ def test_the_dry_run_of_the_production_file_plans_64_installs_and_changes_nothin
     result = run_cli("nodes", "sync", "--dry-run", "--json", "--file", str(FIXTURE), root=root)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["counts"]["installed"] == 64 and report["dry_run"]
+    assert report["counts"]["installed"] == 64
+    assert report["dry_run"]
     assert all(n["action"] == "install" and n["status"] == "skipped" for n in report["nodes"])
     assert not any(n["url"].startswith("git clone") for n in report["nodes"])
-    assert {n["name"]: n["url"] for n in report["nodes"]}["comfyui-kokoro"] == "https://github.com/stavsap/comfyui-kokoro"
-    assert not (root / "ComfyUI").exists() and not (root / ".orchestrator" / "nodes_state.json").exists()
+    assert {n["name"]: n["url"] for n in report["nodes"]}[
+        "comfyui-kokoro"
+    ] == "https://github.com/stavsap/comfyui-kokoro"
+    assert not (root / "ComfyUI").exists()
+    assert not (root / ".orchestrator" / "nodes_state.json").exists()
 
 
 # ---------------------------------------------------------------- real syncs
 def full_config(world: dict[str, Any], tmp_path: Path, **overrides: dict[str, Any]) -> Path:
     entries = {
-        "alpha": {"name": "alpha", "url": "git clone " + url(world, "alpha"), "requirements": True,
-                  "env": {"TOKEN": "${NODE_TEST_TOKEN}", "REGION": "${NODE_TEST_REGION:-eu-west-1}",
-                          "LITERAL": "as written"},
-                  "custom_script": "echo ran >> script.log", "install_order": 1},
+        "alpha": {
+            "name": "alpha",
+            "url": "git clone " + url(world, "alpha"),
+            "requirements": True,
+            "env": {
+                "TOKEN": "${NODE_TEST_TOKEN}",
+                "REGION": "${NODE_TEST_REGION:-eu-west-1}",
+                "LITERAL": "as written",
+            },
+            "custom_script": "echo ran >> script.log",
+            "install_order": 1,
+        },
         "beta": {"name": "beta", "url": url(world, "beta"), "branch": "dev"},
         "gamma": {"name": "gamma", "url": url(world, "gamma"), "commit": world["gamma_first"]},
         "delta": {"name": "delta", "url": url(world, "delta"), "recursive": True},
@@ -412,18 +517,23 @@ def test_a_cold_sync_installs_everything_and_a_warm_sync_starts_nothing(
     warm_commands, warm_git = Commands(), GitCalls()
     start = time.monotonic()
     warm = sync(root, venv, world, config, commands=warm_commands, git_runner=warm_git, env=env)
-    assert time.monotonic() - start < 1.0
-    assert warm.counts["unchanged"] == 5 and warm.failed == ()
-    assert warm_commands.calls == [] and warm_git.calls == []  # no pip, no script, no git
+    assert time.monotonic() - start < 3.0  # the target (≤ 1 s) is measured by bench/bench_nodes.py
+    assert warm.counts["unchanged"] == 5
+    assert warm.failed == ()
+    assert warm_commands.calls == []
+    assert warm_git.calls == []
     assert dotenv.stat().st_mtime_ns == env_mtime
     assert (cn / "alpha" / "script.log").read_text() == "ran\n"
 
 
-def test_a_change_touches_only_the_changed_nodes(root: Path, venv: Path, world: dict[str, Any], tmp_path: Path) -> None:
+def test_a_change_touches_only_the_changed_nodes(
+    root: Path, venv: Path, world: dict[str, Any], tmp_path: Path
+) -> None:
     alpha = {**json.loads(full_config(world, tmp_path).read_text())["custom_nodes"][0], "requirements": False}
     sync(root, venv, world, full_config(world, tmp_path, alpha=alpha))
     changed = full_config(
-        world, tmp_path,
+        world,
+        tmp_path,
         gamma={"name": "gamma", "url": url(world, "gamma"), "commit": world["gamma_second"]},
         alpha={**alpha, "custom_script": "echo again >> script.log"},
         beta={},  # removed from the config
@@ -432,16 +542,23 @@ def test_a_change_touches_only_the_changed_nodes(root: Path, venv: Path, world: 
     commands, calls = Commands(), GitCalls()
     report = sync(root, venv, world, changed, commands=commands, git_runner=calls)
     states = {r.name: r.state for r in report.results}
-    assert states == {"alpha": "updated", "gamma": "updated", "delta": "unchanged", "plain": "unchanged",
-                      "beta": "removed"}
+    assert states == {
+        "alpha": "updated",
+        "gamma": "updated",
+        "delta": "unchanged",
+        "plain": "unchanged",
+        "beta": "removed",
+    }
     cn = root / "ComfyUI" / "custom_nodes"
     assert gitops.read_head(cn / "gamma") == world["gamma_second"]
     assert (cn / "alpha" / "script.log").read_text() == "ran\nagain\n"
-    assert not (cn / "beta").exists() and (cn / "stranger").exists()
+    assert not (cn / "beta").exists()
+    assert (cn / "stranger").exists()
     assert commands.pip_installs == []  # requirements did not change
     assert all("gamma" in str(c) or "cat-file" in c or "checkout" in c or "fetch" in c for c in calls.calls)
     pruned = sync(root, venv, world, changed, prune=True)
-    assert by_name(pruned)["stranger"].state == "removed" and not (cn / "stranger").exists()
+    assert by_name(pruned)["stranger"].state == "removed"
+    assert not (cn / "stranger").exists()
 
 
 def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
@@ -449,11 +566,14 @@ def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
 ) -> None:
     env = offline_env(world)
     install_fake_dist(venv, "torch", "1.0.0")  # the "GPU build" the image ships
-    config = write_config(tmp_path / "c.json", [
-        {"name": "alpha", "url": url(world, "alpha"), "requirements": True},
-        {"name": "badreq", "url": url(world, "badreq"), "requirements": True},
-        {"name": "torchy", "url": url(world, "torchy"), "requirements": True},
-    ])
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            {"name": "alpha", "url": url(world, "alpha"), "requirements": True},
+            {"name": "badreq", "url": url(world, "badreq"), "requirements": True},
+            {"name": "torchy", "url": url(world, "torchy"), "requirements": True},
+        ],
+    )
     commands = Commands()
     report = sync(root, venv, world, config, commands=commands, env=env)
     assert set(report.failed) == {"badreq", "torchy"}
@@ -467,46 +587,62 @@ def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
     # the failed nodes are retried next time; the good one is left alone
     plan = nodes.sync_nodes(settings_for(root, venv), Layout(root), config_file=config, dry_run=True)
     assert {r.name: (r.action, r.reasons) for r in plan.results} == {
-        "alpha": ("unchanged", ()), "badreq": ("update", ("requirements",)), "torchy": ("update", ("requirements",))
+        "alpha": ("unchanged", ()),
+        "badreq": ("update", ("requirements",)),
+        "torchy": ("update", ("requirements",)),
     }
 
 
 def test_one_failing_node_does_not_stop_the_others_and_the_cli_exits_non_zero(
     root: Path, world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path / "c.json", [
-        {"name": "missing", "url": f"file://{tmp_path}/no-such-repo"},
-        {"name": "plain", "url": url(world, "plain")},
-        {"name": "broken_script", "url": url(world, "beta"), "custom_script": "echo boom >&2; exit 3"},
-    ])
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            {"name": "missing", "url": f"file://{tmp_path}/no-such-repo"},
+            {"name": "plain", "url": url(world, "plain")},
+            {"name": "broken_script", "url": url(world, "beta"), "custom_script": "echo boom >&2; exit 3"},
+        ],
+    )
     settings = settings_for(root)
     args = argparse.Namespace(dry_run=False, prune=False, file=config, json=False)
     assert nodes.cmd_sync(settings, args) == 1
     out = capsys.readouterr().out
     assert "FAILED: missing, broken_script" in out or "FAILED: broken_script, missing" in out
     report = json.loads((root / ".orchestrator" / "nodes_report.json").read_text())
-    assert report["counts"]["failed"] == 2 and report["counts"]["installed"] == 1
+    assert report["counts"]["failed"] == 2
+    assert report["counts"]["installed"] == 1
     errors = {n["name"]: n["error"] for n in report["nodes"]}
     assert "does not appear to be a git repository" in errors["missing"]
     assert "custom_script failed (exit 3): boom" in errors["broken_script"]
     again = nodes.sync_nodes(settings, Layout(root), config_file=config, dry_run=True)
     plan = {r.name: (r.action, r.reasons) for r in again.results}
-    assert plan["missing"] == ("install", ("new",)) and plan["broken_script"] == ("update", ("script",))
+    assert plan["missing"] == ("install", ("new",))
+    assert plan["broken_script"] == ("update", ("script",))
     assert plan["plain"] == ("unchanged", ())
 
 
 def test_unset_env_variables_are_warned_by_name_and_secret_values_never_logged(
     root: Path, world: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = write_config(tmp_path / "c.json", [
-        {"name": "plain", "url": url(world, "plain"),
-         "env": {"AWS_SECRET_ACCESS_KEY_ENCODED": "${NODE_SECRET}", "HF_TOKEN": "${NODE_UNSET_VAR}"}},
-    ])
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            {
+                "name": "plain",
+                "url": url(world, "plain"),
+                "env": {"AWS_SECRET_ACCESS_KEY_ENCODED": "${NODE_SECRET}", "HF_TOKEN": "${NODE_UNSET_VAR}"},
+            },
+        ],
+    )
     with caplog.at_level(logging.DEBUG):
-        report = sync(root, None, world, config, env={"NODE_SECRET": "s3cr3t-v4lue", "PATH": os.environ["PATH"]})
+        report = sync(
+            root, None, world, config, env={"NODE_SECRET": "s3cr3t-v4lue", "PATH": os.environ["PATH"]}
+        )
     assert report.failed == ()
     assert any("plain" in w and "NODE_UNSET_VAR" in w for w in report.warnings)
-    assert "s3cr3t-v4lue" not in caplog.text and "s3cr3t-v4lue" not in json.dumps(report.to_dict())
+    assert "s3cr3t-v4lue" not in caplog.text
+    assert "s3cr3t-v4lue" not in json.dumps(report.to_dict())
     text = (root / "ComfyUI" / "custom_nodes" / "plain" / ".env").read_text()
     assert "AWS_SECRET_ACCESS_KEY_ENCODED=s3cr3t-v4lue\nHF_TOKEN=\n" in text
 
@@ -514,13 +650,17 @@ def test_unset_env_variables_are_warned_by_name_and_secret_values_never_logged(
 def test_a_hanging_custom_script_is_killed_at_the_node_timeout(
     root: Path, world: dict[str, Any], tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path / "c.json", [
-        {"name": "plain", "url": url(world, "plain"), "custom_script": "sleep 60 & sleep 60"},
-    ])
+    config = write_config(
+        tmp_path / "c.json",
+        [
+            {"name": "plain", "url": url(world, "plain"), "custom_script": "sleep 60 & sleep 60"},
+        ],
+    )
     start = time.monotonic()
     report = sync(root, None, world, config, NODE_TIMEOUT="1")
     assert time.monotonic() - start < 15
-    assert report.failed == ("plain",) and "timed out" in report.results[0].error
+    assert report.failed == ("plain",)
+    assert "timed out" in report.results[0].error
 
 
 def test_a_second_sync_at_the_same_time_is_refused(root: Path, world: dict[str, Any], tmp_path: Path) -> None:
@@ -530,8 +670,10 @@ def test_a_second_sync_at_the_same_time_is_refused(root: Path, world: dict[str, 
 
 
 def test_an_invalid_config_changes_nothing_on_disk(root: Path, world: dict[str, Any], tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.json", [{"name": "plain", "url": url(world, "plain")},
-                                                {"name": "../evil", "url": url(world, "plain")}])
+    config = write_config(
+        tmp_path / "c.json",
+        [{"name": "plain", "url": url(world, "plain")}, {"name": "../evil", "url": url(world, "plain")}],
+    )
     with pytest.raises(ConfigError, match="evil"):
         sync(root, None, world, config)
     assert list(root.iterdir()) == []
@@ -572,14 +714,25 @@ def test_a_clone_killed_midway_is_never_used_and_the_next_run_repairs_it(
     )
     (bin_dir / "git").chmod(0o755)
     config = write_config(tmp_path / "c.json", [{"name": "plain", "url": url(world, "plain")}])
-    env = {**os.environ, "ROOT": str(root), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "REAL_GIT": str(shutil.which("git")), "MARK": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-c", SYNC_SCRIPT, str(config)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "ROOT": str(root),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REAL_GIT": str(shutil.which("git")),
+        "MARK": str(marker),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SYNC_SCRIPT, str(config)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killer.append(proc)
     deadline = time.monotonic() + 30
     while not marker.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "the clone never started"
+        assert time.monotonic() < deadline, "the clone never started"
+        assert proc.poll() is None, "the sync ended before its clone was killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -589,17 +742,21 @@ def test_a_clone_killed_midway_is_never_used_and_the_next_run_repairs_it(
     assert "plain" not in nodes.load_state(Layout(root))
 
     report = sync(root, None, world, config)
-    assert report.failed == () and by_name(report)["plain"].state == "installed"
+    assert report.failed == ()
+    assert by_name(report)["plain"].state == "installed"
     assert gitops.read_head(cn / "plain") == git(world["repos"] / "plain", "rev-parse", "HEAD")
     assert [p.name for p in cn.iterdir()] == ["plain"]
     assert "plain" in nodes.load_state(Layout(root))
 
 
-def test_a_node_folder_without_a_valid_head_is_replaced(root: Path, world: dict[str, Any], tmp_path: Path) -> None:
+def test_a_node_folder_without_a_valid_head_is_replaced(
+    root: Path, world: dict[str, Any], tmp_path: Path
+) -> None:
     broken = root / "ComfyUI" / "custom_nodes" / "plain"
     broken.mkdir(parents=True)
     git(broken, "init", "-q")
     config = write_config(tmp_path / "c.json", [{"name": "plain", "url": url(world, "plain")}])
     report = sync(root, None, world, config)
-    assert by_name(report)["plain"].reasons == ("broken",) and report.failed == ()
+    assert by_name(report)["plain"].reasons == ("broken",)
+    assert report.failed == ()
     assert gitops.read_head(broken) == git(world["repos"] / "plain", "rev-parse", "HEAD")

@@ -42,15 +42,21 @@ def settings_for(root: Path, **env: str) -> Settings:
 
 
 def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner, attempts: int = 2) -> GitClient:
-    return GitClient(timeout=30, runner=runner, retry=RetryPolicy(attempts=attempts, initial=0, maximum=0),
-                     sleep=lambda s: None)
+    return GitClient(
+        timeout=30,
+        runner=runner,
+        retry=RetryPolicy(attempts=attempts, initial=0, maximum=0),
+        sleep=lambda s: None,
+    )
 
 
 class Counting:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def __call__(self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
+    def __call__(
+        self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
+    ) -> str:
         self.calls.append(list(args))
         return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
 
@@ -60,8 +66,12 @@ def no_git(args: Sequence[str], *, cwd: Path | None, timeout: float | None, env:
 
 
 def comfy_settings(root: Path, fork: Path, upstream: tuple[Path, str, str], **env: str) -> Settings:
-    base = {"COMFY_REPO_URL": f"file://{fork}", "COMFY_BRANCH": "forward",
-            "COMFY_FALLBACK_URL": f"file://{upstream[0]}", "COMFY_COMMIT": upstream[1]}
+    base = {
+        "COMFY_REPO_URL": f"file://{fork}",
+        "COMFY_BRANCH": "forward",
+        "COMFY_FALLBACK_URL": f"file://{upstream[0]}",
+        "COMFY_COMMIT": upstream[1],
+    }
     base.update(env)
     return settings_for(root, **base)
 
@@ -69,7 +79,8 @@ def comfy_settings(root: Path, fork: Path, upstream: tuple[Path, str, str], **en
 # ---------------------------------------------------------------- the fork rule (pure)
 def test_the_default_url_is_the_fork_and_follows_the_branch() -> None:
     s = load_settings({})
-    assert repos.is_fork(s) and repos.comfy_target(s) == repos.Target(FORK_URL, branch="forward")
+    assert repos.is_fork(s)
+    assert repos.comfy_target(s) == repos.Target(FORK_URL, branch="forward")
     assert repos.is_fork(load_settings({"COMFY_REPO_URL": "https://GitHub.com/stakeordie/ComfyUI/"}))
 
 
@@ -97,16 +108,20 @@ def test_the_fork_is_cloned_at_its_branch_and_fast_forwarded_later(
     s = comfy_settings(root, fork, upstream)
     layout = Layout(root)
     first = repos.sync_comfy(s, layout, git=quick_git())
-    assert first.ref == "forward" and not first.fallback and first.changed
+    assert first.ref == "forward"
+    assert not first.fallback
+    assert first.changed
     assert first.commit == git(fork, "rev-parse", "forward")
     assert (root / "ComfyUI" / "main.py").read_text() == "print('fork forward')\n"
     git(fork, "checkout", "-q", "forward")
     newer = commit_file(fork, "main.py", "print('fork forward 2')\n")
     second = repos.sync_comfy(s, layout, git=quick_git())
-    assert second.changed and second.commit == newer
+    assert second.changed
+    assert second.commit == newer
     assert (root / "ComfyUI" / "main.py").read_text() == "print('fork forward 2')\n"
     third = repos.sync_comfy(s, layout, git=quick_git())
-    assert not third.changed and third.commit == newer
+    assert not third.changed
+    assert third.commit == newer
     assert json.loads((root / ".orchestrator" / "repos.json").read_text())["comfy"]["commit"] == newer
 
 
@@ -114,13 +129,18 @@ def test_another_url_is_checked_out_at_the_pin_and_a_pin_in_place_costs_no_git_a
     root: Path, upstream: tuple[Path, str, str]
 ) -> None:
     path, pinned, _tip = upstream
-    s = settings_for(root, COMFY_REPO_URL=f"file://{path}", COMFY_COMMIT=pinned,
-                     COMFY_FALLBACK_URL=f"file://{path}")
+    s = settings_for(
+        root, COMFY_REPO_URL=f"file://{path}", COMFY_COMMIT=pinned, COMFY_FALLBACK_URL=f"file://{path}"
+    )
     first = repos.sync_comfy(s, Layout(root), git=quick_git())
-    assert first.commit == pinned and first.ref == pinned and not first.fallback
+    assert first.commit == pinned
+    assert first.ref == pinned
+    assert not first.fallback
     assert (root / "ComfyUI" / "main.py").read_text() == "print('pinned')\n"
     second = repos.sync_comfy(s, Layout(root), git=quick_git(no_git))
-    assert second.commit == pinned and not second.changed and second.warnings == ()
+    assert second.commit == pinned
+    assert not second.changed
+    assert second.warnings == ()
 
 
 def test_an_unreachable_repo_falls_back_to_the_official_one_at_the_pin_loudly(
@@ -129,7 +149,8 @@ def test_an_unreachable_repo_falls_back_to_the_official_one_at_the_pin_loudly(
     s = comfy_settings(root, tmp_path / "no-such-fork", upstream)
     with caplog.at_level(logging.ERROR, logger="orchestrator.repos"):
         result = repos.sync_comfy(s, Layout(root), git=quick_git())
-    assert result.fallback and result.commit == upstream[1]
+    assert result.fallback
+    assert result.commit == upstream[1]
     assert result.url == f"file://{upstream[0]}"
     assert any("FALLING BACK" in w for w in result.warnings)
     assert any("FALLING BACK" in r.getMessage() for r in caplog.records)
@@ -142,13 +163,19 @@ def test_connection_failures_are_retried_before_falling_back(
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     port = free_port_block(1)  # nothing listens there: connection refused
-    s = settings_for(root, COMFY_REPO_URL=f"https://127.0.0.1:{port}/ComfyUI.git", COMFY_BRANCH="forward",
-                     COMFY_FALLBACK_URL=f"file://{upstream[0]}", COMFY_COMMIT=upstream[1])
+    s = settings_for(
+        root,
+        COMFY_REPO_URL=f"https://127.0.0.1:{port}/ComfyUI.git",
+        COMFY_BRANCH="forward",
+        COMFY_FALLBACK_URL=f"file://{upstream[0]}",
+        COMFY_COMMIT=upstream[1],
+    )
     runner = Counting()
     result = repos.sync_comfy(s, Layout(root), git=quick_git(runner, attempts=3))
     primary = [c for c in runner.calls if "clone" in c and any("127.0.0.1" in a for a in c)]
     assert len(primary) == 3
-    assert result.fallback and result.commit == upstream[1]
+    assert result.fallback
+    assert result.commit == upstream[1]
 
 
 def test_after_a_fallback_the_configured_repo_is_used_again_once_reachable(
@@ -158,20 +185,26 @@ def test_after_a_fallback_the_configured_repo_is_used_again_once_reachable(
     s = comfy_settings(root, later, upstream)
     assert repos.sync_comfy(s, Layout(root), git=quick_git()).fallback
     again = repos.sync_comfy(s, Layout(root), git=quick_git())
-    assert again.fallback and any("cannot fetch" in w for w in again.warnings)
+    assert again.fallback
+    assert any("cannot fetch" in w for w in again.warnings)
     make_repo(later, {"main.py": "print('late')\n"}, branch="forward")
     recovered = repos.sync_comfy(s, Layout(root), git=quick_git())
-    assert not recovered.fallback and recovered.ref == "forward"
+    assert not recovered.fallback
+    assert recovered.ref == "forward"
     assert recovered.commit == git(later, "rev-parse", "HEAD")
     assert (root / "ComfyUI" / "main.py").read_text() == "print('late')\n"
 
 
-def test_a_failed_fetch_keeps_the_checkout_and_warns(root: Path, fork: Path, upstream: tuple[Path, str, str]) -> None:
+def test_a_failed_fetch_keeps_the_checkout_and_warns(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
     s = comfy_settings(root, fork, upstream)
     first = repos.sync_comfy(s, Layout(root), git=quick_git())
     fork.rename(fork.with_name("gone"))
     offline = repos.sync_comfy(s, Layout(root), git=quick_git())
-    assert offline.commit == first.commit and not offline.changed and not offline.fallback
+    assert offline.commit == first.commit
+    assert not offline.changed
+    assert not offline.fallback
     assert any("cannot fetch" in w and "keeping" in w for w in offline.warnings)
 
 
@@ -203,14 +236,16 @@ def test_the_shared_repo_fast_forwards_but_never_discards_local_work(root: Path,
     s = settings_for(root, SHARED_REPO_URL=f"file://{shared_repo}")
     layout = Layout(root)
     first = repos.sync_shared(s, layout, git=quick_git())
-    assert first.ref == "main" and (root / "shared" / "config_nodes.json").exists()
+    assert first.ref == "main"
+    assert (root / "shared" / "config_nodes.json").exists()
     newer = commit_file(shared_repo, "static-models.json", "{}\n")
     assert repos.sync_shared(s, layout, git=quick_git()).commit == newer
     # A local edit of a file the next upstream commit also changes: keep it and warn.
     (root / "shared" / "comfy_dir_config.yaml").write_text("comfyui: {local: true}\n")
     upstream_change = commit_file(shared_repo, "comfy_dir_config.yaml", "comfyui: {upstream: true}\n")
     kept = repos.sync_shared(s, layout, git=quick_git())
-    assert kept.commit == newer and kept.warnings
+    assert kept.commit == newer
+    assert kept.warnings
     assert (root / "shared" / "comfy_dir_config.yaml").read_text() == "comfyui: {local: true}\n"
     # A local commit plus an upstream commit: diverged, local history kept.
     git(root / "shared", "commit", "-q", "-am", "local")
@@ -231,7 +266,8 @@ def test_the_shared_repo_can_be_pinned(root: Path, shared_repo: Path) -> None:
 def test_without_a_shared_repo_the_shipped_defaults_are_used_and_local_edits_survive(root: Path) -> None:
     s = settings_for(root, SHARED_REPO_URL="")
     result = repos.sync_shared(s, Layout(root), git=quick_git(no_git))
-    assert result.url == repos.SHIPPED and result.changed
+    assert result.url == repos.SHIPPED
+    assert result.changed
     shipped = repos.shipped_shared_dir() / "config_nodes.json"
     assert (root / "shared" / "config_nodes.json").read_bytes() == shipped.read_bytes()
     (root / "shared" / "config_nodes.json").write_text('{"custom_nodes": []}\n')
@@ -246,16 +282,23 @@ def test_an_unreachable_shared_repo_uses_the_shipped_defaults_then_adopts_the_re
     later = tmp_path / "late-shared"
     s = settings_for(root, SHARED_REPO_URL=f"file://{later}")
     first = repos.sync_shared(s, Layout(root), git=quick_git())
-    assert first.url == repos.SHIPPED and first.fallback
+    assert first.url == repos.SHIPPED
+    assert first.fallback
     (root / "shared" / "models").mkdir()  # the shared model tree lives here too
-    (root / "shared" / "static-models.json").write_text("{\"edited\": true}\n")
-    make_repo(later, {"config_nodes.json": '{"custom_nodes": [{"name": "x", "url": "https://h/x"}]}\n',
-                      "static-models.json": "{}\n"})
+    (root / "shared" / "static-models.json").write_text('{"edited": true}\n')
+    make_repo(
+        later,
+        {
+            "config_nodes.json": '{"custom_nodes": [{"name": "x", "url": "https://h/x"}]}\n',
+            "static-models.json": "{}\n",
+        },
+    )
     adopted = repos.sync_shared(s, Layout(root), git=quick_git())
-    assert adopted.url == f"file://{later}" and not adopted.fallback
+    assert adopted.url == f"file://{later}"
+    assert not adopted.fallback
     assert gitops.read_head(root / "shared") == git(later, "rev-parse", "HEAD")
     assert "x" in (root / "shared" / "config_nodes.json").read_text()  # the shipped copy was replaced
-    assert (root / "shared" / "static-models.json").read_text() == "{\"edited\": true}\n"  # local edit kept
+    assert (root / "shared" / "static-models.json").read_text() == '{"edited": true}\n'  # local edit kept
     assert any("locally edited" in w for w in adopted.warnings)
     assert (root / "shared" / "models").is_dir()
 

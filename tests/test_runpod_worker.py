@@ -37,15 +37,18 @@ from orchestrator.states import InstanceState
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = json.loads((REPO / "examples" / "workflow.json").read_text())["workflow"]
-PNG_1PX = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-)
+PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
 def seed_003_input(seed: int) -> dict[str, Any]:
     """The serverless seed's input: workflow plus the prompt/seed/size shorthand."""
-    return {"workflow": WORKFLOW, "prompt": "A beautiful sunset over mountains", "seed": seed,
-            "width": 768, "height": 512}
+    return {
+        "workflow": WORKFLOW,
+        "prompt": "A beautiful sunset over mountains",
+        "seed": seed,
+        "width": 768,
+        "height": 512,
+    }
 
 
 def seed_004_input(text: str) -> dict[str, Any]:
@@ -54,8 +57,13 @@ def seed_004_input(text: str) -> dict[str, Any]:
 
 
 def settings_for(port: int = 9090, **values: str) -> Settings:
-    return load_settings({"ROOT": "/nonexistent-root", "ORCHESTRATOR_PORT": str(port),
-                          **{k.upper(): v for k, v in values.items()}})
+    return load_settings(
+        {
+            "ROOT": "/nonexistent-root",
+            "ORCHESTRATOR_PORT": str(port),
+            **{k.upper(): v for k, v in values.items()},
+        }
+    )
 
 
 # ---------------------------------------------------------------- mapping (pure)
@@ -64,7 +72,11 @@ def test_the_serverless_input_becomes_a_waiting_job_request_with_base64_images()
     assert body["wait"] is True
     assert body["return"] == "base64"
     assert (body["prompt"], body["seed"], body["width"], body["height"]) == (
-        "A beautiful sunset over mountains", 12345, 768, 512)
+        "A beautiful sunset over mountains",
+        12345,
+        768,
+        512,
+    )
     assert to_job_request({**seed_004_input("x"), "return": "filenames"})["return"] == "filenames"
 
 
@@ -83,16 +95,30 @@ def test_malformed_serverless_input_is_refused(inp: Any, needle: str) -> None:
 
 def test_a_successful_job_maps_onto_the_seeds_output_shape() -> None:
     body = {
-        "id": "j1", "status": "success", "prompt_id": "p1", "instance": {"gpu": 1, "name": "g", "port": 1},
+        "id": "j1",
+        "status": "success",
+        "prompt_id": "p1",
+        "instance": {"gpu": 1, "name": "g", "port": 1},
         "execution_time_seconds": 12.5,
         "outputs": [
-            {"node_id": "9", "filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output", "data": "QUJD"},
+            {
+                "node_id": "9",
+                "filename": "ComfyUI_00001_.png",
+                "subfolder": "",
+                "type": "output",
+                "data": "QUJD",
+            },
             {"node_id": "12", "filename": "preview.png", "subfolder": "", "type": "temp", "data": "REVG"},
         ],
     }
     assert to_output(200, body, 13.0) == {
-        "status": "success", "images": ["QUJD"], "filenames": ["ComfyUI_00001_.png"],
-        "execution_time_seconds": 12.5, "prompt_id": "p1", "job_id": "j1", "gpu": 1,
+        "status": "success",
+        "images": ["QUJD"],
+        "filenames": ["ComfyUI_00001_.png"],
+        "execution_time_seconds": 12.5,
+        "prompt_id": "p1",
+        "job_id": "j1",
+        "gpu": 1,
     }
 
 
@@ -137,9 +163,12 @@ def test_a_busy_machine_is_retried_until_it_takes_the_job() -> None:
     def respond(request: httpx.Request) -> httpx.Response:
         calls.append(request.headers.get("authorization", ""))
         if len(calls) < 3:
-            return httpx.Response(503, json={"error": "saturated", "message": "busy"}, headers={"Retry-After": "0"})
-        return httpx.Response(200, json={"status": "success", "prompt_id": "p", "outputs": [],
-                                         "execution_time_seconds": 1.0})
+            return httpx.Response(
+                503, json={"error": "saturated", "message": "busy"}, headers={"Retry-After": "0"}
+            )
+        return httpx.Response(
+            200, json={"status": "success", "prompt_id": "p", "outputs": [], "execution_time_seconds": 1.0}
+        )
 
     handler = make_handler(settings_for(orchestrator_token="tok-123"), transport=httpx.MockTransport(respond))
     out = asyncio.run(handler({"input": seed_004_input("x")}))
@@ -194,9 +223,24 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": "0.1"}
     with (base / "log.txt").open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu",
-             *[a for sub in ("output", "temp", "input", "user") for a in (f"--{sub}-directory", str(base / sub))]],
-            cwd=base / "ComfyUI", env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "main.py",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--cpu",
+                *[
+                    a
+                    for sub in ("output", "temp", "input", "user")
+                    for a in (f"--{sub}-directory", str(base / sub))
+                ],
+            ],
+            cwd=base / "ComfyUI",
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 30
@@ -221,7 +265,9 @@ def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
 
     port = free_port()
     settings = settings_for(port, orchestrator_token="rp-secret-token")
-    manager = JobManager(settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1)
+    manager = JobManager(
+        settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -243,7 +289,9 @@ def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
     thread.join(20)
 
 
-def test_the_handler_runs_the_seeds_example_input(job_api: tuple[Settings, int], sim: tuple[int, Path]) -> None:
+def test_the_handler_runs_the_seeds_example_input(
+    job_api: tuple[Settings, int], sim: tuple[int, Path]
+) -> None:
     settings, _ = job_api
     handler = make_handler(settings)
     out = asyncio.run(handler({"id": "rp-1", "input": seed_003_input(4242)}))
@@ -263,9 +311,12 @@ def test_the_handler_applies_overrides_and_uploads_input_images(
         "10": {"class_type": "LoadImage", "inputs": {"image": "rp-input.png"}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "rp"}},
     }
-    inp = {"workflow": workflow, "images": [{"name": "rp-input.png", "image": PNG_1PX}],
-           "overrides": [{"node_id": "11", "field": "inputs.filename_prefix", "value": "from-override"}],
-           "return": "filenames"}
+    inp = {
+        "workflow": workflow,
+        "images": [{"name": "rp-input.png", "image": PNG_1PX}],
+        "overrides": [{"node_id": "11", "field": "inputs.filename_prefix", "value": "from-override"}],
+        "return": "filenames",
+    }
     out = asyncio.run(make_handler(settings)({"input": inp}))
     assert out["status"] == "success", out
     assert out["filenames"][0].startswith("from-override")
@@ -289,18 +340,47 @@ def test_the_handler_without_the_token_is_refused(job_api: tuple[Settings, int])
     assert "bearer token" in out["error"]
 
 
-def test_the_sdk_test_input_mode_runs_one_job_through_the_cli(job_api: tuple[Settings, int], tmp_path: Path) -> None:
+def test_the_sdk_test_input_mode_runs_one_job_through_the_cli(
+    job_api: tuple[Settings, int], tmp_path: Path
+) -> None:
     _, port = job_api
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "ORCHESTRATOR_"))}
     env.update(ROOT=str(tmp_path), ORCHESTRATOR_PORT=str(port), ORCHESTRATOR_TOKEN="rp-secret-token")
     test_input = json.dumps({"input": seed_004_input("a lighthouse, from the CLI")})
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "runpod-worker", "--test_input", test_input],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "runpod-worker", "--test_input", test_input],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "'status': 'success'" in r.stdout
     assert "rp-secret-token" not in r.stdout + r.stderr
-    bad = json.dumps({"input": {"workflow": WORKFLOW, "seed": -5}})
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "runpod-worker", "--test_input", bad],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 1
-    assert "seed: -5 is out of range" in r.stdout + r.stderr
+
+
+def test_the_sdk_test_input_mode_exits_1_on_a_failed_job(
+    job_api: tuple[Settings, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import signal
+
+    settings, _ = job_api
+    monkeypatch.setattr(sys, "argv", ["orchestrator"])
+    previous = signal.getsignal(signal.SIGINT)
+    args = argparse.Namespace(
+        test_input=json.dumps({"input": {"workflow": WORKFLOW, "seed": -5}}),
+        rp_log_level="ERROR",
+        rp_serve_api=False,
+        rp_api_port=None,
+        rp_api_host=None,
+        runpod_args=[],
+    )
+    try:
+        with pytest.raises(SystemExit) as info:
+            cmd_runpod_worker(settings, args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert info.value.code == 1
+    assert "seed: -5 is out of range" in capsys.readouterr().out

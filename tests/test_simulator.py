@@ -19,6 +19,8 @@ import aiohttp
 import httpx
 import pytest
 from conftest import free_port_block
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.plan import supported_flags
 from orchestrator.simulator import faults as faultlib
@@ -438,6 +440,15 @@ def test_sigterm_exits_cleanly_and_removes_the_temp_folder(launcher: Launcher, t
     assert time.monotonic() - started < 2.0
     assert not (sim.base / "temp" / "temp").exists()
     assert "Stopped server" in sim.log()
+
+
+def test_ignore_sigterm_fault_leaves_only_sigint_and_sigkill(launcher: Launcher) -> None:
+    sim = launcher.start(env={"SIM_IGNORE_SIGTERM": "1"})
+    sim.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert sim.ready()
+    sim.proc.send_signal(signal.SIGINT)
+    assert sim.wait_exit() == 0
 
 
 def test_start_delay_postpones_binding(launcher: Launcher) -> None:
@@ -911,3 +922,46 @@ def test_png_writer_produces_a_valid_png() -> None:
     data = png_bytes(7, 3, 42, {"prompt": "{}"})
     assert png_size(data) == (7, 3)
     assert b"tEXtprompt\x00{}" in data
+
+
+_json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5))
+_link = st.lists(st.one_of(st.sampled_from(["1", "2", "3", "9"]), st.integers(0, 3)), max_size=3)
+_node = st.fixed_dictionaries(
+    {"class_type": st.sampled_from([*catalogue(), "Nope"])},
+    optional={
+        "inputs": st.dictionaries(
+            st.sampled_from(
+                [
+                    "images",
+                    "samples",
+                    "vae",
+                    "steps",
+                    "text",
+                    "width",
+                    "clip",
+                    "seed",
+                    "filename_prefix",
+                    "image",
+                ]
+            ),
+            st.one_of(_json_scalar, _link),
+            max_size=5,
+        )
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["1", "2", "3", "9"]), _node, max_size=4))
+def test_validation_never_raises_on_arbitrary_graphs(prompt: dict[str, Any]) -> None:
+    result = validate(prompt, catalogue(), input_images=[])
+    if result.ok:
+        assert set(execution_order(prompt, result.outputs)) >= set(result.outputs)
+        assert set(signatures(prompt)) == set(prompt)
+    else:
+        assert result.error is not None
+        assert result.error["type"] in {
+            "invalid_prompt",
+            "prompt_no_outputs",
+            "prompt_outputs_failed_validation",
+        }

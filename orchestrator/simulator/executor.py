@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from orchestrator.fsutil import atomic_write
 from orchestrator.simulator import folders as fp
-from orchestrator.simulator.graph import execution_order, is_link, signatures
+from orchestrator.simulator.graph import execution_order, is_link, node_inputs, signatures
 from orchestrator.simulator.nodes import NodeDef
 from orchestrator.simulator.png import png_bytes, png_size
 
@@ -229,13 +229,13 @@ def png_metadata(prompt: Mapping[str, Any], extra_data: Mapping[str, Any]) -> di
 
 
 def _constants(node: Mapping[str, Any]) -> list[Any]:
-    return [v for v in (node.get("inputs") or {}).values() if not is_link(v)]
+    return [v for v in node_inputs(node).values() if not is_link(v)]
 
 
 def _int_input(node: Mapping[str, Any], name: str, default: int) -> int:
     try:
-        return int((node.get("inputs") or {}).get(name, default))
-    except (TypeError, ValueError):
+        return int(node_inputs(node).get(name, default))
+    except (TypeError, ValueError, OverflowError):
         return default
 
 
@@ -373,7 +373,7 @@ class Executor:
                 self.log("")
                 self.log("Got an OOM, unloading all loaded models.")
                 self.unload_models()
-            inputs = prompt[node_id].get("inputs") or {}
+            inputs = node_inputs(prompt[node_id])
             add(
                 "execution_error",
                 {
@@ -431,7 +431,7 @@ class Executor:
         self, node: Mapping[str, Any], cls: NodeDef, results: Mapping[str, NodeResult]
     ) -> tuple[int, int, int]:
         """Size of the first linked image or latent input (model and conditioning inputs carry none)."""
-        inputs = node.get("inputs") or {}
+        inputs = node_inputs(node)
         for spec in cls.inputs():
             value = inputs.get(spec.name)
             if spec.type in PIXEL_TYPES and is_link(value) and len(value) == 2 and str(value[0]) in results:
@@ -468,7 +468,7 @@ class Executor:
         if OOM_VALUE in constants:
             raise oom_failure(self.folders.comfy_dir, self.vram_total())
         if cls.name == "SimulatedError" or FAIL_VALUE in constants:
-            message = str((node.get("inputs") or {}).get("message") or "simulated failure")
+            message = str(node_inputs(node).get("message") or "simulated failure")
             if FAIL_VALUE in constants:
                 message = f"simulated failure: an input of node {node_id} is {FAIL_VALUE!r}"
             raise NodeFailure(
@@ -507,7 +507,7 @@ class Executor:
         if cls.name == "ImageUpscaleWithModel":
             return (up[0] * 4, up[1] * 4, up[2])
         if cls.name == "LoadImage":
-            name, kind = fp.annotated(str((node.get("inputs") or {}).get("image", "")))
+            name, kind = fp.annotated(str(node_inputs(node).get("image", "")))
             folder = self.folders.directory_by_type(kind or "input") or self.folders.input
             try:
                 with open(folder / name, "rb") as fh:
@@ -527,7 +527,7 @@ class Executor:
         suffix: str,
     ) -> dict[str, Any]:
         width, height, batch = dims
-        prefix = str((node.get("inputs") or {}).get("filename_prefix", "ComfyUI")) + suffix
+        prefix = str(node_inputs(node).get("filename_prefix", "ComfyUI")) + suffix
         images = []
         try:
             folder, filename, counter, subfolder = fp.save_path(prefix, root, width, height)

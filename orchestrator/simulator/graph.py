@@ -34,6 +34,12 @@ def sort_ids(ids: list[str]) -> list[str]:
     return sorted(ids, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
 
 
+def node_inputs(node: Any) -> Mapping[str, Any]:
+    """A node's ``inputs``; anything but an object counts as no inputs."""
+    inputs = node.get("inputs") if isinstance(node, Mapping) else None
+    return inputs if isinstance(inputs, Mapping) else {}
+
+
 def is_link(value: Any) -> TypeGuard[list[Any]]:
     return isinstance(value, list)
 
@@ -48,7 +54,7 @@ def _check_constant(spec: Input, value: Any, input_images: list[str] | None) -> 
     if kind in ("INT", "FLOAT"):
         try:
             number: float = int(value) if kind == "INT" else float(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             return [
                 _reason(
                     "invalid_input_type",
@@ -164,7 +170,7 @@ def validate(
         visiting.add(node_id)
         node = prompt[node_id]
         cls = defs[str(node["class_type"])]
-        inputs = node.get("inputs") or {}
+        inputs = node_inputs(node)
         reasons: list[dict[str, Any]] = []
         valid = True
         for spec in cls.inputs():
@@ -278,7 +284,7 @@ def execution_order(prompt: Prompt, outputs: list[str]) -> list[str]:
         if node_id in seen or node_id not in prompt:
             return
         seen.add(node_id)
-        inputs = prompt[node_id].get("inputs") or {}
+        inputs = node_inputs(prompt[node_id])
         for value in inputs.values():
             if is_link(value) and len(value) == 2:
                 visit(str(value[0]))
@@ -300,7 +306,7 @@ def signatures(prompt: Prompt) -> dict[str, str]:
         if not isinstance(node, Mapping) or node_id in stack:
             return f"missing:{node_id}"
         parts: dict[str, Any] = {}
-        for name, value in sorted((node.get("inputs") or {}).items()):
+        for name, value in sorted(node_inputs(node).items()):
             if is_link(value) and len(value) == 2:
                 parts[name] = ["link", sig(str(value[0]), stack | {node_id}), value[1]]
             else:

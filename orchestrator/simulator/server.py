@@ -32,7 +32,14 @@ from orchestrator.fsutil import atomic_write
 from orchestrator.simulator import cli_args, startup
 from orchestrator.simulator import faults as faultlib
 from orchestrator.simulator import folders as fp
-from orchestrator.simulator.executor import SENSITIVE_EXTRA_DATA_KEYS, Executor, PromptQueue, QueueItem
+from orchestrator.simulator.executor import (
+    SENSITIVE_EXTRA_DATA_KEYS,
+    Executor,
+    PromptQueue,
+    QueueItem,
+    format_exception,
+    oom_failure,
+)
 from orchestrator.simulator.graph import validate
 from orchestrator.simulator.nodes import NodeDef, catalogue
 
@@ -174,8 +181,6 @@ class Simulator:
         os._exit(1)
 
     def print_oom(self) -> None:
-        from orchestrator.simulator.executor import format_exception, oom_failure
-
         failure = oom_failure(self.folders.comfy_dir, self.faults.gpu_vram)
         self.log(f"!!! Exception during processing !!! {failure.message}")
         self.log(format_exception(failure))
@@ -260,7 +265,7 @@ class Simulator:
         if "number" in body:
             try:
                 number: float = float(body["number"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 number = self.queue.next_number()
         else:
             number = self.queue.next_number(bool(body.get("front")))
@@ -797,7 +802,10 @@ def run(
     env_faults, warnings = faultlib.from_env(environ)
     for w in warnings:
         log(w)
-    signal.signal(signal.SIGINT, stopper)
+    # Python leaves SIGINT ignored when it starts with it ignored (a background child of a
+    # non-interactive shell): ComfyUI then only stops on SIGTERM, and so does the simulator.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stopper)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if env_faults.ignore_sigterm else stopper)
 
     try:

@@ -1,0 +1,284 @@
+"""Benchmark of the monitor: recovery after SIGKILL and after a hang, /metrics latency, RSS.
+
+Runs real machines (`orchestrator up --skip-provision`, supervisord, the simulator as ComfyUI,
+MOCK_GPU=1) in a temporary ROOT and compares with the issue's targets in the same run:
+
+  crash → READY      ≤ 2 s + the instance's own startup
+  hang  → READY      ≤ 3 × PROBE_INTERVAL + PROBE_TIMEOUT + startup (≤ 20 s with defaults)
+  /metrics p99       ≤ 25 ms with 8 instances and 8 mock GPUs, 10 scrapes/s for 30 s, one hung
+  monitor RSS        ≤ 80 MB
+
+Usage: python bench/bench_monitor.py [--quick]   (writes bench/results/bench_monitor.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "bench_monitor.json"
+
+
+def free_port_block(count: int) -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65000:
+            continue
+        ok = True
+        for p in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class Machine:
+    def __init__(self, root: Path, gpus: int, **env: str) -> None:
+        from orchestrator.simulator.tree import write_code_tree
+
+        root.mkdir(parents=True)
+        write_code_tree(root / "ComfyUI")
+        self.root = root
+        self.gpus = gpus
+        self.base = free_port_block(gpus + 1)
+        self.monitor_port = free_port_block(1)
+        scrub = {"MOCK_GPU", "NUM_GPUS", "ROOT", "ORCHESTRATOR_TOKEN", "ORCHESTRATOR_CONFIG", "COMFY_ARGS"}
+        self.env = {k: v for k, v in os.environ.items() if k not in scrub and not k.startswith("SIM_")}
+        self.env.update(
+            ROOT=str(root), MOCK_GPU="1", NUM_GPUS=str(gpus), WORKER_BASE_COMFYUI_PORT=str(self.base),
+            ORCHESTRATOR_PORT=str(self.monitor_port), SHARED_REPO_URL="", **env,
+        )
+        self.url = f"http://127.0.0.1:{self.monitor_port}"
+        self.client = httpx.Client(timeout=5)
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "orchestrator", *args]
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def instance(self, gpu: int) -> dict[str, Any]:
+        try:
+            return dict(self.client.get(f"{self.url}/instances/{gpu}").json())
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def ready(self) -> bool:
+        try:
+            return self.client.get(f"{self.url}/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def answers(self, gpu: int) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.base + gpu}/system_stats"
+            return httpx.get(url, timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def monitor_pid(self) -> int:
+        status = json.loads(self.cli("status", "--json").stdout)
+        return int(status["programs"]["monitor"]["pid"])
+
+
+@contextmanager
+def machine(tmp: Path, name: str, gpus: int, **env: str) -> Iterator[Machine]:
+    m = Machine(tmp / name, gpus, **env)
+    try:
+        r = m.cli("up", "--skip-provision")
+        if r.returncode != 0:
+            raise RuntimeError(f"up failed: {r.stderr}{r.stdout}")
+        if not wait_until(m.ready, 180, 0.2):
+            raise RuntimeError(f"not ready: {m.cli('status').stdout}")
+        yield m
+    finally:
+        m.client.close()
+        m.cli("down")
+
+
+def recover_from_kill(m: Machine, gpu: int) -> dict[str, float]:
+    old = int(m.instance(gpu)["pid"])
+    t0, wall0 = time.monotonic(), time.time()
+    os.kill(old, signal.SIGKILL)
+    # when the new process answers on its port by itself, and when the monitor calls it READY
+    assert wait_until(lambda: m.answers(gpu), 60, 0.01), "instance did not come back"
+    t_answer = time.monotonic()
+    def recovered() -> bool:
+        info = m.instance(gpu)
+        return info.get("state") == "READY" and info.get("pid") != old
+
+    assert wait_until(recovered, 60)
+    t_ready = time.monotonic()
+    spawned = psutil.Process(int(m.instance(gpu)["pid"])).create_time() - wall0  # after the kill
+    return {"total_s": t_ready - t0, "respawn_s": spawned, "instance_startup_s": t_answer - t0 - spawned,
+            "monitor_lag_s": t_ready - t_answer}
+
+
+def recover_from_hang(m: Machine, gpu: int, how: str) -> dict[str, float]:
+    old = int(m.instance(gpu)["pid"])
+    faults = m.root / f"comfyui_gpu{gpu}" / "user" / "simulator_faults.json"
+    t0 = time.monotonic()
+    if how == "sigstop":
+        os.kill(old, signal.SIGSTOP)
+    else:
+        faults.write_text(json.dumps({"hang_after": 0}))
+        time.sleep(0.5)  # the simulator re-reads its fault file every 0.5 s
+        t0 = time.monotonic() - 0.25  # on average the hang began half a re-read ago
+    try:
+        assert wait_until(lambda: m.instance(gpu).get("pid") not in (None, old), 120, 0.02), "never restarted"
+        t_restart = time.monotonic()
+        if how != "sigstop":
+            faults.unlink()
+        assert wait_until(lambda: m.answers(gpu), 60, 0.01)
+        t_answer = time.monotonic()
+        assert wait_until(lambda: m.instance(gpu).get("state") == "READY", 60)
+        t_ready = time.monotonic()
+    finally:
+        if how == "sigstop":
+            try:
+                os.kill(old, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return {"total_s": t_ready - t0, "detect_and_restart_s": t_restart - t0,
+            "instance_startup_s": t_answer - t_restart, "monitor_lag_s": t_ready - t_answer}
+
+
+def scrape_load(m: Machine, rate: float, duration: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    rss: list[int] = []
+    proc = psutil.Process(m.monitor_pid())
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.is_set():
+            rss.append(proc.memory_info().rss)
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    errors = 0
+    with httpx.Client(timeout=5) as client:
+        start = time.perf_counter()
+        n = 0
+        while True:
+            due = start + n / rate
+            now = time.perf_counter()
+            if due - start >= duration:
+                break
+            if due > now:
+                time.sleep(due - now)
+            t = time.perf_counter()
+            r = client.get(f"{m.url}/metrics")
+            latencies.append(time.perf_counter() - t)
+            if r.status_code != 200 or "comfyui_instance_ready" not in r.text:
+                errors += 1
+            n += 1
+    stop.set()
+    sampler.join()
+    latencies.sort()
+    return {
+        "scrapes": len(latencies),
+        "errors": errors,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[max(0, int(len(latencies) * 0.99) - 1)],
+        "max_ms": 1000 * latencies[-1],
+        "rss_max_mb": max(rss) / 2**20,
+        "rss_end_mb": rss[-1] / 2**20,
+        "body_bytes": len(r.text),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, 10 s of scraping")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    duration = 10.0 if args.quick else 30.0
+    interval, timeout = 5.0, 3.0  # the defaults
+    results: dict[str, Any] = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
+        tmp_path = Path(tmp)
+        # 1. recovery with the default probe settings (2 instances keep the box responsive)
+        with machine(tmp_path, "recovery", 2, STOP_TIMEOUT="10") as m:
+            kills = [recover_from_kill(m, i % 2) for i in range(reps)]
+            hangs = [recover_from_hang(m, 0, "sigstop"), recover_from_hang(m, 1, "fault")]
+            if not args.quick:
+                hangs.append(recover_from_hang(m, 0, "sigstop"))
+        results["kill"] = kills
+        results["hang"] = hangs
+        # 2. /metrics under load: 8 instances, 8 mock GPUs, one instance hung for the whole run
+        with machine(tmp_path, "scrape", 8, UNHEALTHY_THRESHOLD="100", GPU_SAMPLE_INTERVAL="1") as m:
+            hung = int(m.instance(7)["pid"])
+            os.kill(hung, signal.SIGSTOP)
+            try:
+                time.sleep(2 * interval)  # let probes of the hung instance pile onto their timeout
+                results["scrape"] = scrape_load(m, 10.0, duration)
+                results["scrape"]["hung_state"] = m.instance(7).get("state")
+            finally:
+                os.kill(hung, signal.SIGCONT)
+
+    kill_total = statistics.median(k["total_s"] for k in kills)
+    kill_start = statistics.median(k["instance_startup_s"] for k in kills)
+    hang_total = max(h["total_s"] for h in hangs)
+    hang_start = max(h["instance_startup_s"] for h in hangs)
+    s = results["scrape"]
+    rows = [
+        ("crash -> READY (median)", kill_total, 2.0 + kill_start, "s", f"2 s + startup {kill_start:.2f} s"),
+        ("crash: monitor lag after answer", statistics.median(k["monitor_lag_s"] for k in kills), 2.0, "s",
+         "2 s"),
+        ("hang -> READY (worst)", hang_total, 3 * interval + timeout + hang_start, "s",
+         f"3x{interval:g}+{timeout:g}+startup {hang_start:.2f} s"),
+        ("/metrics p50", s["p50_ms"], 25.0, "ms", "p99 target"),
+        ("/metrics p99", s["p99_ms"], 25.0, "ms", "25 ms"),
+        ("monitor RSS (max)", s["rss_max_mb"], 80.0, "MB", "80 MB"),
+    ]
+    print(f"\nmonitor benchmark (load average {results['load_average'][0]:.1f} on {results['cpus']} CPUs)")
+    print(f"{'measure':<34}{'value':>10}  {'target':>10}  {'ratio':>6}  basis")
+    for name, value, target, unit, basis in rows:
+        ratio = value / target
+        print(f"{name:<34}{value:>8.2f}{unit:<2}  {target:>8.2f}{unit:<2}  {ratio:>6.2f}  {basis}")
+    print(f"scrapes: {s['scrapes']} ({s['errors']} errors), max {s['max_ms']:.1f} ms, "
+          f"hung instance state during the run: {s['hung_state']}, body {s['body_bytes']} bytes")
+    results["summary"] = [
+        {"measure": n, "value": v, "target": t, "unit": u, "ratio": v / t, "basis": b}
+        for n, v, t, u, b in rows
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

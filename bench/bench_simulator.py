@@ -1,0 +1,213 @@
+"""The ComfyUI simulator: start time, idle memory, prompt round trip.
+
+    /work/venv/bin/python bench/bench_simulator.py [--starts 5] [--prompts 100]
+
+1. start: spawn ``python main.py --cpu ...`` in a simulated tree, time to the first 200 on
+   /system_stats. In-run baseline: the bare interpreter importing aiohttp + PyYAML (the floor
+   any aiohttp server pays). Documented baseline: real ComfyUI 0.3.64 on a 2-core CPU, 6.5 s
+   (COMFYUI_API.md).
+2. memory: VmRSS of an idle, ready simulator. Documented baseline: real ComfyUI idle on CPU,
+   about 0.9 GB.
+3. prompts: POST /prompt + /ws until ``executing`` null, SIM_EXEC_TIME=0, the default
+   text-to-image graph with a new seed each time (a 64x64 PNG written per prompt), and the
+   same graph again (served from cache).
+Writes bench/results/simulator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from orchestrator.simulator.tree import write_code_tree  # noqa: E402
+
+REAL_COMFYUI_START_S = 6.5
+REAL_COMFYUI_RSS_BYTES = 0.9e9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(tree: Path, base: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, float]:
+    for sub in ("output", "temp", "input", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [
+        sys.executable,
+        "main.py",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--cpu",
+        *[a for sub in ("output", "temp", "input", "user") for a in (f"--{sub}-directory", str(base / sub))],
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"simulator exited {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=1).status_code == 200:
+                return proc, port, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.01)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def graph(seed: int) -> dict[str, Any]:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": 20,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+async def round_trips(port: int, seeds: list[int]) -> list[float]:
+    url = f"http://127.0.0.1:{port}"
+    out = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId=bench") as ws:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/prompt", json={"prompt": graph(seed), "client_id": "bench"}) as r:
+                prompt_id = (await r.json())["prompt_id"]
+            while True:
+                msg = await ws.receive_json()
+                data = msg.get("data", {})
+                if (
+                    msg["type"] == "executing"
+                    and data.get("node") is None
+                    and data.get("prompt_id") == prompt_id
+                ):
+                    break
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=100)
+    opts = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": "0"}
+    with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
+        root = Path(tmp)
+        tree = root / "ComfyUI"
+        write_code_tree(tree)
+
+        floors = []
+        for _ in range(opts.starts):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import aiohttp.web, yaml"], check=True)
+            floors.append(time.perf_counter() - t0)
+
+        starts, rss = [], []
+        for i in range(opts.starts):
+            proc, port, took = start(tree, root / f"s{i}", env)
+            starts.append(took)
+            time.sleep(0.3)
+            rss.append(rss_bytes(proc.pid))
+            proc.terminate()
+            proc.wait(10)
+
+        proc, port, _ = start(tree, root / "prompts", env)
+        try:
+            fresh = asyncio.run(round_trips(port, list(range(1, opts.prompts + 1))))
+            cached = asyncio.run(round_trips(port, [opts.prompts] * max(10, opts.prompts // 5)))
+            rss_after = rss_bytes(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    start_med, floor_med = statistics.median(starts), statistics.median(floors)
+    rss_med = statistics.median(rss)
+    results = {
+        "start_seconds_median": start_med,
+        "start_seconds_all": starts,
+        "import_floor_seconds_median": floor_med,
+        "start_vs_floor": start_med / floor_med,
+        "start_vs_real_comfyui": start_med / REAL_COMFYUI_START_S,
+        "idle_rss_bytes_median": rss_med,
+        "rss_after_prompts_bytes": rss_after,
+        "rss_vs_real_comfyui": rss_med / REAL_COMFYUI_RSS_BYTES,
+        "prompt_fresh_ms_median": statistics.median(fresh) * 1000,
+        "prompt_fresh_ms_p95": pct(fresh, 0.95) * 1000,
+        "prompt_cached_ms_median": statistics.median(cached) * 1000,
+        "prompts_per_second_fresh": len(fresh) / sum(fresh),
+        "starts": opts.starts,
+        "prompts": opts.prompts,
+    }
+    print(f"{'measure':38} {'value':>12} {'baseline':>12} {'ratio':>8}")
+    print(
+        f"{'start to first /system_stats (s)':38} {start_med:12.3f} {floor_med:12.3f} "
+        f"{start_med / floor_med:8.2f}  (baseline: import aiohttp+yaml)"
+    )
+    print(
+        f"{'start to first /system_stats (s)':38} {start_med:12.3f} {REAL_COMFYUI_START_S:12.3f} "
+        f"{start_med / REAL_COMFYUI_START_S:8.3f}  (baseline: real ComfyUI, documented)"
+    )
+    print(
+        f"{'idle RSS (MB)':38} {rss_med / 1e6:12.1f} {REAL_COMFYUI_RSS_BYTES / 1e6:12.1f} "
+        f"{rss_med / REAL_COMFYUI_RSS_BYTES:8.3f}  (baseline: real ComfyUI, documented)"
+    )
+    print(f"{'RSS after prompts (MB)':38} {rss_after / 1e6:12.1f}")
+    print(f"{'prompt round trip, fresh (ms, median)':38} {results['prompt_fresh_ms_median']:12.2f}")
+    print(f"{'prompt round trip, fresh (ms, p95)':38} {results['prompt_fresh_ms_p95']:12.2f}")
+    print(f"{'prompt round trip, cached (ms, median)':38} {results['prompt_cached_ms_median']:12.2f}")
+    out = HERE / "results" / "simulator.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
