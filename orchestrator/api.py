@@ -15,13 +15,14 @@ from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Header, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
 
 from orchestrator import __version__
 from orchestrator.auth import bearer_ok
 from orchestrator.errors import ConfigError
 from orchestrator.health import GpuStatus, InstanceStatus, Liveness, Readiness
+from orchestrator.metrics import TextRenderer
 from orchestrator.settings import Settings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -209,6 +210,7 @@ def create_app(
         lifespan=lifespan,
     )
     redact = settings.redact
+    renderer = TextRenderer()
     unknown: Responses = {404: {"model": ErrorResponse, "description": "no instance on that GPU"}}
 
     async def health() -> JSONResponse:
@@ -288,7 +290,7 @@ def create_app(
     )
     async def metrics() -> Response:
         # Collectors read cached samples only, so this runs on the loop without blocking it.
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(renderer.render(registry), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:
         app.include_router(router)

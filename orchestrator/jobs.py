@@ -337,9 +337,7 @@ def history_outcome(entry: Mapping[str, Any]) -> Event:
             if name == "execution_interrupted":
                 return classify_event({"type": name, "data": data}, None)
     if isinstance(status, dict) and status.get("status_str") == "error":
-        return Event(
-            "error", JobErrorInfo(type="execution", message="the instance reports the prompt failed")
-        )
+        return Event("error", JobErrorInfo(type="execution", message="the instance reports the prompt failed"))
     return Event("done")
 
 
@@ -778,12 +776,8 @@ class JobManager:
                 try:
                     current = self._route(job, exclude=(view.index,), count_refusal=False)
                 except RouteError as exc:
-                    raise _Down(
-                        f"{down.reason}; no other instance to resubmit to ({exc})", started=False
-                    ) from None
-                log.warning(
-                    "job %s: %s before it started; resubmitted to GPU %d", job.id, down.reason, current.index
-                )
+                    raise _Down(f"{down.reason}; no other instance to resubmit to ({exc})", started=False) from None
+                log.warning("job %s: %s before it started; resubmitted to GPU %d", job.id, down.reason, current.index)
                 job.prompt_id = None
                 job.status = "pending"
                 await self._attempt(job, current)
@@ -882,9 +876,7 @@ class JobManager:
                 text = await resp.text()
                 status = resp.status
         except _HTTP_ERRORS as exc:
-            raise _Down(
-                f"{view.name} (GPU {view.index}) unreachable: {describe(exc)}", started=False
-            ) from None
+            raise _Down(f"{view.name} (GPU {view.index}) unreachable: {describe(exc)}", started=False) from None
         try:
             body = json.loads(text) if text else None
         except ValueError:
@@ -892,9 +884,7 @@ class JobManager:
         if status == 400:
             raise _Rejected(prompt_rejection(body, job.workflow))
         if status != 200 or not isinstance(body, dict) or not body.get("prompt_id"):
-            raise _Down(
-                f"{view.name} (GPU {view.index}) answered POST /prompt with HTTP {status}", started=False
-            )
+            raise _Down(f"{view.name} (GPU {view.index}) answered POST /prompt with HTTP {status}", started=False)
         node_errors = body.get("node_errors")
         if node_errors:
             raise _Rejected(prompt_rejection(body, job.workflow))
@@ -903,11 +893,7 @@ class JobManager:
     def _gone(self, view: InstanceView) -> str | None:
         for v in self.directory.snapshot():
             if v.index == view.index:
-                return (
-                    None
-                    if v.state not in GONE_STATES
-                    else f"{view.name} (GPU {view.index}) is {v.state.value}"
-                )
+                return None if v.state not in GONE_STATES else f"{view.name} (GPU {view.index}) is {v.state.value}"
         return f"{view.name} (GPU {view.index}) is no longer in the directory"
 
     def _mark_started(self, job: Job) -> None:
@@ -915,9 +901,7 @@ class JobManager:
             job.started_mono = self._clock()
             job.status = "running"
 
-    async def _follow(
-        self, job: Job, view: InstanceView, ws: aiohttp.ClientWebSocketResponse | None
-    ) -> _Outcome:
+    async def _follow(self, job: Job, view: InstanceView, ws: aiohttp.ClientWebSocketResponse | None) -> _Outcome:
         if ws is not None:
             outcome = await self._follow_ws(job, view, ws)
             if outcome is not None:
@@ -925,9 +909,7 @@ class JobManager:
             log.info("job %s: lost the socket to %s; polling /history", job.id, view.name)
         return await self._follow_poll(job, view)
 
-    async def _follow_ws(
-        self, job: Job, view: InstanceView, ws: aiohttp.ClientWebSocketResponse
-    ) -> _Outcome | None:
+    async def _follow_ws(self, job: Job, view: InstanceView, ws: aiohttp.ClientWebSocketResponse) -> _Outcome | None:
         """Events until a final one; None when the socket dropped."""
         while True:
             remaining = job.deadline - self._clock()
@@ -1007,9 +989,7 @@ class JobManager:
                 missing = 0
             await asyncio.sleep(min(self.poll_interval, max(0.0, job.deadline - self._clock())))
 
-    async def _history(
-        self, view: InstanceView, prompt_id: str, limit: float = 60.0
-    ) -> dict[str, Any] | None:
+    async def _history(self, view: InstanceView, prompt_id: str, limit: float = 60.0) -> dict[str, Any] | None:
         session = self._session
         assert session is not None
         timeout = aiohttp.ClientTimeout(total=max(0.1, limit))
@@ -1048,9 +1028,7 @@ class JobManager:
             if entry is not None:
                 break
         if entry is None:
-            self._fail(
-                job, "internal", f"{view.name} finished prompt {job.prompt_id} but has no history for it"
-            )
+            self._fail(job, "internal", f"{view.name} finished prompt {job.prompt_id} but has no history for it")
             return
         event = history_outcome(entry)
         if event.kind in {"error", "interrupted"}:
@@ -1100,9 +1078,7 @@ class JobManager:
                 ) as resp:
                     await resp.read()
         except _HTTP_ERRORS as exc:
-            log.warning(
-                "job %s: could not stop prompt %s on %s: %s", job.id, job.prompt_id, view.name, describe(exc)
-            )
+            log.warning("job %s: could not stop prompt %s on %s: %s", job.id, job.prompt_id, view.name, describe(exc))
         where = "while executing; interrupted" if started else "while still queued; removed from the queue"
         reason = f"job {job.id} (prompt {job.prompt_id}) ran past its {job.timeout:g} s deadline {where}"
         if started:
@@ -1113,9 +1089,7 @@ class JobManager:
     def _fail(self, job: Job, kind: ErrorType, message: str) -> None:
         self._finish(job, "error", JobErrorInfo(type=kind, message=message))
 
-    def _finish(
-        self, job: Job, status: Literal["success", "error", "timeout"], error: JobErrorInfo | None
-    ) -> None:
+    def _finish(self, job: Job, status: Literal["success", "error", "timeout"], error: JobErrorInfo | None) -> None:
         if job.final:
             return
         now = self._clock()
@@ -1123,6 +1097,8 @@ class JobManager:
             job.execution_time = (job.ended_mono or now) - job.started_mono
         job.status = status
         job.error = error
+        job.images = []  # inputs are not needed any more; the store keeps results only
+        job.workflow = {}
         job.finished_mono = now
         job.finished_at = self._wall()
         metric_status = "invalid" if error is not None and error.type == "validation" else status
@@ -1192,8 +1168,7 @@ class _JobsRoute(APIRoute):
                         401,
                         ErrorResponse(
                             error="unauthorized",
-                            message="missing or wrong bearer token: send "
-                            "Authorization: Bearer $ORCHESTRATOR_TOKEN",
+                            message="missing or wrong bearer token: send Authorization: Bearer $ORCHESTRATOR_TOKEN",
                         ),
                         {"WWW-Authenticate": "Bearer"},
                     )
@@ -1256,6 +1231,9 @@ def jobs_router(manager: JobManager) -> APIRouter:
             response.headers["Location"] = f"/jobs/{job.id}"
             return job.to_response()
         await manager.wait(job)
+        answer = job.to_response()
+        # The caller gets the file data now; the stored result keeps the names only.
+        job.outputs = [o.model_copy(update={"data": None}) if o.data else o for o in job.outputs]
         if job.error is not None and job.error.type == "validation":
             return _error_json(
                 400,
@@ -1267,7 +1245,7 @@ def jobs_router(manager: JobManager) -> APIRouter:
                     job_id=job.id,
                 ),
             )
-        return job.to_response()
+        return answer
 
     @router.get(
         "/jobs/{job_id}",
@@ -1285,8 +1263,7 @@ def jobs_router(manager: JobManager) -> APIRouter:
                 404,
                 ErrorResponse(
                     error="not_found",
-                    message=f"no job {job_id} (unknown, or older than "
-                    "JOB_RESULTS_TTL / beyond JOB_RESULTS_MAX)",
+                    message=f"no job {job_id} (unknown, or older than JOB_RESULTS_TTL / beyond JOB_RESULTS_MAX)",
                     job_id=job_id,
                 ),
             )

@@ -229,7 +229,10 @@ class Monitor:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         limits = httpx.Limits(max_connections=4 * len(self._slots) + 4, max_keepalive_connections=0)
-        self._client = httpx.AsyncClient(transport=self._transport, limits=limits, trust_env=False)
+        # Plain HTTP to 127.0.0.1 only: no proxies from the environment, no CA bundle to load.
+        self._client = httpx.AsyncClient(
+            transport=self._transport, limits=limits, trust_env=False, verify=False  # noqa: S501
+        )
         self.sampler.start()
         self._loop_task = asyncio.create_task(self._run(), name="monitor")
         log.info(
@@ -331,6 +334,7 @@ class Monitor:
         inst = slot.instance
         if proc is not None and polled_at < slot.action_done_at:
             return  # this process table predates our last action: wait for a fresh one
+        started = self._clock()
         probe = await self._probe(slot, proc)
         hung, slot.hung = slot.hung, ""
         requested, slot.restart_requested = slot.restart_requested, ""
@@ -345,8 +349,9 @@ class Monitor:
             error = await self._act(inst, action)
             self._apply(slot, health.after_action(slot.record, action, error, self._clock()))
             slot.action_done_at = self._clock()
+        # Probes start every PROBE_INTERVAL, however long a (timed-out) probe took.
         fast = slot.record.state in _FAST_STATES or bool(decision.actions)
-        slot.next_due = now + (self.tick if fast else self.settings.probe_interval)
+        slot.next_due = started + (self.tick if fast else self.settings.probe_interval)
 
     async def _probe(self, slot: _Slot, proc: ProcessInfo | None) -> ProbeResult:
         from orchestrator.probes import probe_http
@@ -580,7 +585,7 @@ async def serve(settings: Settings, plan: MachinePlan, sock: socket.socket) -> N
     app, _ = build_app(settings, plan)
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-        server_header=False,
+        server_header=False, ws="none",  # no WebSocket routes: do not load a WebSocket stack
     )
     server = uvicorn.Server(config)
     await server.serve(sockets=[sock])

@@ -78,7 +78,10 @@ def to_job_request(inp: Any) -> dict[str, Any]:
 
 def _error(kind: str, message: str, elapsed: float) -> dict[str, Any]:
     return {
-        "status": "error", "error_type": kind, "error": message, "execution_time_seconds": round(elapsed, 3),
+        "status": "error",
+        "error_type": kind,
+        "error": message,
+        "execution_time_seconds": round(elapsed, 3),
     }
 
 
@@ -203,8 +206,7 @@ def _import_runpod() -> ModuleType:
         import runpod  # noqa: PLC0415 - optional dependency, imported only for this command
     except ImportError:
         raise ConfigError(
-            "the runpod package is not installed: pip install 'comfy-orchestrator[runpod]' "
-            "(or pip install runpod)"
+            "the runpod package is not installed: pip install 'comfy-orchestrator[runpod]' (or pip install runpod)"
         ) from None
     return runpod
 
@@ -228,7 +230,5 @@ def cmd_runpod_worker(settings: Settings, args: argparse.Namespace) -> int:
     # The SDK reads its own flags (--test_input, --rp_serve_api, …) from sys.argv.
     sys.argv = [sys.argv[0], *runpod_args]
     concurrency = instance_count(settings)
-    runpod.serverless.start(
-        {"handler": make_handler(settings), "concurrency_modifier": lambda _current: concurrency}
-    )
+    runpod.serverless.start({"handler": make_handler(settings), "concurrency_modifier": lambda _current: concurrency})
     return 0

@@ -83,7 +83,7 @@ class Shorthand:
         for key in ("prompt_node_id", "seed_node_id", "size_node_id"):
             value = data.get(key)
             if value is not None and not isinstance(value, str | int):
-                raise WorkflowError(f"{key}: expected a node id such as \"6\", got {value!r}", field=key)
+                raise WorkflowError(f'{key}: expected a node id such as "6", got {value!r}', field=key)
             values[key] = None if value is None else str(value)
         return cls(**values)
 
@@ -120,7 +120,7 @@ def validate_workflow(workflow: Any) -> Workflow:
         )
     if "nodes" in workflow and "links" in workflow:
         raise WorkflowError(
-            "workflow: this is the UI format (nodes/links); export it with \"Save (API Format)\"",
+            'workflow: this is the UI format (nodes/links); export it with "Save (API Format)"',
             field="workflow",
         )
     if not workflow:
@@ -162,9 +162,7 @@ def parse_overrides(raw: Any) -> list[Override]:
     out: list[Override] = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
-            raise WorkflowError(
-                f"overrides[{i}]: expected an object {{node_id, field, value}}", field="overrides"
-            )
+            raise WorkflowError(f"overrides[{i}]: expected an object {{node_id, field, value}}", field="overrides")
         node_id, field = item.get("node_id"), item.get("field")
         if not isinstance(node_id, str | int) or isinstance(node_id, bool) or str(node_id) == "":
             raise WorkflowError(f"overrides[{i}]: node_id is missing", field="overrides")
@@ -244,9 +242,7 @@ def _pick_node(
     and has the input, else the only node that has such an input."""
     if explicit is not None:
         if explicit not in workflow:
-            raise WorkflowError(
-                f"{key}: node {explicit} is not in the workflow", node_id=explicit, field=key
-            )
+            raise WorkflowError(f"{key}: node {explicit} is not in the workflow", node_id=explicit, field=key)
         return explicit
     if default in workflow and any(n in workflow[default].get("inputs", {}) for n in names):
         return default
@@ -254,9 +250,7 @@ def _pick_node(
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise WorkflowError(
-            f"{what}: no node has an input {' or '.join(names)}; set {key}", field=key
-        )
+        raise WorkflowError(f"{what}: no node has an input {' or '.join(names)}; set {key}", field=key)
     shown = ", ".join(sorted(candidates, key=_node_sort_key))
     raise WorkflowError(f"{what}: several nodes could take it ({shown}); set {key}", field=key)
 
@@ -283,8 +277,12 @@ def shorthand_overrides(workflow: Workflow, shorthand: Shorthand) -> list[Overri
     out: list[Override] = []
     if shorthand.prompt is not None:
         nid = _pick_node(
-            workflow, shorthand.prompt_node_id, DEFAULT_PROMPT_NODE,
-            PROMPT_FIELDS + FLUX_PROMPT_FIELDS, "prompt", "prompt_node_id",
+            workflow,
+            shorthand.prompt_node_id,
+            DEFAULT_PROMPT_NODE,
+            PROMPT_FIELDS + FLUX_PROMPT_FIELDS,
+            "prompt",
+            "prompt_node_id",
         )
         inputs = workflow[nid].get("inputs", {})
         if "text" in inputs:
@@ -297,9 +295,7 @@ def shorthand_overrides(workflow: Workflow, shorthand: Shorthand) -> list[Overri
     if shorthand.seed is not None:
         if not 0 <= shorthand.seed < 2**64:
             raise WorkflowError(f"seed: {shorthand.seed} is out of range 0..2^64-1", field="seed")
-        nid = _pick_node(
-            workflow, shorthand.seed_node_id, DEFAULT_SEED_NODE, SEED_FIELDS, "seed", "seed_node_id"
-        )
+        nid = _pick_node(workflow, shorthand.seed_node_id, DEFAULT_SEED_NODE, SEED_FIELDS, "seed", "seed_node_id")
         name = _require_input(workflow, nid, SEED_FIELDS, "seed_node_id")
         out.append(Override(nid, f"inputs.{name}", shorthand.seed))
     if shorthand.width is not None or shorthand.height is not None:
@@ -308,8 +304,12 @@ def shorthand_overrides(workflow: Workflow, shorthand: Shorthand) -> list[Overri
             if value is not None and not 16 <= value <= MAX_SIDE:
                 raise WorkflowError(f"{key}: {value} is out of range 16..{MAX_SIDE}", field=key)
         nid = _pick_node(
-            workflow, shorthand.size_node_id, DEFAULT_SIZE_NODE,
-            ("width", "height"), "width/height", "size_node_id",
+            workflow,
+            shorthand.size_node_id,
+            DEFAULT_SIZE_NODE,
+            ("width", "height"),
+            "width/height",
+            "size_node_id",
         )
         for key in ("width", "height"):
             value = getattr(shorthand, key)
@@ -319,9 +319,7 @@ def shorthand_overrides(workflow: Workflow, shorthand: Shorthand) -> list[Overri
     return out
 
 
-def prepare_workflow(
-    workflow: Any, overrides: Sequence[Override] = (), shorthand: Shorthand | None = None
-) -> Workflow:
+def prepare_workflow(workflow: Any, overrides: Sequence[Override] = (), shorthand: Shorthand | None = None) -> Workflow:
     """Validate, then return a patched deep copy (the caller's workflow is left alone).
 
     The shorthand is applied first, then ``overrides`` in order (so an explicit override wins).

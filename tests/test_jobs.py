@@ -45,9 +45,7 @@ READY = InstanceState.READY
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "workflow.json"
 
 
-def view(
-    index: int, state: InstanceState = READY, pending: int = 0, running: int = 0, port: int = 0
-) -> InstanceView:
+def view(index: int, state: InstanceState = READY, pending: int = 0, running: int = 0, port: int = 0) -> InstanceView:
     return InstanceView(index, f"comfyui_gpu{index}", port or 8188 + index, state, pending, running)
 
 
@@ -116,14 +114,10 @@ def test_an_excluded_instance_is_not_chosen_again() -> None:
 # ---------------------------------------------------------------- events and history (pure)
 def test_websocket_events_map_onto_the_prompts_progress() -> None:
     assert classify_event({"type": "execution_start", "data": {"prompt_id": "p"}}, "p").kind == "started"
-    assert (
-        classify_event({"type": "executing", "data": {"node": "3", "prompt_id": "p"}}, "p").kind == "started"
-    )
+    assert classify_event({"type": "executing", "data": {"node": "3", "prompt_id": "p"}}, "p").kind == "started"
     assert classify_event({"type": "executing", "data": {"node": None, "prompt_id": "p"}}, "p").kind == "done"
     assert classify_event({"type": "execution_success", "data": {"prompt_id": "p"}}, "p").kind == "done"
-    assert (
-        classify_event({"type": "executing", "data": {"node": None, "prompt_id": "q"}}, "p").kind == "other"
-    )
+    assert classify_event({"type": "executing", "data": {"node": None, "prompt_id": "q"}}, "p").kind == "other"
     assert classify_event({"type": "status", "data": {"status": {}}}, "p").kind == "other"
     assert classify_event({"type": "crystools.monitor", "data": None}, "p").kind == "other"
 
@@ -253,10 +247,7 @@ def test_input_images_accept_plain_base64_and_data_uris() -> None:
     raw = b"\x89PNG fake"
     assert decode_image(InputImage(name="a.png", image=base64.b64encode(raw).decode())) == raw
     assert (
-        decode_image(
-            InputImage(name="a.png", image="data:image/png;base64," + base64.b64encode(raw).decode())
-        )
-        == raw
+        decode_image(InputImage(name="a.png", image="data:image/png;base64," + base64.b64encode(raw).decode())) == raw
     )
     with pytest.raises(WorkflowError, match="not valid base64"):
         decode_image(InputImage(name="a.png", image="***"))
@@ -270,9 +261,7 @@ def test_pydantic_errors_become_one_line_naming_the_node() -> None:
     )
     assert message == "workflow.3: Input should be a valid dictionary"
     assert (node_id, field) == ("3", None)
-    message, _, _ = validation_message(
-        [{"loc": ("body", 5), "type": "json_invalid", "ctx": {"error": "bad"}}]
-    )
+    message, _, _ = validation_message([{"loc": ("body", 5), "type": "json_invalid", "ctx": {"error": "bad"}}])
     assert message == "the body is not valid JSON (bad)"
 
 
@@ -368,9 +357,7 @@ class Sim:
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (
-                f"simulator {self.index} exited: {(self.dir / 'log.txt').read_text()}"
-            )
+            assert self.proc.poll() is None, f"simulator {self.index} exited: {(self.dir / 'log.txt').read_text()}"
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/system_stats", timeout=1).status_code == 200:
                     return
@@ -476,9 +463,7 @@ class JobApi:
 
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -551,9 +536,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float 
 
 
 # ---------------------------------------------------------------- integration: the fleet
-def test_a_job_runs_and_returns_its_output_files(
-    fleet: list[Sim], api_factory: Callable[..., JobApi]
-) -> None:
+def test_a_job_runs_and_returns_its_output_files(fleet: list[Sim], api_factory: Callable[..., JobApi]) -> None:
     api = api_factory(fleet)
     r = api.post(job())
     assert r.status_code == 200, r.text
@@ -570,16 +553,12 @@ def test_a_job_runs_and_returns_its_output_files(
     assert api.client.get(f"/jobs/{body['id']}").json()["status"] == "success"
 
 
-def test_a_burst_of_jobs_spreads_over_all_four_instances(
-    fleet: list[Sim], api_factory: Callable[..., JobApi]
-) -> None:
+def test_a_burst_of_jobs_spreads_over_all_four_instances(fleet: list[Sim], api_factory: Callable[..., JobApi]) -> None:
     api = api_factory(fleet)
     started = time.monotonic()
     responses = post_all(api, [job() for _ in range(12)])
     elapsed = time.monotonic() - started
-    assert all(r.status_code == 200 and r.json()["status"] == "success" for r in responses), [
-        r.text for r in responses
-    ]
+    assert all(r.status_code == 200 and r.json()["status"] == "success" for r in responses), [r.text for r in responses]
     per_gpu = collections_counter(r.json()["instance"]["gpu"] for r in responses)
     assert set(per_gpu) == {0, 1, 2, 3}
     assert max(per_gpu.values()) - min(per_gpu.values()) <= 1, per_gpu
@@ -649,9 +628,7 @@ def test_an_invalid_input_found_by_the_instance_is_a_400_naming_node_and_input(
     fleet: list[Sim], api_factory: Callable[..., JobApi]
 ) -> None:
     api = api_factory(fleet)
-    r = api.post(
-        {"workflow": example(), "overrides": [{"node_id": "3", "field": "inputs.steps", "value": 0}]}
-    )
+    r = api.post({"workflow": example(), "overrides": [{"node_id": "3", "field": "inputs.steps", "value": 0}]})
     assert r.status_code == 400, r.text
     body = r.json()
     assert (body["node_id"], body["field"]) == ("3", "inputs.steps")
@@ -682,9 +659,7 @@ def test_return_base64_includes_the_png_data(fleet: list[Sim], api_factory: Call
     assert data.startswith(b"\x89PNG")
 
 
-def test_curl_style_form_encoded_json_is_accepted(
-    fleet: list[Sim], api_factory: Callable[..., JobApi]
-) -> None:
+def test_curl_style_form_encoded_json_is_accepted(fleet: list[Sim], api_factory: Callable[..., JobApi]) -> None:
     api = api_factory(fleet)
     r = api.client.post(
         "/jobs",
@@ -718,9 +693,7 @@ def test_input_images_are_uploaded_to_the_instance_before_the_prompt(
     assert (fleet[3].dir / "input" / "in-test.png").read_bytes() == png
 
 
-def test_post_jobs_needs_the_token_when_one_is_set(
-    fleet: list[Sim], api_factory: Callable[..., JobApi]
-) -> None:
+def test_post_jobs_needs_the_token_when_one_is_set(fleet: list[Sim], api_factory: Callable[..., JobApi]) -> None:
     api = api_factory(fleet, orchestrator_token="s3cret-token")
     r = api.post(job())
     assert r.status_code == 401
@@ -748,9 +721,7 @@ def test_metrics_count_jobs_and_pass_promtool(fleet: list[Sim], api_factory: Cal
     assert reg.get_sample_value("comfyui_job_duration_seconds_count") == 3
     assert reg.get_sample_value("comfyui_job_duration_seconds_sum") > 1.0
     assert reg.get_sample_value("comfyui_job_queue_wait_seconds_count") == 3
-    assert (
-        reg.get_sample_value("comfyui_instance_jobs_in_flight", {"gpu": "0", "instance": "comfyui_gpu0"}) == 0
-    )
+    assert reg.get_sample_value("comfyui_instance_jobs_in_flight", {"gpu": "0", "instance": "comfyui_gpu0"}) == 0
     text = api.client.get("/metrics").text
     if shutil.which("promtool") is None:
         pytest.skip("promtool not installed")
@@ -758,27 +729,39 @@ def test_metrics_count_jobs_and_pass_promtool(fleet: list[Sim], api_factory: Cal
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_the_openapi_schema_describes_the_job_request(
-    fleet: list[Sim], api_factory: Callable[..., JobApi]
-) -> None:
+def test_the_openapi_schema_describes_the_job_request(fleet: list[Sim], api_factory: Callable[..., JobApi]) -> None:
     api = api_factory(fleet)
     schema = api.client.get("/openapi.json").json()
     post = schema["paths"]["/jobs"]["post"]
     assert set(post["responses"]) >= {"200", "202", "400", "401", "503"}
     props = schema["components"]["schemas"]["JobRequest"]["properties"]
-    assert {"workflow", "overrides", "gpu", "timeout", "wait", "return", "prompt", "seed", "images"} <= set(
-        props
-    )
+    assert {"workflow", "overrides", "gpu", "timeout", "wait", "return", "prompt", "seed", "images"} <= set(props)
 
 
 # ---------------------------------------------------------------- integration: failures
+@pytest.fixture(scope="module")
+def slow_sim(sim_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    """A GPU 0 that takes 30 s per prompt; tests interrupt what they leave running."""
+    (sim,) = start_sims(sim_tree, tmp_path_factory.mktemp("slow"), [30])
+    yield sim
+    sim.stop()
+
+
 @pytest.fixture
-def slow_and_fast(sim_tree: Path, tmp_path: Path) -> Iterator[list[Sim]]:
-    """GPU 0 takes 30 s per prompt, GPU 1 0.2 s."""
-    sims = start_sims(sim_tree, tmp_path, [30, 0.2])
-    yield sims
-    for sim in sims:
-        sim.stop()
+def slow_and_fast(slow_sim: Sim, fleet: list[Sim]) -> Iterator[list[Sim]]:
+    """GPU 0 slow (30 s per prompt), GPU 1 fast (the fleet's, 0.4 s)."""
+    yield [slow_sim, fleet[1]]
+    httpx.post(f"{slow_sim.url}/queue", json={"clear": True}, timeout=5)
+    httpx.post(f"{slow_sim.url}/interrupt", json={}, timeout=5)
+    wait_for(lambda: not slow_sim.queue()["queue_running"], timeout=10)
+
+
+@pytest.fixture
+def doomed_and_fast(sim_tree: Path, tmp_path: Path, fleet: list[Sim]) -> Iterator[list[Sim]]:
+    """Like slow_and_fast, with a GPU 0 of its own that the test may kill or hang."""
+    (sim,) = start_sims(sim_tree, tmp_path, [30])
+    yield [sim, fleet[1]]
+    sim.stop()
 
 
 def test_a_job_past_its_deadline_is_interrupted_and_the_instance_reported_hung(
@@ -820,10 +803,10 @@ def test_a_job_that_times_out_while_queued_is_removed_without_blaming_the_instan
 
 
 def test_an_instance_that_dies_fails_its_running_job_and_resubmits_its_queued_one(
-    slow_and_fast: list[Sim], api_factory: Callable[..., JobApi]
+    doomed_and_fast: list[Sim], api_factory: Callable[..., JobApi]
 ) -> None:
-    slow, fast = slow_and_fast
-    api = api_factory(slow_and_fast)
+    slow, fast = doomed_and_fast
+    api = api_factory(doomed_and_fast)
     api.directory.set_state(1, InstanceState.STARTING)  # everything goes to GPU 0 first
     running = api.post(job(wait=False)).json()["id"]
     queued = api.post(job(wait=False)).json()["id"]
@@ -856,10 +839,10 @@ def test_an_instance_the_monitor_sees_restarting_fails_its_job(
 
 
 def test_a_hung_instance_does_not_hang_the_job_past_its_deadline(
-    slow_and_fast: list[Sim], api_factory: Callable[..., JobApi]
+    doomed_and_fast: list[Sim], api_factory: Callable[..., JobApi]
 ) -> None:
-    slow = slow_and_fast[0]
-    api = api_factory(slow_and_fast)
+    slow = doomed_and_fast[0]
+    api = api_factory(doomed_and_fast)
     job_id = api.post(job(gpu=0, wait=False, timeout=2.0)).json()["id"]
     wait_for(lambda: api.manager.get(job_id).status == "running")
     # The simulator blocks its event loop: no events, no HTTP answers.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -36,6 +37,9 @@ from orchestrator.settings import Settings, load_settings
 from orchestrator.states import InstanceState
 
 REPO = Path(__file__).resolve().parents[1]
+needs_runpod = pytest.mark.skipif(
+    importlib.util.find_spec("runpod") is None, reason="the runpod extra is not installed"
+)
 WORKFLOW = json.loads((REPO / "examples" / "workflow.json").read_text())["workflow"]
 PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
@@ -163,9 +167,7 @@ def test_a_busy_machine_is_retried_until_it_takes_the_job() -> None:
     def respond(request: httpx.Request) -> httpx.Response:
         calls.append(request.headers.get("authorization", ""))
         if len(calls) < 3:
-            return httpx.Response(
-                503, json={"error": "saturated", "message": "busy"}, headers={"Retry-After": "0"}
-            )
+            return httpx.Response(503, json={"error": "saturated", "message": "busy"}, headers={"Retry-After": "0"})
         return httpx.Response(
             200, json={"status": "success", "prompt_id": "p", "outputs": [], "execution_time_seconds": 1.0}
         )
@@ -231,11 +233,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
                 "--port",
                 str(port),
                 "--cpu",
-                *[
-                    a
-                    for sub in ("output", "temp", "input", "user")
-                    for a in (f"--{sub}-directory", str(base / sub))
-                ],
+                *[a for sub in ("output", "temp", "input", "user") for a in (f"--{sub}-directory", str(base / sub))],
             ],
             cwd=base / "ComfyUI",
             env=env,
@@ -265,9 +263,7 @@ def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
 
     port = free_port()
     settings = settings_for(port, orchestrator_token="rp-secret-token")
-    manager = JobManager(
-        settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1
-    )
+    manager = JobManager(settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -289,9 +285,7 @@ def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
     thread.join(20)
 
 
-def test_the_handler_runs_the_seeds_example_input(
-    job_api: tuple[Settings, int], sim: tuple[int, Path]
-) -> None:
+def test_the_handler_runs_the_seeds_example_input(job_api: tuple[Settings, int], sim: tuple[int, Path]) -> None:
     settings, _ = job_api
     handler = make_handler(settings)
     out = asyncio.run(handler({"id": "rp-1", "input": seed_003_input(4242)}))
@@ -340,9 +334,8 @@ def test_the_handler_without_the_token_is_refused(job_api: tuple[Settings, int])
     assert "bearer token" in out["error"]
 
 
-def test_the_sdk_test_input_mode_runs_one_job_through_the_cli(
-    job_api: tuple[Settings, int], tmp_path: Path
-) -> None:
+@needs_runpod
+def test_the_sdk_test_input_mode_runs_one_job_through_the_cli(job_api: tuple[Settings, int], tmp_path: Path) -> None:
     _, port = job_api
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "ORCHESTRATOR_"))}
     env.update(ROOT=str(tmp_path), ORCHESTRATOR_PORT=str(port), ORCHESTRATOR_TOKEN="rp-secret-token")
@@ -360,6 +353,7 @@ def test_the_sdk_test_input_mode_runs_one_job_through_the_cli(
     assert "rp-secret-token" not in r.stdout + r.stderr
 
 
+@needs_runpod
 def test_the_sdk_test_input_mode_exits_1_on_a_failed_job(
     job_api: tuple[Settings, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
