@@ -217,6 +217,7 @@ def compare(
     shas: list[str],
     size: int,
     work: Path,
+    outs: Path,
     reps: int,
     concurrency: int,
     with_fsync: bool = False,
@@ -227,7 +228,7 @@ def compare(
     for rep in range(reps):
         order = sides[rep % len(sides) :] + sides[: rep % len(sides)]
         for who in order:
-            out = fresh(work / "out")
+            out = fresh(outs / "out")
             if who == "curl":
                 times[who].append(time_curl(urls, out))
                 continue
@@ -245,16 +246,14 @@ def compare(
     out["ratio_median"] = med["curl"] / med["engine"]  # engine throughput / curl throughput
     out["ratio_best"] = min(times["curl"]) / min(times["engine"])
     # Each rep's curl and engine runs are back to back: their ratio cancels slow load drifts.
-    out["ratio_paired_median"] = statistics.median(
-        c / e for c, e in zip(times["curl"], times["engine"], strict=True)
-    )
+    out["ratio_paired_median"] = statistics.median(c / e for c, e in zip(times["curl"], times["engine"], strict=True))
     if with_fsync:
         out["fsync_ratio_median"] = med["curl"] / med["engine_fsync"]
     return out
 
 
-def kill_and_resume(url: str, path: str, sha: str, size: int, work: Path, server: Any) -> dict[str, Any]:
-    root = work / "root"
+def kill_and_resume(url: str, path: str, sha: str, size: int, outs: Path, server: Any) -> dict[str, Any]:
+    root = outs / "root"
     shutil.rmtree(root, ignore_errors=True)
     shared = root / "shared"
     shared.mkdir(parents=True)
@@ -312,21 +311,21 @@ def kill_and_resume(url: str, path: str, sha: str, size: int, work: Path, server
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="1 × 256 MiB and 8 × 16 MiB")
     parser.add_argument("--reps", type=int, default=5, help="timed runs of each side (default 5)")
     parser.add_argument("--dir", type=Path, help="work folder (default: a temp folder on the root disk)")
     parser.add_argument(
-        "--python-server", action="store_true", help="use the Python server even if nginx exists"
+        "--out-dir", type=Path, help="where downloads are written (default: the work folder; /dev/shm: no disk)"
     )
+    parser.add_argument("--python-server", action="store_true", help="use the Python server even if nginx exists")
     args = parser.parse_args()
     big_size, many, many_size = (256 * MiB, 8, 16 * MiB) if args.small else (2 * GiB, 32, 64 * MiB)
     work = Path(tempfile.mkdtemp(prefix="bench-downloads-", dir=args.dir or "/var/tmp"))
     work.chmod(0o755)  # nginx workers run as an unprivileged user
     www = work / "www"
     www.mkdir()
+    outs = Path(tempfile.mkdtemp(prefix="bench-downloads-out-", dir=args.out_dir)) if args.out_dir else work
     print(f"preparing data in {work} ...", flush=True)
     big_sha = make_file(www / "big.bin", big_size, 0)
     shas = [make_file(www / f"m{i}.bin", many_size, i + 1) for i in range(many)]
@@ -335,19 +334,20 @@ def main() -> int:
     server: Nginx | PyServer = Nginx(www, work) if use_nginx else PyServer(www, work)
     base = f"http://127.0.0.1:{server.port}"
     try:
-        single = compare("single", [f"{base}/big.bin"], [big_sha], big_size, work, args.reps, 1, True)
-        multi = compare(
-            "many", [f"{base}/m{i}.bin" for i in range(many)], shas, many_size, work, args.reps, 4
-        )
-        shutil.rmtree(work / "out", ignore_errors=True)
-        resume = kill_and_resume(f"{base}/big.bin", "/big.bin", big_sha, big_size, work, server)
+        single = compare("single", [f"{base}/big.bin"], [big_sha], big_size, work, outs, args.reps, 1, True)
+        multi = compare("many", [f"{base}/m{i}.bin" for i in range(many)], shas, many_size, work, outs, args.reps, 4)
+        shutil.rmtree(outs / "out", ignore_errors=True)
+        resume = kill_and_resume(f"{base}/big.bin", "/big.bin", big_sha, big_size, outs, server)
     finally:
         server.stop()
+        if outs != work:
+            shutil.rmtree(outs, ignore_errors=True)
     results = {
         "size": "small" if args.small else "full",
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "server": server.name,
+        "downloads_to": "tmpfs" if args.out_dir and str(args.out_dir).startswith("/dev/shm") else "disk",
         "cpus": os.cpu_count(),
         "reps": args.reps,
         "single": single,
@@ -364,12 +364,14 @@ def main() -> int:
             "resume": resume["ratio"] <= 1.05 and resume["installed_and_verified"],
         },
     }
-    out = HERE / "results" / "downloads.json"
+    name = "downloads" if not args.out_dir else "downloads_" + args.out_dir.name.strip("/").replace("/", "_")
+    out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
     print(
-        f"\nserver: {server.name}; {results['size']} size; median of {args.reps} runs (rotating order); "
+        f"\nserver: {server.name}; {results['size']} size; downloads to {results['downloads_to']}; "
+        f"median of {args.reps} runs (rotating order); "
         f"load average {load_start[0]:.1f} → {results['loadavg_end'][0]:.1f} on {os.cpu_count()} CPUs\n"
     )
     print(f"{'case':<34}{'curl MB/s':>11}{'engine MB/s':>13}{'ratio':>8}{'paired':>8}  target")

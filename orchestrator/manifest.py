@@ -323,11 +323,8 @@ def entries_from_env(settings: Settings) -> tuple[ModelEntry, ...]:
                 f"invalid HUGGINGFACE_MODELS: {item!r}: expected owner/repo or owner/repo/path/file, "
                 "optionally followed by :category"
             )
-        whole = spec.count("/") == 1
-        if sep:
-            dest = dest.strip().rstrip("/")
-        else:
-            dest = f"diffusers/{spec.split('/')[1]}" if whole else "checkpoints"
+        default = f"diffusers/{spec.split('/')[1]}" if spec.count("/") == 1 else "checkpoints"
+        dest = dest.strip().rstrip("/") if sep else default
         why = check_relative(dest)
         if why:
             raise ConfigError(f"invalid HUGGINGFACE_MODELS: {item!r}: destination {why}")

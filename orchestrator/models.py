@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from orchestrator import downloads, manifest, modeltree
 from orchestrator.downloads import DownloadOptions, DownloadResult, DownloadTask, Engine
 from orchestrator.errors import ConfigError, ModelError
-from orchestrator.fsutil import read_json, write_json
+from orchestrator.fsutil import read_json
 from orchestrator.manifest import ModelEntry
 from orchestrator.paths import Layout
 from orchestrator.settings import Settings
@@ -345,7 +345,7 @@ class StatusWriter:
         if not force and now - self._last_write < self.interval:
             return
         self._last_write = now
-        write_json(self.path, self.snapshot(now))
+        downloads.replace_json(self.path, self.snapshot(now))
 
 
 # ---------------------------------------------------------------- the service
@@ -474,8 +474,27 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def read_status(layout: Layout) -> dict[str, Any] | None:
+    """The last sync's status; a run whose process is gone is marked ``interrupted``."""
     data = read_json(layout.models_status_file)
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    if data.get("running") and not _alive(data.get("pid")):
+        data["running"] = False
+        data["interrupted"] = True
+        data["throughput_bytes_per_second"] = 0.0
+    return data
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -487,7 +506,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if status is None:
         print("no model sync has run yet")
         return 0
-    running = " (running)" if status.get("running") else ""
+    running = " (running)" if status.get("running") else " (interrupted)" if status.get("interrupted") else ""
     print(
         f"models{running}: {status.get('files_done', 0)}/{status.get('files_total', 0)} files, "
         f"{status.get('files_failed', 0)} failed, {downloads.human(status.get('bytes_done', 0))} of "

@@ -117,9 +117,7 @@ class RangeServer:
                     import json as _json
 
                     entry["status"] = 200
-                    return self._send(
-                        200, {"Content-Type": "application/json"}, _json.dumps(spec.json).encode()
-                    )
+                    return self._send(200, {"Content-Type": "application/json"}, _json.dumps(spec.json).encode())
                 data = spec.data
                 start, status = 0, 200
                 rng = self.headers.get("Range")
@@ -240,9 +238,7 @@ def test_a_file_is_downloaded_verified_installed_and_recorded(server: RangeServe
     data = blob(300_000)
     server.files["/m/a.safetensors"] = FileSpec(data)
     dest = tmp_path / "models" / "checkpoints"
-    result = engine(tmp_path).download(
-        task(server, "/m/a.safetensors", dest, sha256=sha(data), size=len(data))
-    )
+    result = engine(tmp_path).download(task(server, "/m/a.safetensors", dest, sha256=sha(data), size=len(data)))
     assert result.state == "downloaded", result.error
     assert (dest / "a.safetensors").read_bytes() == data
     assert result.sha256 == sha(data)
@@ -304,9 +300,7 @@ def test_an_interrupted_transfer_resumes_and_re_transfers_only_the_missing_part(
     assert server.sent("/big.bin") <= len(data) + FAST.chunk_size  # the missing part, not the file again
 
 
-def test_a_part_left_by_an_earlier_run_is_resumed_with_its_prefix_hashed(
-    server: RangeServer, tmp_path: Path
-) -> None:
+def test_a_part_left_by_an_earlier_run_is_resumed_with_its_prefix_hashed(server: RangeServer, tmp_path: Path) -> None:
     data = blob(1_000_000)
     server.files["/x.bin"] = FileSpec(data, drop_after=300_000, drops=1)
     dest = tmp_path / "dest"
@@ -332,9 +326,7 @@ def test_a_server_that_ignores_range_is_restarted_from_zero(server: RangeServer,
     assert [h["status"] for h in server.hits("/r.bin")] == [200, 200]
 
 
-def test_a_changed_remote_file_restarts_the_resume_through_if_range(
-    server: RangeServer, tmp_path: Path
-) -> None:
+def test_a_changed_remote_file_restarts_the_resume_through_if_range(server: RangeServer, tmp_path: Path) -> None:
     old, new = blob(400_000, seed=1), blob(400_000, seed=2)
     server.files["/c.bin"] = FileSpec(old, drop_after=100_000, etag='"old"')
     dest = tmp_path / "dest"
@@ -346,9 +338,7 @@ def test_a_changed_remote_file_restarts_the_resume_through_if_range(
     assert (dest / "c.bin").read_bytes() == new
 
 
-def test_a_wrong_sha256_is_not_installed_and_the_error_names_the_model(
-    server: RangeServer, tmp_path: Path
-) -> None:
+def test_a_wrong_sha256_is_not_installed_and_the_error_names_the_model(server: RangeServer, tmp_path: Path) -> None:
     server.files["/bad.bin"] = FileSpec(blob(10_000))
     dest = tmp_path / "dest"
     result = engine(tmp_path).download(task(server, "/bad.bin", dest, sha256="0" * 64, name="my-model"))
@@ -389,9 +379,7 @@ def test_a_refused_token_is_named_by_variable_never_by_value(server: RangeServer
     assert "wrong-token-value" not in result.error
 
 
-def test_a_token_in_the_url_never_reaches_errors_or_logs(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_token_in_the_url_never_reaches_errors_or_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     port = free_port_block(1)  # nothing listens: connection refused
     t = DownloadTask(
@@ -409,9 +397,7 @@ def test_a_token_in_the_url_never_reaches_errors_or_logs(
 
 
 def test_a_traversal_file_name_from_the_server_is_rejected(server: RangeServer, tmp_path: Path) -> None:
-    server.files["/api/download/models/7"] = FileSpec(
-        blob(100), disposition='attachment; filename="../../evil.sh"'
-    )
+    server.files["/api/download/models/7"] = FileSpec(blob(100), disposition='attachment; filename="../../evil.sh"')
     dest = tmp_path / "models" / "loras"
     t = DownloadTask(name="civitai:7", url=server.url("/api/download/models/7"), dest_dir=dest)
     result = engine(tmp_path).download(t)
@@ -423,9 +409,7 @@ def test_a_traversal_file_name_from_the_server_is_rejected(server: RangeServer, 
     assert list(dest.iterdir()) == []
 
 
-def test_the_file_name_comes_from_a_sanitised_content_disposition(
-    server: RangeServer, tmp_path: Path
-) -> None:
+def test_the_file_name_comes_from_a_sanitised_content_disposition(server: RangeServer, tmp_path: Path) -> None:
     data = blob(1000)
     server.files["/api/download/models/9"] = FileSpec(
         data, disposition="attachment; filename=\"fallback.bin\"; filename*=UTF-8''my%20lora%20v2.safetensors"
@@ -483,16 +467,12 @@ def test_a_missing_file_is_not_retried(server: RangeServer, tmp_path: Path) -> N
 def test_files_download_in_parallel(server: RangeServer, tmp_path: Path) -> None:
     for i in range(4):
         server.files[f"/p{i}.bin"] = FileSpec(blob(100_000, seed=i), rate=1_000_000)
-    results = engine(tmp_path).run(
-        [task(server, f"/p{i}.bin", tmp_path / "d") for i in range(4)], concurrency=4
-    )
+    results = engine(tmp_path).run([task(server, f"/p{i}.bin", tmp_path / "d") for i in range(4)], concurrency=4)
     assert all(r.state == "downloaded" for r in results)
     assert server.max_active >= 3
 
 
-def test_an_existing_file_with_the_right_hash_is_adopted_without_network(
-    server: RangeServer, tmp_path: Path
-) -> None:
+def test_an_existing_file_with_the_right_hash_is_adopted_without_network(server: RangeServer, tmp_path: Path) -> None:
     data = blob(5000)
     dest = tmp_path / "d"
     dest.mkdir()
@@ -537,3 +517,62 @@ def test_the_part_file_is_never_visible_under_the_final_name(server: RangeServer
         watcher.join()
     assert all(seen)
     assert os.listdir(dest) == ["slow.bin"]
+
+
+def test_a_torn_file_under_its_recorded_name_is_downloaded_again_even_without_a_hash(
+    server: RangeServer, tmp_path: Path
+) -> None:
+    data = blob(70_000)
+    server.files["/t.bin"] = FileSpec(data)
+    dest = tmp_path / "d"
+    t = task(server, "/t.bin", dest)  # no sha256, no size in the manifest
+    assert engine(tmp_path).download(t).state == "downloaded"
+    with (dest / "t.bin").open("r+b") as fh:  # what a power loss can leave: a shorter file
+        fh.truncate(10_000)
+    result = engine(tmp_path).download(t)
+    assert result.state == "downloaded"
+    assert (dest / "t.bin").read_bytes() == data
+
+
+def test_an_encoded_body_is_read_through_requests_decoding(tmp_path: Path) -> None:
+    import gzip
+
+    data = blob(50_000)
+    body = gzip.compress(data)
+
+    class Gzip(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gzip)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/g.bin"
+        t = DownloadTask(name="g", url=url, dest_dir=tmp_path / "d", filename="g.bin", sha256=sha(data))
+        result = engine(tmp_path).download(t)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.state == "downloaded", result.error
+    assert (tmp_path / "d" / "g.bin").read_bytes() == data
+
+
+def test_urllib3_debug_logs_lose_their_query_strings(
+    server: RangeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    server.files["/q.bin"] = FileSpec(blob(100))
+    t = DownloadTask(
+        name="q", url=server.url("/q.bin") + "?token=debug-secret", dest_dir=tmp_path / "d", filename="q.bin"
+    )
+    assert engine(tmp_path).download(t).state == "downloaded"
+    assert "/q.bin" in caplog.text
+    assert "debug-secret" not in caplog.text

@@ -131,9 +131,7 @@ def test_dry_run_json_lists_file_destination_and_action_for_every_source_kind_wi
     assert not Layout(root).extra_model_paths.exists()
 
 
-def test_dry_run_reports_skip_verify_and_resume_from_local_state(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dry_run_reports_skip_verify_and_resume_from_local_state(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = b"weights"
     layout = make_root(
         root,
@@ -171,9 +169,7 @@ models:
 
 
 # ---------------------------------------------------------------- real syncs
-def test_sync_fetches_every_kind_and_sends_each_token_only_to_its_own_host(
-    root: Path, server: RangeServer
-) -> None:
+def test_sync_fetches_every_kind_and_sends_each_token_only_to_its_own_host(root: Path, server: RangeServer) -> None:
     other = RangeServer().start()
     try:
         f_url, f_hf, f_civ, f_rep1, f_rep2 = (blob(40_000 + i, seed=i) for i in range(5))
@@ -230,9 +226,7 @@ models:
         assert "secret-token" not in json.dumps(report.to_dict())
         data = json.loads(status)
         assert (data["files_total"], data["files_done"], data["files_failed"]) == (5, 5, 0)
-        assert (
-            data["bytes_done"] == data["bytes_total"] == sum(map(len, (f_url, f_hf, f_civ, f_rep1, f_rep2)))
-        )
+        assert data["bytes_done"] == data["bytes_total"] == sum(map(len, (f_url, f_hf, f_civ, f_rep1, f_rep2)))
         assert data["running"] is False
         assert data["throughput_bytes_per_second"] == 0
         # Warm boot: everything skipped without a single request.
@@ -244,9 +238,7 @@ models:
         other.stop()
 
 
-def test_tiers_split_the_manifest_between_before_start_and_background(
-    root: Path, server: RangeServer
-) -> None:
+def test_tiers_split_the_manifest_between_before_start_and_background(root: Path, server: RangeServer) -> None:
     server.files["/a.bin"] = FileSpec(blob(1000, seed=1))
     server.files["/b.bin"] = FileSpec(blob(1000, seed=2))
     layout = make_root(
@@ -300,14 +292,10 @@ models:
     assert "404" in captured.out
 
 
-def test_an_unknown_category_stops_the_sync_before_anything_is_fetched(
-    root: Path, server: RangeServer
-) -> None:
+def test_an_unknown_category_stops_the_sync_before_anything_is_fetched(root: Path, server: RangeServer) -> None:
     server.files["/a.bin"] = FileSpec(blob(10))
     layout = make_root(root, f"models:\n  - url: {server.url('/a.bin')}\n    dest: lora\n")
-    with pytest.raises(
-        ConfigError, match=r"invalid model 'a.bin' \(models.yaml models\[0\]\).*'lora'.*loras"
-    ):
+    with pytest.raises(ConfigError, match=r"invalid model 'a.bin' \(models.yaml models\[0\]\).*'lora'.*loras"):
         models.sync_models(settings_for(root, server), layout)
     assert server.requests == []
     assert not (root / "ComfyUI").exists()
@@ -401,7 +389,8 @@ models:
     assert 0 < part_size < len(data)
     assert not final.exists()
     status = json.loads(Layout(root).models_status_file.read_text())
-    assert status["running"] is True  # the killed run never marked itself finished
+    assert status["running"] is True  # the killed run never marked itself finished...
+    assert models.read_status(Layout(root))["interrupted"] is True  # ...and readers notice
     assert status["files"][0]["state"] in ("queued", "downloading")  # (rewritten at most once a second)
 
     server.files["/big.safetensors"] = FileSpec(data)
@@ -437,6 +426,7 @@ def test_download_metrics_come_from_the_status_file_and_pass_promtool(root: Path
         layout.models_status_file,
         {
             "updated": 995.0,
+            "pid": os.getpid(),
             "running": True,
             "files_total": 3,
             "files_done": 1,
@@ -461,9 +451,7 @@ def test_the_status_file_is_rewritten_at_most_once_a_second(tmp_path: Path) -> N
     now = [100.0]
     path = tmp_path / "status.json"
     writer = models.StatusWriter(path, tier="all", clock=lambda: now[0])
-    task = downloads.DownloadTask(
-        name="t", url="http://h/t?token=zzz-secret", dest_dir=tmp_path, filename="t"
-    )
+    task = downloads.DownloadTask(name="t", url="http://h/t?token=zzz-secret", dest_dir=tmp_path, filename="t")
     writer.begin([task])
     writer.started(task, 1000, 0)
     for _ in range(50):
