@@ -28,6 +28,7 @@ import http.server
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -191,24 +192,33 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def time_curl(urls: list[str], out: Path) -> float:
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_curl(urls: list[str], out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds)."""
     args = ["curl", "-sS", "--fail"]
     for i, url in enumerate(urls):
         args += [url, "-o", str(out / f"c{i}.bin")]
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(args, check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
-def time_engine(tasks: list[DownloadTask], state: Path, concurrency: int, fsync: bool = False) -> float:
+def time_engine(tasks: list[DownloadTask], state: Path, concurrency: int, fsync: bool = False) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: downloads and hashing)."""
     engine = Engine(state, options=DownloadOptions(free_space_margin=0, fsync=fsync))
+    cpu = cpu_seconds(resource.RUSAGE_SELF)
     start = time.perf_counter()
     results = engine.run(tasks, concurrency=concurrency)
     elapsed = time.perf_counter() - start
     bad = [r for r in results if r.state != "downloaded"]
     if bad:
         raise RuntimeError(f"engine failed: {bad[0].error}")
-    return elapsed
+    return elapsed, cpu_seconds(resource.RUSAGE_SELF) - cpu
 
 
 def compare(
@@ -225,23 +235,29 @@ def compare(
     """Time curl and the engine (and the engine with fsync) in rotating order."""
     sides = ["curl", "engine"] + (["engine_fsync"] if with_fsync else [])
     times: dict[str, list[float]] = {side: [] for side in sides}
+    cpus: dict[str, list[float]] = {side: [] for side in sides}
     for rep in range(reps):
         order = sides[rep % len(sides) :] + sides[: rep % len(sides)]
         for who in order:
             out = fresh(outs / "out")
             if who == "curl":
-                times[who].append(time_curl(urls, out))
+                wall, cpu = time_curl(urls, out)
+                times[who].append(wall)
+                cpus[who].append(cpu)
                 continue
             tasks = [
                 DownloadTask(name=f"f{i}", url=u, dest_dir=out, filename=f"e{i}.bin", sha256=s)
                 for i, (u, s) in enumerate(zip(urls, shas, strict=True))
             ]
-            times[who].append(time_engine(tasks, fresh(work / "state"), concurrency, who == "engine_fsync"))
+            wall, cpu = time_engine(tasks, fresh(work / "state"), concurrency, who == "engine_fsync")
+            times[who].append(wall)
+            cpus[who].append(cpu)
     total = size * len(urls)
     med = {side: statistics.median(t) for side, t in times.items()}
     out: dict[str, Any] = {"label": label, "files": len(urls), "bytes": total, "concurrency": concurrency}
     for side, t in times.items():
         out[f"{side}_seconds"] = t
+        out[f"{side}_cpu_seconds_per_gib"] = statistics.median(cpus[side]) / (total / GiB)
         out[f"{side}_mb_per_s_median"] = total / med[side] / 1e6
     out["ratio_median"] = med["curl"] / med["engine"]  # engine throughput / curl throughput
     out["ratio_best"] = min(times["curl"]) / min(times["engine"])
@@ -388,6 +404,11 @@ def main() -> int:
         f"{f'{many} × {many_size // MiB} MiB (curl sequential)':<34}{multi['curl_mb_per_s_median']:>11.0f}"
         f"{multi['engine_mb_per_s_median']:>13.0f}{multi['ratio_median']:>8.2f}"
         f"{multi['ratio_paired_median']:>8.2f}  > 1.00"
+    )
+    print(
+        f"\nCPU seconds per GiB (median): single: curl {single['curl_cpu_seconds_per_gib']:.2f}, "
+        f"engine {single['engine_cpu_seconds_per_gib']:.2f}; many: curl {multi['curl_cpu_seconds_per_gib']:.2f}, "
+        f"engine {multi['engine_cpu_seconds_per_gib']:.2f}"
     )
     print(
         f"\nkill at {resume['killed_at_fraction']:.0%}: missing {resume['missing_bytes']} B, "

@@ -8,12 +8,17 @@ clock, so tests feed it a fake clock and assert on the sequence of transitions.
 
 Instance states (DESIGN.md)::
 
-    STARTING ──first good probe──▶ READY ──k failed probes / OOMs / hung──▶ UNHEALTHY
-       ▲  └──startup timeout──────────────────────────────────────────────▶ UNHEALTHY
-       │                                                                        │ restart
-       └──── new process (pid/start changed) ◀── RESTARTING ◀───────────────────┘
-    supervisord BACKOFF/EXITED → BACKOFF · FATAL → FATAL (retried with capped backoff) ·
-    STOPPED (by the operator) → STOPPED
+    STARTING ──first good probe──▶ READY ──k failed probes / repeated OOM / hung──▶ UNHEALTHY
+       ▲  ├──STARTUP_TIMEOUT─────────────────────────────────────────────────────▶ UNHEALTHY
+       │  └──port open but k probes unanswered, or wrong device─────────────────▶ UNHEALTHY
+       │                                                                   restart │ (backoff
+       └──── new process (pid/start changed) ◀──── RESTARTING ◀────────────────────┘  if repeated)
+    supervisord BACKOFF → BACKOFF · EXITED → BACKOFF, started again with capped backoff ·
+    FATAL → FATAL, started again with capped backoff (never a silent dead GPU) ·
+    STOPPED (by an operator) → STOPPED · unknown to supervisord → STOPPED
+
+A single out-of-memory error is answered with ``POST /free``; a crash that supervisord restarted
+by itself is noticed through the new pid and counted once, like the monitor's own restarts.
 """
 
 from __future__ import annotations
@@ -376,6 +381,8 @@ def decide(
     elif state is ProcessState.STOPPING:
         if b.rec.state is not InstanceState.RESTARTING:
             b.change_state(InstanceState.STOPPED, "stopping")
+    elif state is ProcessState.UNKNOWN:
+        b.change_state(InstanceState.STOPPED, proc.description or "supervisord reports an unknown state")
     elif state is ProcessState.STOPPED:
         if b.rec.state is InstanceState.RESTARTING:
             # our restart stopped it but the start did not happen: RESTARTING -> STARTING

@@ -345,9 +345,12 @@ class TextRenderer:
     instances and eight GPUs around a millisecond.
     """
 
+    MAX_CACHED = 20_000  # label sets remembered (instances, GPUs, nodes, stages: a few hundred)
+
     def __init__(self) -> None:
         self._names: dict[str, str] = {}
         self._labels: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._label_sets: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
 
     def _name(self, name: str) -> str:
         escaped = self._names.get(name)
@@ -369,6 +372,20 @@ class TextRenderer:
             return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
         return v
 
+    def _label_set(self, labels: dict[str, str]) -> str:
+        """``{a="1",b="2"}`` for a sample's labels (sorted by name), remembered per label set."""
+        key = (tuple(labels), tuple(labels.values()))
+        text = self._label_sets.get(key)
+        if text is None:
+            keys = tuple(sorted(labels))
+            names = self._label_names(keys)
+            text = "{" + ",".join(f'{k}="{self._value(labels[raw])}"' for k, raw in zip(names, keys, strict=True))
+            text += "}"
+            if len(self._label_sets) >= self.MAX_CACHED:
+                self._label_sets.clear()
+            self._label_sets[key] = text
+        return text
+
     def _line(self, sample: Any) -> str:
         labels = sample.labels
         name = self._name(sample.name)
@@ -376,11 +393,7 @@ class TextRenderer:
         ts = "" if sample.timestamp is None else f" {int(float(sample.timestamp) * 1000):d}"
         if not labels:
             return f"{name} {value}{ts}\n"
-        keys = tuple(sorted(labels))
-        pairs = ",".join(
-            f'{k}="{self._value(labels[raw])}"' for k, raw in zip(self._label_names(keys), keys, strict=True)
-        )
-        return f"{name}{{{pairs}}} {value}{ts}\n"
+        return f"{name}{self._label_set(labels)} {value}{ts}\n"
 
     def render(self, registry: CollectorRegistry) -> bytes:
         out: list[str] = []

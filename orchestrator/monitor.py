@@ -1,6 +1,6 @@
 """The monitor (``orchestrator serve``): probes every instance, restarts hung ones, serves the API.
 
-One asyncio loop ticks every ``min(PROBE_INTERVAL, 0.5 s)``: it reads supervisord's process table
+One asyncio loop ticks every ``min(PROBE_INTERVAL, 0.25 s)``: it reads supervisord's process table
 (in a thread, with a timeout) and starts a probe task for each instance that is due. READY
 instances are probed every ``PROBE_INTERVAL``; starting ones and any instance whose process
 changed are probed at once, so a crash is noticed within a tick and a restarted instance is
@@ -18,12 +18,15 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import os
+import signal
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator import health
@@ -63,7 +66,7 @@ _FAST_STATES = frozenset(
     {InstanceState.STARTING, InstanceState.RESTARTING, InstanceState.BACKOFF, InstanceState.FATAL}
 )
 _LOUD_STATES = frozenset({InstanceState.UNHEALTHY, InstanceState.FATAL, InstanceState.BACKOFF})
-MAX_TICK = 0.5  # seconds between supervisord polls (and probes of starting instances)
+MAX_TICK = 0.25  # seconds between supervisord polls (and probes of starting instances)
 
 
 class SupervisorLike(Protocol):
@@ -76,6 +79,14 @@ class SupervisorLike(Protocol):
     def stop(self, name: str, wait: bool = True) -> None: ...
 
     def signal(self, name: str, sig: str) -> None: ...
+
+
+def _unknown(name: str, now: float) -> ProcessInfo:
+    """A planned program supervisord does not know (its configuration predates the plan)."""
+    from orchestrator.procs import ProcessInfo
+
+    why = f"no program {name} in supervisord: run `orchestrator up` to apply the plan"
+    return ProcessInfo(name, ProcessState.UNKNOWN, 0, 0.0, now, 0, "", why)
 
 
 # ---------------------------------------------------------------- GPU sampling
@@ -211,15 +222,24 @@ class Monitor:
             settings.gpu_sample_interval,
             wall,
         )
+        # Own thread pools: a restart's stop (up to STOP_TIMEOUT) must never hold up the poll of
+        # supervisord or a log scan, as it would in asyncio's small shared default executor.
+        self._poll_pool = ThreadPoolExecutor(1, thread_name_prefix="supervisord-poll")
+        self._scan_pool = ThreadPoolExecutor(2, thread_name_prefix="log-scan")
+        self._action_pool = ThreadPoolExecutor(max(2, len(self._slots)), thread_name_prefix="supervisord-action")
         self._poller: SupervisorLike | None = None
         self._poll_task: asyncio.Future[list[ProcessInfo]] | None = None
+        self._poll_sent = 0.0
+        self._polled_at = 0.0
         self._supervisord_ok = False
+        self._supervisord_error = "no answer yet"
         self._last_poll: float | None = None
         self._client: httpx.AsyncClient | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._inflight: Callable[[], Mapping[int, int]] | None = None
+        self.on_loop_failure: Callable[[], None] | None = None  # serve: exit, supervisord restarts us
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -234,22 +254,45 @@ class Monitor:
             transport=self._transport, limits=limits, trust_env=False, verify=False  # noqa: S501
         )
         self.sampler.start()
+        # One round before serving (uvicorn listens after startup): /healthz and /readyz are
+        # right from the first request, e.g. after supervisord restarted the monitor.
+        await self.tick_once()
+        first = [s.task for s in self._slots.values() if s.task is not None]
+        if first:
+            await asyncio.wait(first, timeout=self.settings.probe_timeout + 1.0)
         self._loop_task = asyncio.create_task(self._run(), name="monitor")
+        self._loop_task.add_done_callback(self._loop_done)
         log.info(
             "monitoring %d instance(s) every %gs (probe timeout %gs, %d failures → restart)",
             len(self._slots), self.settings.probe_interval, self.settings.probe_timeout,
             self.settings.unhealthy_threshold,
         )
 
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        log.critical("the probe loop stopped: %r", task.exception())
+        if self.on_loop_failure is not None:
+            self.on_loop_failure()
+
+    @staticmethod
+    def _check_done(task: asyncio.Task[None]) -> None:
+        # An unexpected error in one probe is logged; the instance is probed again next tick.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", task.get_name(), task.exception())
+
     async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.remove_done_callback(self._loop_done)
         tasks = [t for t in (self._loop_task, *(s.task for s in self._slots.values())) if t is not None]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Failures were logged by the done callbacks; closing must not raise them again.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+        for pool in (self._poll_pool, self._scan_pool, self._action_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.sampler.stop)
 
     def set_inflight(self, inflight: Callable[[], Mapping[int, int]]) -> None:
@@ -273,25 +316,22 @@ class Monitor:
     async def tick_once(self) -> None:
         """Poll supervisord and start the probes that are due (tests drive this directly)."""
         procs = await self._poll_supervisor()
-        polled_at = self._clock()
+        # A table requested before our last restart finished may still show the old process.
+        polled_at = self._polled_at if procs is not None else self._clock()
         for slot in self._slots.values():
-            proc = procs.get(slot.instance.name) if procs is not None else None
+            proc = None
             if procs is not None:
+                proc = procs.get(slot.instance.name) or _unknown(slot.instance.name, self._wall())
                 slot.proc = proc
             if slot.task is not None and not slot.task.done():
                 continue
-            if not self._due(slot, proc, polled_at, known=procs is not None):
+            if not self._due(slot, proc, self._clock(), known=procs is not None):
                 continue
             slot.task = asyncio.create_task(
-                self._check(slot, proc if procs is not None else None, polled_at),
+                self._check(slot, proc, polled_at),
                 name=f"probe-{slot.instance.name}",
             )
-
-    async def wait_idle(self) -> None:
-        """Wait for the probe tasks in flight (tests)."""
-        tasks = [s.task for s in self._slots.values() if s.task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            slot.task.add_done_callback(self._check_done)
 
     def _due(self, slot: _Slot, proc: ProcessInfo | None, now: float, *, known: bool) -> bool:
         if slot.hung or slot.restart_requested or now >= slot.next_due:
@@ -303,14 +343,20 @@ class Monitor:
         return False
 
     async def _poll_supervisor(self) -> dict[str, ProcessInfo] | None:
-        """supervisord's process table, or None when it does not answer within the probe timeout."""
+        """supervisord's process table, or None when it does not answer within the probe timeout.
+
+        ``self._polled_at`` is when the poll was sent: the table is at least that recent.
+        """
         if self._poll_task is None or self._poll_task.done():
             if self._poller is None:
                 self._poller = self._supervisor_factory(self.settings.probe_timeout)
-            self._poll_task = asyncio.ensure_future(asyncio.to_thread(self._poller.processes))
+            self._poll_sent = self._clock()
+            loop = asyncio.get_running_loop()
+            self._poll_task = loop.run_in_executor(self._poll_pool, self._poller.processes)
         done, _ = await asyncio.wait({self._poll_task}, timeout=self.settings.probe_timeout)
         if not done:
-            self._set_supervisord(False, "did not answer in time")
+            # Slow, not gone: no decisions this tick; liveness fails only if it stays silent.
+            log.debug("supervisord did not answer within %gs", self.settings.probe_timeout)
             return None
         try:
             procs = self._poll_task.result()
@@ -319,6 +365,7 @@ class Monitor:
             return None
         self._set_supervisord(True, "")
         self._last_poll = self._clock()
+        self._polled_at = self._poll_sent
         return {p.name: p for p in procs}
 
     def _set_supervisord(self, ok: bool, why: str) -> None:
@@ -328,6 +375,7 @@ class Monitor:
             else:
                 log.warning("supervisord: %s", why)
         self._supervisord_ok = ok
+        self._supervisord_error = why
 
     async def _check(self, slot: _Slot, proc: ProcessInfo | None, polled_at: float) -> None:
         """Probe one instance, decide, act. Runs as the instance's only task in flight."""
@@ -356,7 +404,7 @@ class Monitor:
     async def _probe(self, slot: _Slot, proc: ProcessInfo | None) -> ProbeResult:
         from orchestrator.probes import probe_http
 
-        logs = await asyncio.to_thread(slot.scanner.scan)
+        logs = await asyncio.get_running_loop().run_in_executor(self._scan_pool, slot.scanner.scan)
         if proc is not None and proc.state not in _PROBING:
             return ProbeResult(ok=False, error=f"supervisord reports {proc.state.name}", logs=logs)
         assert self._client is not None
@@ -383,7 +431,8 @@ class Monitor:
             assert self._client is not None
             return await free_memory(self._client, inst.port, self.settings.probe_timeout)
         try:
-            await asyncio.to_thread(self._supervisor_action, inst.name, action)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._action_pool, self._supervisor_action, inst.name, action)
         except SupervisorError as exc:
             log.error("%s: %s failed: %s", inst.name, action.value, exc)
             return str(exc)
@@ -489,13 +538,14 @@ class Monitor:
         now = self._clock()
         age = None if self._last_poll is None else now - self._last_poll
         running = self._loop_task is not None and not self._loop_task.done()
-        stale = 3 * self.tick + 2 * self.settings.probe_timeout
+        # One slow answer on a busy machine is not "supervisord is gone"; this long a silence is.
+        stale = max(5.0, 3 * self.settings.probe_timeout) + self.tick
         if not running:
             return Liveness(False, self._supervisord_ok, age, "the probe loop is not running")
         if not self._supervisord_ok:
-            return Liveness(False, False, age, "supervisord does not answer")
+            return Liveness(False, False, age, f"supervisord does not answer: {self._supervisord_error}")
         if age is None or age > stale:
-            return Liveness(False, self._supervisord_ok, age, "no answer from supervisord recently")
+            return Liveness(False, False, age, f"no answer from supervisord for {stale:g}s")
         return Liveness(True, True, age, "ok")
 
     @property
@@ -586,7 +636,10 @@ async def serve(settings: Settings, plan: MachinePlan, sock: socket.socket) -> N
     """Run the monitor and its HTTP API on ``sock`` until SIGTERM/SIGINT."""
     import uvicorn
 
-    app, _ = build_app(settings, plan)
+    app, monitor = build_app(settings, plan)
+    # A dead probe loop must not leave a monitor that serves stale answers: stop, and let
+    # supervisord start a fresh one.
+    monitor.on_loop_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
         server_header=False, ws="none",  # no WebSocket routes: do not load a WebSocket stack

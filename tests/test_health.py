@@ -262,6 +262,14 @@ def test_an_instance_stopped_by_the_operator_is_left_stopped_until_started() -> 
                                (S.STARTING, S.READY)]
 
 
+def test_a_program_supervisord_does_not_know_is_stopped_with_the_reason() -> None:
+    run = Run()
+    why = "no program comfyui_gpu0 in supervisord: run `orchestrator up` to apply the plan"
+    assert run.step(proc(P.UNKNOWN, description=why), None) == []
+    assert run.state is S.STOPPED
+    assert run.rec.reason == why
+
+
 def test_a_restart_whose_start_failed_is_started_again() -> None:
     run = Run()
     run.step(proc(), OK)

@@ -238,3 +238,23 @@ def test_a_scrape_never_waits_on_a_stuck_gpu_sample(tmp_path: Path) -> None:
     finally:
         backend.release.set()
         sampler.stop()
+
+
+def test_the_fast_renderer_is_byte_identical_to_generate_latest(tmp_path: Path) -> None:
+    from prometheus_client import Counter, Histogram, Info
+
+    from orchestrator.metrics import TextRenderer
+
+    src = full_source()
+    src.statuses[0] = status(0, failed_custom_nodes=('odd "node"\\name', "multi\nline"))
+    reg = build_registry(src, settings_for(tmp_path), Layout(tmp_path), hostname="h")
+    jobs = Counter("comfyui_jobs", "Jobs by outcome", ["status"], registry=reg)
+    hist = Histogram("comfyui_job_duration_seconds", "Job time", registry=reg)
+    Info("orchestrator_extra", "Info metric", registry=reg).info({"a": "b"})
+    renderer = TextRenderer()
+    for i in range(3):  # the label-set cache must not serve stale values
+        jobs.labels("succeeded").inc()
+        hist.observe(0.1 * i)
+        src.statuses[1] = status(1, restarts=i)
+        assert renderer.render(reg) == generate_latest(reg)
+    assert b'node="odd \\"node\\"\\\\name"' in renderer.render(reg)

@@ -222,6 +222,22 @@ def test_without_supervisord_the_monitor_is_not_alive_and_restarts_nothing(tmp_p
     run(main, tmp_path)
 
 
+def test_a_dead_probe_loop_asks_to_stop_the_monitor_so_supervisord_restarts_it(tmp_path: Path) -> None:
+    async def main(tmp: Path) -> None:
+        async with rig(tmp) as r:
+            stopped = asyncio.Event()
+            r.monitor.on_loop_failure = stopped.set
+
+            def broken() -> list[ProcessInfo]:
+                raise KeyError("state")  # not an expected error: the loop dies
+
+            r.sup.processes = broken  # type: ignore[method-assign]
+            await asyncio.wait_for(stopped.wait(), 5)
+            assert not r.monitor.liveness().alive
+
+    run(main, tmp_path)
+
+
 def test_a_fatal_program_is_started_again_with_backoff(tmp_path: Path) -> None:
     async def main(tmp: Path) -> None:
         async with rig(tmp) as r:
@@ -445,6 +461,28 @@ def test_restarting_over_http_needs_the_token(ready_box: Machine) -> None:
     assert wait_until(lambda: _instance(m, 0).get("pid") not in (None, pid), 10, 0.05)
     assert wait_until(lambda: _all_ready(m), 30, 0.1)
     assert "t0ken-for-tests" not in (m.root / "logs" / "monitor.log").read_text()
+
+
+@pytest.mark.integration
+def test_a_restarted_monitor_answers_right_from_its_first_request(ready_box: Machine) -> None:
+    from orchestrator.procs import Supervisor
+
+    m = ready_box
+    sup = Supervisor(m.layout, timeout=30)
+    sup.stop("monitor")
+    sup.start("monitor")
+    first: dict[str, int] = {}
+
+    def answered() -> bool:
+        try:
+            first["healthz"] = httpx.get(f"{m.monitor_url}/healthz", timeout=2).status_code
+            first["readyz"] = httpx.get(f"{m.monitor_url}/readyz", timeout=2).status_code
+        except httpx.HTTPError:
+            return False
+        return True
+
+    assert wait_until(answered, 60, 0.05)
+    assert first == {"healthz": 200, "readyz": 200}
 
 
 @pytest.mark.integration

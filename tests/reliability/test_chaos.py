@@ -120,6 +120,7 @@ class MetricsScraper:
         self.failures: list[str] = []
         self.series: list[dict[int, float]] = []
         self.latencies: list[float] = []
+        self.t0 = time.monotonic()
 
     def __call__(self) -> None:
         self.scrapes += 1
@@ -128,7 +129,7 @@ class MetricsScraper:
             text = self.client.get(self.url).text
             self.series.append(restarts_by_gpu(text))
         except (httpx.HTTPError, ValueError) as exc:
-            self.failures.append(f"{type(exc).__name__}: {exc}")
+            self.failures.append(f"t={start - self.t0:.1f}s {type(exc).__name__}: {exc}")
             return
         self.latencies.append(time.monotonic() - start)
 
@@ -321,10 +322,9 @@ class Chaos:
             self.housekeeping()
             if time.monotonic() >= next_at:
                 self.next_kind()
-                if self.inject():
-                    next_at = time.monotonic() + self.rng.uniform(1, 3)
-                else:
-                    next_at = time.monotonic() + 0.2  # every instance is busy recovering: soon again
+                # when every instance is still recovering, try again soon
+                delay = self.rng.uniform(1, 3) if self.inject() else 0.2
+                next_at = time.monotonic() + delay
             time.sleep(0.05)
 
     def clear_faults(self) -> None:
@@ -406,6 +406,8 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
         "healthz_latency_max_ms": round(1000 * max(healthz.latencies), 1) if healthz.latencies else None,
         "metrics_scrapes": metrics.scrapes,
         "metrics_scrape_failures": len(metrics.failures),
+        "metrics_scrape_failure_detail": metrics.failures[:5],
+        "healthz_failure_detail": healthz.failures[:5],
         "metrics_latency_max_ms": round(1000 * max(metrics.latencies), 1) if metrics.latencies else None,
         "crashes_and_hangs_injected": caused,
         "restarts_counted": counted,

@@ -1,0 +1,758 @@
+"""Hostile and broken input: every case is a clear one-line error or a success, nothing else.
+
+Property-based (hypothesis) over config_nodes.json, comfy_dir_config.yaml, static-models.json,
+the models manifest and every setting, in-process for speed; the named cases (path traversal,
+git option and transport injection, refs starting with '-', YAML alias bombs, 10 MB files,
+deep nesting) run the real CLI in a subprocess under a memory limit and a deadline. For every
+case: no traceback, exit 0 or a non-zero exit with one line, nothing written outside $ROOT, and
+nothing changed under $ROOT (apart from the CLI's own log file) when the input is invalid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator import cli, gitops, manifest, modeltree, nodes
+from orchestrator.errors import ConfigError
+from orchestrator.paths import Layout
+from orchestrator.settings import FIELDS, load_settings
+
+SHIPPED = Path(__file__).resolve().parents[2] / "shared"
+# A file that a successful command injection would create. It must never exist.
+PWNED = Path(tempfile.gettempdir()) / f"orchestrator-hostile-pwned-{os.getpid()}"
+FAST = settings(
+    max_examples=60, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+FEW = settings(FAST, max_examples=30)
+
+
+# ---------------------------------------------------------------- helpers
+def assert_clear(message: str) -> None:
+    """A user-facing error: one line, no traceback."""
+    assert message.strip(), "an empty error"
+    assert "\n" not in message.strip(), f"not one line: {message[:500]!r}"
+    assert "Traceback" not in message
+
+
+def snapshot(top: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple[Any, ...]]:
+    """Every path under ``top`` with its kind, mode and content hash (symlinks: their target)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    if not top.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        for name in dirnames + filenames:
+            p = here / name
+            if p in skip:
+                continue
+            st_ = p.lstat()
+            if p.is_symlink():
+                out[str(p)] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[str(p)] = ("dir", st_.st_mode)
+            else:
+                out[str(p)] = ("file", st_.st_mode, hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+@contextlib.contextmanager
+def restored_logging() -> Iterator[None]:
+    """cli.main configures the root logger for its process: undo that for the next test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """``orchestrator <args>`` in this process (fast enough for hypothesis). Any exception escapes."""
+    out, err = io.StringIO(), io.StringIO()
+    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    with restored_logging(), mock.patch.dict(os.environ, {**base, **env}, clear=True), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(args)
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def check_outcome(code: int, out: str, err: str) -> None:
+    assert "Traceback" not in out + err, (out + err)[-2000:]
+    if code != 0:
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"exit {code} without exactly one error line: {err[-2000:]!r}"
+        assert_clear(errors[0])
+
+
+def orchestrator(args: list[str], env: dict[str, str], *, timeout: float = 30,
+                 memory: int = 1 << 30) -> tuple[subprocess.CompletedProcess[str] | None, float]:
+    """The real CLI in a subprocess with an address-space limit; (None, seconds) when it hangs."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CIVITAI_", "MODELS_", "ORCHESTRATOR_"))}
+    full.update(env)
+    start = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=full, capture_output=True, text=True,
+                           timeout=timeout, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - start
+    return r, time.monotonic() - start
+
+
+def assert_clear_exit(r: subprocess.CompletedProcess[str] | None, took: float, limit: float,
+                      *, ok: tuple[int, ...] = (0, 2)) -> None:
+    assert r is not None, f"hung: no answer within {took:.0f}s"
+    assert took < limit, f"took {took:.1f}s (limit {limit:.0f}s)"
+    assert "Traceback" not in r.stdout + r.stderr, (r.stderr or r.stdout)[-1500:]
+    assert r.returncode in ok, (r.returncode, r.stderr[-1500:])
+    if r.returncode:
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, r.stderr[-1500:]
+        assert_clear(errors[0])
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> dict[str, Path]:
+    """ROOT, a folder for the hostile inputs (outside ROOT) and the folder around both."""
+    root = tmp_path / "root"
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / "comfy_dir_config.yaml").write_text((SHIPPED / "comfy_dir_config.yaml").read_text())
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    return {"root": root, "inputs": inputs, "outside": tmp_path}
+
+
+class Sandbox:
+    """Snapshots of ROOT and of everything around it, to compare after a command."""
+
+    def __init__(self, b: dict[str, Path]) -> None:
+        self.b = b
+        self.logs = b["root"] / "logs"
+        self.take()
+
+    def take(self) -> None:
+        self.inside = snapshot(self.b["root"], skip=(self.logs,))
+        self.around = snapshot(self.b["outside"], skip=(self.b["root"], self.b["inputs"]))
+
+    def assert_nothing_outside(self) -> None:
+        assert snapshot(self.b["outside"], skip=(self.b["root"], self.b["inputs"])) == self.around
+        assert not PWNED.exists(), "a command injection ran"
+
+    def assert_root_unchanged(self) -> None:
+        after = snapshot(self.b["root"], skip=(self.logs,))
+        changed = sorted(set(after.items()) ^ set(self.inside.items()))
+        assert not changed, changed[:10]
+
+
+# ---------------------------------------------------------------- strategies
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=8,
+)
+
+HOSTILE_NAMES = ["../x", "/etc", "a/b", ".", "..", "-rf", ".hidden", "__pycache__", "a\\b", "x\x00y", "\n",
+                 " ", "ok-node", "ComfyUI-Manager", "é-node", "x" * 300]
+HOSTILE_URLS = [
+    f"ext::sh -c touch% {PWNED}", f"--upload-pack=touch {PWNED}", f"-oProxyCommand=touch {PWNED}",
+    f"git clone --upload-pack=touch {PWNED}", f"git clone -oProxyCommand=touch {PWNED}",
+    "git clone https://github.com/a/b.git", "https://github.com/a/b.git", "http://example.com/a.git",
+    "git://example.com/a.git", "file:///etc", "/etc", "relative/path", "ssh://git@github.com/a/b.git",
+    "git@github.com:a/b.git", "https://user:pass@github.com/a/b.git", "fd::17", "", " ", "https://github.com/a b",
+    f"ssh://-oProxyCommand=touch%20{PWNED}/x",
+]
+HOSTILE_REFS = ["-x", f"--upload-pack=touch {PWNED}", "main", "a..b", "refs/heads/x", "@{-1}", "x.lock", "HEAD",
+                "deadbeef", "DEADBEEF00", "-abcdef1", "g" * 40, "0" * 40, "", "a b", "x~1", "feature/x"]
+
+node_entry = st.fixed_dictionaries(
+    {
+        "name": st.one_of(st.sampled_from(HOSTILE_NAMES), st.text(max_size=16)),
+        "url": st.one_of(st.sampled_from(HOSTILE_URLS), st.text(max_size=24)),
+    },
+    optional={
+        "branch": st.one_of(st.none(), st.sampled_from(HOSTILE_REFS), st.text(max_size=10), st.integers()),
+        "commit": st.one_of(st.none(), st.sampled_from(HOSTILE_REFS), st.text(max_size=10)),
+        "recursive": st.one_of(st.booleans(), json_scalars),
+        "requirements": st.one_of(st.booleans(), json_scalars),
+        "env": st.one_of(
+            st.dictionaries(
+                st.one_of(st.sampled_from(["A", "_x", "1A", "A-B", "A\n", "HF_TOKEN", ""]), st.text(max_size=5)),
+                st.one_of(st.sampled_from(["${HF_TOKEN}", "${X:-d}", "a'b\"c", "line\nbreak", "x\x00y"]),
+                          json_scalars, st.lists(st.integers(), max_size=2)),
+                max_size=3,
+            ),
+            json_scalars,
+        ),
+        "custom_script": st.one_of(st.none(), st.text(max_size=10), st.integers()),
+        "install_order": st.one_of(st.integers(), st.text(max_size=3), st.floats(allow_nan=False)),
+        "unknown": json_values,
+    },
+)
+nodes_configs = st.one_of(
+    st.fixed_dictionaries(
+        {"custom_nodes": st.lists(st.one_of(node_entry, node_entry, json_values), max_size=5)},
+        optional={"other": json_values},
+    ),
+    json_values,
+)
+
+FOLDERS = ["models/checkpoints/", "../x", "../../etc", "/etc", "~", "~/x", "a\\b", "a/../..", "x/./y",
+           "ok\nok2", "ok\n../bad", "", " ", "a\x00b", "models/SD15/LCM/"]
+# Relative or /workspace base paths only: absolute paths elsewhere (and '..') are the named cases below.
+BASES = ["/workspace/ComfyUI", "/workspace", "ComfyUI", "relative/dir", "", " ", 3, None, ["a"]]
+comfy_sections = st.dictionaries(
+    st.one_of(st.sampled_from(["checkpoints", "loras", "custom_nodes", "is_default", "../x", "a b", "", "1"]),
+              st.text(max_size=8)),
+    st.one_of(st.sampled_from(FOLDERS), st.text(max_size=12), json_scalars),
+    max_size=5,
+)
+comfy_configs = st.one_of(
+    st.dictionaries(
+        st.one_of(st.just("comfyui"), st.text(max_size=6)),
+        st.one_of(
+            st.builds(lambda base, body: {"base_path": base, **body}, st.sampled_from(BASES), comfy_sections),
+            json_values,
+        ),
+        max_size=3,
+    ),
+    json_values,
+)
+
+static_configs = st.one_of(
+    st.fixed_dictionaries(
+        {"symlinks": st.lists(
+            st.one_of(
+                st.fixed_dictionaries(
+                    {"source": st.one_of(st.sampled_from(["a.safetensors", "../../etc/passwd", "/etc/passwd",
+                                                          "x/../../y", "sub/b.ckpt", ""]), json_scalars),
+                     "target": st.one_of(st.sampled_from(["checkpoints/a.safetensors", "../../evil", "/tmp/evil",
+                                                          "loras/../../../evil", "models", "x"]), json_scalars)},
+                    optional={"description": json_scalars},
+                ),
+                json_values,
+            ),
+            max_size=4,
+        )},
+        optional={"no_index": json_values},
+    ),
+    json_values,
+)
+
+model_entry = st.fixed_dictionaries(
+    {"dest": st.one_of(st.sampled_from(["checkpoints", "checkpoints/SD15", "../x", "/abs", "loras/../..",
+                                        "unknown_category", "", "~"]), json_scalars)},
+    optional={
+        "url": st.one_of(st.sampled_from(["https://example.invalid/a.safetensors", "http://x/../../b.bin",
+                                          "ftp://x/y", "https://example.invalid/f?token=t"]), json_scalars),
+        "hf": st.one_of(st.sampled_from(["owner/repo", "owner/repo/x.safetensors", "owner/repo/../../x",
+                                         "../repo/x", "owner/repo/sub/.."]), json_scalars),
+        "civitai": st.one_of(st.integers(), st.sampled_from(["123", "-1", "1e3"])),
+        "filename": st.one_of(st.sampled_from(["x.safetensors", "../x.safetensors", "a/b.safetensors", "..", ".",
+                                               "x\x00y", "x" * 300, "a\\b"]), json_scalars),
+        "sha256": st.one_of(st.sampled_from(["a" * 64, "g" * 64, "A" * 64]), json_scalars),
+        "size": st.one_of(st.integers(), json_scalars),
+        "optional": json_scalars,
+        "when": st.one_of(st.sampled_from(["before_start", "background", "never"]), json_scalars),
+        "revision": st.one_of(st.sampled_from(["main", "../x", "a b"]), json_scalars),
+        "bogus": json_scalars,
+    },
+)
+manifests = st.one_of(
+    st.fixed_dictionaries({"models": st.one_of(st.lists(st.one_of(model_entry, json_values), max_size=4),
+                                               json_values)}),
+    json_values,
+)
+
+
+# ---------------------------------------------------------------- config_nodes.json
+@FAST
+@given(config=nodes_configs)
+def test_any_config_nodes_json_is_a_clear_error_or_a_config_whose_every_field_is_safe(config: Any) -> None:
+    try:
+        parsed = nodes.parse_config_text(json.dumps(config), Path("config_nodes.json"))
+    except ConfigError as exc:
+        assert_clear(str(exc))
+        return
+    for spec in parsed.nodes:
+        assert nodes.name_problem(spec.name) is None and Path(spec.name).name == spec.name
+        assert spec.name not in {".", ".."} and "/" not in spec.name
+        assert gitops.url_problem(spec.url) is None and not spec.url.startswith("-") and "::" not in spec.url
+        assert spec.branch is None or not spec.branch.startswith("-")
+        assert spec.commit is None or (not spec.commit.startswith("-") and all(c in "0123456789abcdef" for c in spec.commit))
+
+
+@FEW
+@given(config=st.one_of(nodes_configs, st.text(max_size=40)))
+def test_nodes_validate_and_a_dry_run_sync_end_in_one_line_or_success_and_write_nothing(
+    config: Any, box: dict[str, Path]
+) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    sandbox = Sandbox(box)
+    env = {"ROOT": str(box["root"])}
+    for args in (["nodes", "validate", str(path)], ["nodes", "sync", "--dry-run", "--file", str(path)]):
+        code, out, err = run_cli(args, env)
+        check_outcome(code, out, err)
+        assert code in (0, 2), (code, err)
+        sandbox.assert_root_unchanged()  # a dry run writes nothing, valid input or not
+        sandbox.assert_nothing_outside()
+
+
+# ---------------------------------------------------------------- comfy_dir_config.yaml
+@FAST
+@given(config=st.one_of(comfy_configs, st.text(max_size=40)))
+def test_any_comfy_dir_config_is_a_clear_error_or_a_tree_that_stays_inside_root(
+    config: Any, box: dict[str, Path]
+) -> None:
+    root = box["root"]
+    text = config if isinstance(config, str) else yaml.safe_dump(config)
+    (root / "shared" / "comfy_dir_config.yaml").write_text(text)
+    sandbox = Sandbox(box)
+    settings_ = load_settings({"ROOT": str(root)})
+    try:
+        tree = modeltree.prepare(settings_, Layout(root))
+    except ConfigError as exc:
+        assert_clear(str(exc))
+        sandbox.assert_root_unchanged()
+        sandbox.assert_nothing_outside()
+        return
+    for folder in tree.folders:
+        assert root in folder.resolve().parents, f"{folder} is outside ROOT"
+    sandbox.assert_nothing_outside()
+
+
+# ---------------------------------------------------------------- static-models.json
+@FAST
+@given(static=static_configs)
+def test_any_static_models_json_is_a_clear_error_or_links_that_stay_inside_root(
+    static: Any, box: dict[str, Path]
+) -> None:
+    root = box["root"]
+    sd = root / "shared" / "sd_models"
+    sd.mkdir(exist_ok=True)
+    (sd / "a.safetensors").write_text("weights")
+    (root / "shared" / "static-models.json").write_text(json.dumps(static))
+    sandbox = Sandbox(box)
+    try:
+        tree = modeltree.prepare(load_settings({"ROOT": str(root)}), Layout(root))
+    except ConfigError as exc:
+        assert_clear(str(exc))
+        sandbox.assert_root_unchanged()
+        sandbox.assert_nothing_outside()
+        return
+    for link in tree.links:
+        assert root in link.target.parent.resolve().parents or link.target.parent.resolve() == root.resolve()
+        assert sd.resolve() in link.source.resolve().parents
+    sandbox.assert_nothing_outside()
+
+
+# ---------------------------------------------------------------- the models manifest
+@FAST
+@given(doc=manifests)
+def test_any_manifest_is_a_clear_error_or_entries_with_safe_destinations_and_file_names(doc: Any) -> None:
+    try:
+        entries = manifest.parse_manifest(yaml.safe_dump(doc))
+    except ConfigError as exc:
+        assert_clear(str(exc))
+        return
+    for e in entries:
+        assert manifest.check_relative(e.dest) is None and ".." not in e.dest.split("/")
+        assert e.filename is None or manifest.check_filename(e.filename) is None
+        if e.kind == "hf":
+            assert ".." not in e.source.split("/")
+
+
+@FEW
+@given(doc=st.one_of(manifests, st.text(max_size=40)))
+def test_models_sync_dry_run_on_any_manifest_ends_in_one_line_or_success_and_writes_nothing(
+    doc: Any, box: dict[str, Path]
+) -> None:
+    path = box["inputs"] / "models.yaml"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    sandbox = Sandbox(box)
+    code, out, err = run_cli(["models", "sync", "--dry-run", "--json"],
+                             {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
+    check_outcome(code, out, err)
+    assert code in (0, 2), (code, err)
+    if code == 0:
+        json.loads(out)
+    sandbox.assert_root_unchanged()
+    sandbox.assert_nothing_outside()
+
+
+# ---------------------------------------------------------------- settings
+# Values an environment can hold (no NUL). A leading '~' is left to the named case below.
+env_text = st.text(st.characters(exclude_characters="\x00", codec="utf-8"), max_size=30).filter(
+    lambda s: not s.strip().startswith("~")
+)
+SETTING_SAMPLES = ["", " ", "-1", "0", "1", "65536", "1e999", "9" * 5000, "nan", "inf", "true", "yes", "auto",
+                   "15m", "0s", "-5s", "1.5.5", "'", '"', "a,b,,c", "0.0.0.0", "::", "[::1]", "é", "${HOME}",
+                   "/", "relative", "$(touch x)", "`id`", "\n", "\t1\t"]
+
+
+SECRET_MARK = "S3CR3T-"
+
+
+def setting_value(secret: bool) -> st.SearchStrategy[str]:
+    value = st.one_of(st.sampled_from(SETTING_SAMPLES), env_text)
+    return value.map(lambda v: SECRET_MARK + v) if secret else value
+
+
+@FAST
+@given(values=st.fixed_dictionaries({}, optional={f.env: setting_value(f.secret) for f in FIELDS}))
+def test_any_setting_value_loads_or_is_a_config_error_naming_the_variable(values: dict[str, str]) -> None:
+    error = ""
+    try:
+        s = load_settings(values)
+    except ConfigError as exc:
+        error = str(exc)
+    if error:
+        assert_clear(error)
+        assert any(name in error for name in values), error
+        assert SECRET_MARK not in error  # a secret's value is never echoed
+        return
+    # what `orchestrator config` prints can be built, and shows no secret
+    assert SECRET_MARK not in json.dumps(s.effective(), default=str)
+
+
+@FAST
+@given(doc=st.dictionaries(st.one_of(st.sampled_from([f.env for f in FIELDS] + ["unknown", "root", "TEST_GPUS"]),
+                                     st.text(max_size=8)),
+                           st.one_of(json_scalars, st.lists(json_scalars, max_size=3),
+                                     st.dictionaries(st.text(max_size=3), json_scalars, max_size=2)),
+                           max_size=4))
+def test_any_settings_file_loads_or_is_a_config_error_naming_the_file(doc: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    text = yaml.safe_dump(doc)
+    if "\x00" in text or any(str(v).strip().startswith("~") for v in doc.values()):
+        return  # NUL and '~user' values are the named cases below
+    path.write_text(text)
+    try:
+        load_settings({}, config_file=path)
+    except ConfigError as exc:
+        assert_clear(str(exc))
+
+
+# ---------------------------------------------------------------- named cases: the real CLI
+NAMED_NODES = {
+    "name ../x": {"name": "../x", "url": "https://github.com/a/b.git"},
+    "name /etc": {"name": "/etc", "url": "https://github.com/a/b.git"},
+    "name a/b": {"name": "a/b", "url": "https://github.com/a/b.git"},
+    "name .": {"name": ".", "url": "https://github.com/a/b.git"},
+    "url ext::": {"name": "u1", "url": f"ext::sh -c touch% {PWNED}"},
+    "url --upload-pack": {"name": "u2", "url": f"--upload-pack=touch {PWNED}"},
+    "url -oProxyCommand": {"name": "u3", "url": f"-oProxyCommand=touch {PWNED}"},
+    "url git clone --upload-pack": {"name": "u4", "url": f"git clone --upload-pack=touch {PWNED}"},
+    "branch starting with -": {"name": "r1", "url": "https://github.com/a/b.git", "branch": f"--upload-pack=touch {PWNED}"},
+    "commit starting with -": {"name": "r2", "url": "https://github.com/a/b.git", "commit": "-abcdef1"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAMED_NODES))
+def test_named_hostile_node_entries_are_refused_before_any_git_or_write(case: str, box: dict[str, Path]) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text(json.dumps({"custom_nodes": [NAMED_NODES[case]]}))
+    sandbox = Sandbox(box)
+    env = {"ROOT": str(box["root"])}
+    for args in (["nodes", "validate", str(path)], ["nodes", "sync", "--file", str(path)]):
+        code, out, err = run_cli(args, env)
+        check_outcome(code, out, err)
+        assert code == 2, (case, out, err)
+        assert "custom_nodes[0]" in err
+        sandbox.assert_root_unchanged()
+        sandbox.assert_nothing_outside()
+
+
+def test_every_named_hostile_node_entry_is_named_in_one_line_by_the_real_cli(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text(json.dumps({"custom_nodes": list(NAMED_NODES.values())}))
+    sandbox = Sandbox(box)
+    for args in (["nodes", "validate", str(path)], ["nodes", "sync", "--file", str(path)]):
+        r, took = orchestrator(args, {"ROOT": str(box["root"])})
+        assert_clear_exit(r, took, 20, ok=(2,))
+        assert r is not None
+        for i in range(len(NAMED_NODES)):
+            assert f"custom_nodes[{i}]" in r.stderr
+    sandbox.assert_root_unchanged()
+    sandbox.assert_nothing_outside()
+
+
+def test_an_ssh_url_whose_host_is_an_option_never_runs_a_command(box: dict[str, Path]) -> None:
+    # The validator lets ssh://-oProxyCommand=… through; git itself refuses such a host name.
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text(json.dumps({"custom_nodes": [{"name": "u5", "url": f"ssh://-oProxyCommand=touch%20{PWNED}/x"}]}))
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    r, took = orchestrator(["nodes", "sync", "--file", str(path)],
+                           {"ROOT": str(box["root"]), "SSH_PRIVATE_KEY": key, "GIT_TIMEOUT": "10"})
+    assert r is not None and took < 60
+    assert r.returncode == 1 and "FAILED: u5" in r.stdout  # the node failed; the others would go on
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not PWNED.exists()
+    assert "BEGIN OPENSSH" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("filename", "../x.safetensors"), ("filename", "a/b.safetensors"), ("filename", ".."),
+     ("dest", "../escape"), ("dest", "/etc"), ("dest", "checkpoints/../../x"), ("hf", "owner/repo/../../x")],
+)
+def test_named_model_paths_with_dotdot_or_slash_are_refused_in_one_line(
+    field: str, value: str, box: dict[str, Path]
+) -> None:
+    entry: dict[str, Any] = {"url": "https://example.invalid/x.safetensors", "dest": "checkpoints"}
+    if field == "hf":
+        entry = {"hf": value, "dest": "checkpoints"}
+    else:
+        entry[field] = value
+    path = box["inputs"] / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [entry]}))
+    sandbox = Sandbox(box)
+    for args in (["models", "sync", "--dry-run", "--json"], ["models", "sync"]):
+        code, out, err = run_cli(args, {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
+        check_outcome(code, out, err)
+        assert code == 2, (field, value, out, err)
+        sandbox.assert_root_unchanged()
+        sandbox.assert_nothing_outside()
+
+
+# ---------------------------------------------------------------- YAML alias bombs
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" YAML flow sequence: 9**9 leaves when expanded, a few hundred bytes on disk."""
+    names = "abcdefghijklmnop"
+    parts = ["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        parts.append(f"&{names[i]} [" + ", ".join([f"*{names[i - 1]}"] * 9) + "]")
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_an_alias_bomb_in_comfy_dir_config_is_a_fast_clear_error(box: dict[str, Path]) -> None:
+    (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
+        f"comfyui:\n  base_path: /workspace/ComfyUI\n  checkpoints: {alias_bomb()}\n"
+    )
+    sandbox = Sandbox(box)
+    r, took = orchestrator(["models", "sync", "--dry-run"], {"ROOT": str(box["root"])}, timeout=6)
+    assert_clear_exit(r, took, 5, ok=(2,))
+    sandbox.assert_root_unchanged()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: manifest.parse_manifest expands YAML aliases (jsonschema and the "
+                   "error message repr() the 9**9-leaf value): hangs and eats memory")
+def test_an_alias_bomb_in_the_models_manifest_is_a_fast_clear_error(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "models.yaml"
+    path.write_text(f"models:\n  - url: https://example.invalid/x.safetensors\n    dest: {alias_bomb()}\n")
+    r, took = orchestrator(["models", "sync", "--dry-run", "--json"],
+                           {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)}, timeout=6)
+    assert_clear_exit(r, took, 5, ok=(2,))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: settings._read_file str()/joins a YAML alias-bomb value "
+                   "(9**9 leaves): hangs and eats memory instead of a ConfigError")
+def test_an_alias_bomb_in_the_settings_file_is_a_fast_clear_error(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "settings.yaml"
+    path.write_text(f"GPUS: {alias_bomb()}\n")
+    r, took = orchestrator(["--config", str(path), "config"], {"ROOT": str(box["root"])}, timeout=6)
+    assert_clear_exit(r, took, 5, ok=(2,))
+
+
+# ---------------------------------------------------------------- deep nesting (a recursion bomb)
+DEEP = 100_000
+
+
+@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text catches JSONDecodeError only; deeply nested "
+                   "JSON raises RecursionError, printed as a traceback")
+def test_deeply_nested_config_nodes_json_is_a_clear_error(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text("[" * DEEP + "]" * DEEP)
+    r, took = orchestrator(["nodes", "validate", str(path)], {"ROOT": str(box["root"])})
+    assert_clear_exit(r, took, 10, ok=(2,))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: modeltree.parse_static catches ValueError only; deeply nested JSON "
+                   "raises RecursionError, a traceback")
+def test_deeply_nested_static_models_json_is_a_clear_error(box: dict[str, Path]) -> None:
+    (box["root"] / "shared" / "static-models.json").write_text('{"symlinks": ' + "[" * DEEP + "]" * DEEP + "}")
+    r, took = orchestrator(["models", "sync", "--dry-run"], {"ROOT": str(box["root"])})
+    assert_clear_exit(r, took, 10, ok=(2,))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: yaml.safe_load recurses per nesting level; modeltree.parse_config, "
+                   "manifest.parse_manifest and settings._read_file catch YAMLError only, so RecursionError escapes")
+@pytest.mark.parametrize("which", ["comfy_dir_config.yaml", "models.yaml", "settings file"])
+def test_deeply_nested_yaml_is_a_clear_error(which: str, box: dict[str, Path]) -> None:
+    deep = "[" * 20_000 + "]" * 20_000
+    env = {"ROOT": str(box["root"])}
+    args = ["models", "sync", "--dry-run"]
+    if which == "comfy_dir_config.yaml":
+        (box["root"] / "shared" / which).write_text(f"comfyui: {deep}\n")
+    elif which == "models.yaml":
+        (box["inputs"] / which).write_text(f"models: {deep}\n")
+        env["MODELS_MANIFEST"] = str(box["inputs"] / which)
+    else:
+        (box["inputs"] / "s.yaml").write_text(f"GPUS: {deep}\n")
+        args = ["--config", str(box["inputs"] / "s.yaml"), "config"]
+    r, took = orchestrator(args, env)
+    assert_clear_exit(r, took, 10, ok=(2,))
+
+
+# ---------------------------------------------------------------- 10 MB files
+TEN_MB = 10 * 1024 * 1024
+
+
+def test_ten_megabyte_json_inputs_end_in_success_or_a_short_clear_error_within_seconds(box: dict[str, Path]) -> None:
+    root, inputs = box["root"], box["inputs"]
+    filler = "x" * TEN_MB
+    ok_nodes = inputs / "ok_nodes.json"  # 10 MB in an unknown field: a warning
+    ok_nodes.write_text(json.dumps({"custom_nodes": [], "notes": filler}))
+    bad_nodes = inputs / "bad_nodes.json"  # a 10 MB url: an error that quotes 160 characters of it
+    bad_nodes.write_text(json.dumps({"custom_nodes": [{"name": "n", "url": "ext::" + filler}]}))
+    (root / "shared" / "static-models.json").write_text(json.dumps({"symlinks": [], "no_index": [filler]}))
+    cases = [
+        (["nodes", "validate", str(ok_nodes)], (0,)),
+        (["nodes", "validate", str(bad_nodes)], (2,)),
+        (["models", "sync", "--dry-run"], (0,)),
+    ]
+    for args, ok in cases:
+        r, took = orchestrator(args, {"ROOT": str(root)})
+        assert_clear_exit(r, took, 10, ok=ok)
+        assert r is not None
+        assert len(r.stderr) < 4096, f"{args}: a {len(r.stderr)}-byte error"
+
+
+TEN_MB_COMMENT = ("#" + "x" * 1023 + "\n") * (TEN_MB // 1024)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["comfy_dir_config.yaml", "models.yaml", "settings file"])
+def test_ten_megabyte_yaml_inputs_end_in_success_within_seconds(which: str, box: dict[str, Path]) -> None:
+    # PyYAML's pure-Python loader reads ~1 MB/s here (yaml.CSafeLoader would be ~10x faster).
+    root, inputs = box["root"], box["inputs"]
+    env = {"ROOT": str(root)}
+    args = ["models", "sync", "--dry-run", "--json"]
+    if which == "comfy_dir_config.yaml":
+        (root / "shared" / which).write_text(TEN_MB_COMMENT + (SHIPPED / which).read_text())
+    elif which == "models.yaml":
+        (inputs / which).write_text(TEN_MB_COMMENT + "models: []\n")
+        env["MODELS_MANIFEST"] = str(inputs / which)
+    else:
+        (inputs / "s.yaml").write_text(TEN_MB_COMMENT + "LOG_LEVEL: warning\n")
+        args = ["--config", str(inputs / "s.yaml"), "config"]
+    r, took = orchestrator(args, env, timeout=90)
+    assert_clear_exit(r, took, 60, ok=(0,))
+    print(f"\n10 MB {which}: {took:.1f} s")
+
+
+@pytest.mark.xfail(strict=True, reason="bug: error messages quote the input without bound: a 1 MB filename in "
+                   "models.yaml gives a 1 MB error line (manifest._schema_message repr()s the instance)")
+def test_an_error_about_a_huge_value_stays_short(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"url": "https://e.invalid/a", "dest": "checkpoints",
+                                                "filename": "a" * 1_000_000}]}))
+    code, out, err = run_cli(["models", "sync", "--dry-run"], {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
+    assert code == 2
+    assert len(err) < 4096, f"a {len(err)}-byte error line"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text joins every problem into the message: "
+                   "a config with 20 000 bad entries is a multi-megabyte 'one-line' error")
+def test_an_error_about_thousands_of_bad_entries_stays_short(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    path.write_text(json.dumps({"custom_nodes": [{"name": "../x", "url": "ext::sh"}] * 20_000}))
+    code, out, err = run_cli(["nodes", "validate", str(path)], {"ROOT": str(box["root"])})
+    assert code == 2
+    assert len(err) < 4096, f"a {len(err)}-byte error line"
+
+
+@pytest.mark.slow
+def test_a_ten_megabyte_config_nodes_json_with_seventy_thousand_nodes_validates_within_a_minute(
+    box: dict[str, Path]
+) -> None:
+    path = box["inputs"] / "config_nodes.json"
+    entries = [{"name": f"node-{i:06d}", "url": f"https://github.com/example/node-{i:06d}.git", "branch": "main",
+                "requirements": True, "env": {"HF_TOKEN": "${HF_TOKEN}"}} for i in range(70_000)]
+    path.write_text(json.dumps({"custom_nodes": entries}))
+    assert path.stat().st_size > TEN_MB
+    r, took = orchestrator(["nodes", "validate", str(path)], {"ROOT": str(box["root"])}, timeout=120)
+    assert_clear_exit(r, took, 60, ok=(0,))
+    print(f"\n70 000-node config_nodes.json ({path.stat().st_size / 1e6:.1f} MB) validated in {took:.1f} s")
+
+
+# ---------------------------------------------------------------- settings: named cases
+@pytest.mark.xfail(strict=True, reason="bug: settings.to_path/to_optional_path call Path.expanduser(), which "
+                   "raises RuntimeError for ~unknownuser: a traceback instead of a ConfigError")
+@pytest.mark.parametrize("name", ["ROOT", "MODELS_MANIFEST"])
+def test_a_path_setting_naming_an_unknown_home_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: "~no-such-user-here/x"})
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a NUL in a settings-file value (YAML \"\\0\") is accepted; "
+                   "`status` then dies with ValueError: embedded null byte (a traceback)")
+def test_a_nul_byte_in_a_settings_file_value_is_a_config_error(box: dict[str, Path]) -> None:
+    path = box["inputs"] / "settings.yaml"
+    path.write_text(f'ROOT: "{box["root"]}\\0x"\n')
+    r, took = orchestrator(["--config", str(path), "status"], {})
+    assert_clear_exit(r, took, 20, ok=(2,))
+
+
+# ---------------------------------------------------------------- writes outside ROOT
+@pytest.mark.xfail(strict=True, reason="bug: modeltree.rebase joins a base_path with '..' onto ROOT "
+                   "(base_path: ../outside or /workspace/../x) and prepare() creates folders outside ROOT")
+@pytest.mark.parametrize("base", ["../outside", "/workspace/../outside"])
+def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, Path]) -> None:
+    (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
+        f"comfyui:\n  base_path: {base}\n  checkpoints: models/checkpoints/\n"
+    )
+    sandbox = Sandbox(box)
+    code, out, err = run_cli(["models", "sync"], {"ROOT": str(box["root"])})
+    check_outcome(code, out, err)
+    sandbox.assert_nothing_outside()
+    assert code == 2
+
+
+@pytest.mark.xfail(strict=True, reason="design conflict: DESIGN.md keeps an absolute base_path outside /workspace "
+                   "as written, so `models sync` creates its folders outside ROOT; issue 8 wants no write outside ROOT")
+def test_an_absolute_base_path_outside_root_creates_nothing_outside_root(box: dict[str, Path]) -> None:
+    elsewhere = box["outside"] / "elsewhere"
+    (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
+        f"comfyui:\n  base_path: {elsewhere}\n  checkpoints: models/checkpoints/\n"
+    )
+    sandbox = Sandbox(box)
+    code, out, err = run_cli(["models", "sync"], {"ROOT": str(box["root"])})
+    check_outcome(code, out, err)
+    sandbox.assert_nothing_outside()
