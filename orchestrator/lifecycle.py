@@ -190,6 +190,7 @@ def up(
     for d in (layout.state_dir, layout.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     layout.state_dir.chmod(0o700)
+    _private_dir(layout.socket.parent)
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
     status = provision(settings, layout, timer, skip=skip_provision)
@@ -228,6 +229,15 @@ def up(
     return report
 
 
+def _private_dir(path: Path) -> None:
+    """The socket's folder: ours alone (mode 0700), refusing one another user planted."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise SupervisorError(f"{path} belongs to another user: remove it or use a shorter ROOT")
+    path.chmod(0o700)
+
+
 def _write_status(layout: Layout, timer: StageTimer, status: dict[str, Any]) -> None:
     write_json(layout.status_file, {**status, "stages": dict(timer.stages), "updated": time.time()})
 
@@ -237,8 +247,9 @@ def _start_supervisord(layout: Layout, env: dict[str, str]) -> None:
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     sup = Supervisor(layout)
     if result.returncode != 0 or not wait_for(sup.is_running, 15):
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        hint = detail[-1] if detail else f"see {layout.supervisord_log}"
+        detail = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in detail if ln.startswith("Error")]
+        hint = (errors or detail or [f"see {layout.supervisord_log}"])[0]
         raise SupervisorError(f"supervisord did not start: {hint}")
     log.info("supervisord started (pid %d)", sup.pid())
 

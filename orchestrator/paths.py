@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -37,7 +40,13 @@ class Layout:
 
     @property
     def socket(self) -> Path:
-        return self.state_dir / "supervisor.sock"
+        """supervisord's control socket; AF_UNIX paths are limited to 107 bytes, so a deep ROOT
+        gets a short private folder in the temp dir instead (created 0700 by `up`)."""
+        path = self.state_dir / "supervisor.sock"
+        if len(os.fsencode(path)) <= 100:
+            return path
+        digest = hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"orchestrator-{digest}" / "supervisor.sock"
 
     @property
     def supervisord_pid(self) -> Path:

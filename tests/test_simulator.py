@@ -808,7 +808,8 @@ def test_a_hang_keeps_the_port_open_but_answers_nothing_until_cleared(launcher: 
 
 
 def test_a_crash_fault_exits_1_with_a_traceback(launcher: Launcher) -> None:
-    sim = launcher.start(env={"SIM_CRASH_AFTER": "0.3"})
+    # Long enough that a loaded machine still sees it ready before the crash.
+    sim = launcher.start(env={"SIM_CRASH_AFTER": "3"})
     assert sim.wait_exit() == 1
     log = sim.log()
     assert "Traceback (most recent call last):" in log

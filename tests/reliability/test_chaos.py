@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import Machine
+from conftest import Machine, answers, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -355,6 +355,8 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
     m = make(NUM_INSTANCES)
     m.up()
     assert m.wait_all_answer(90), m.run("status").stdout
+    # the monitor is a supervisord program of its own: the chaos starts once it answers too
+    assert wait_until(lambda: answers(m.monitor_port, "/readyz"), 60, 0.2), m.run("status").stdout
     sup_pid = int(m.status()["supervisord"]["pid"])
     watcher = Watcher(m, sup_pid)
     healthz = HealthzPoller(f"{m.monitor_url}/healthz")

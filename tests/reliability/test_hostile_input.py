@@ -552,6 +552,10 @@ def test_named_model_paths_with_dotdot_or_slash_are_refused_in_one_line(
 
 
 # ---------------------------------------------------------------- YAML alias bombs
+BOMB_TIMEOUT = 5.0  # seconds before a bomb counts as a hang (python start-up included)
+BOMB_LIMIT = 4.0  # a clear error must come faster than this
+
+
 def alias_bomb(levels: int = 9) -> str:
     """A "billion laughs" YAML flow sequence: 9**9 leaves when expanded, a few hundred bytes on disk."""
     names = "abcdefghijklmnop"
@@ -566,8 +570,8 @@ def test_an_alias_bomb_in_comfy_dir_config_is_a_fast_clear_error(box: dict[str, 
         f"comfyui:\n  base_path: /workspace/ComfyUI\n  checkpoints: {alias_bomb()}\n"
     )
     sandbox = Sandbox(box)
-    r, took = orchestrator(["models", "sync", "--dry-run"], {"ROOT": str(box["root"])}, timeout=6)
-    assert_clear_exit(r, took, 5, ok=(2,))
+    r, took = orchestrator(["models", "sync", "--dry-run"], {"ROOT": str(box["root"])}, timeout=BOMB_TIMEOUT)
+    assert_clear_exit(r, took, BOMB_LIMIT, ok=(2,))
     sandbox.assert_root_unchanged()
 
 
@@ -577,8 +581,8 @@ def test_an_alias_bomb_in_the_models_manifest_is_a_fast_clear_error(box: dict[st
     path = box["inputs"] / "models.yaml"
     path.write_text(f"models:\n  - url: https://example.invalid/x.safetensors\n    dest: {alias_bomb()}\n")
     r, took = orchestrator(["models", "sync", "--dry-run", "--json"],
-                           {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)}, timeout=6)
-    assert_clear_exit(r, took, 5, ok=(2,))
+                           {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)}, timeout=BOMB_TIMEOUT)
+    assert_clear_exit(r, took, BOMB_LIMIT, ok=(2,))
 
 
 @pytest.mark.xfail(strict=True, reason="bug: settings._read_file str()/joins a YAML alias-bomb value "
@@ -586,36 +590,48 @@ def test_an_alias_bomb_in_the_models_manifest_is_a_fast_clear_error(box: dict[st
 def test_an_alias_bomb_in_the_settings_file_is_a_fast_clear_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "settings.yaml"
     path.write_text(f"GPUS: {alias_bomb()}\n")
-    r, took = orchestrator(["--config", str(path), "config"], {"ROOT": str(box["root"])}, timeout=6)
-    assert_clear_exit(r, took, 5, ok=(2,))
+    r, took = orchestrator(["--config", str(path), "config"], {"ROOT": str(box["root"])}, timeout=BOMB_TIMEOUT)
+    assert_clear_exit(r, took, BOMB_LIMIT, ok=(2,))
 
 
 # ---------------------------------------------------------------- deep nesting (a recursion bomb)
+# In-process: an escaping RecursionError is the failure (the CLI would print its traceback).
 DEEP = 100_000
 
 
-@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text catches JSONDecodeError only; deeply nested "
-                   "JSON raises RecursionError, printed as a traceback")
+def run_cli_shallow(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """run_cli, with an escaping RecursionError turned into a short failure (pytest would format 1000 frames)."""
+    try:
+        return run_cli(args, env)
+    except RecursionError:
+        raise AssertionError(f"orchestrator {' '.join(args)}: RecursionError escaped (a traceback)") from None
+
+
+@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text catches JSONDecodeError "
+                   "only; deeply nested JSON raises RecursionError, printed as a traceback")
 def test_deeply_nested_config_nodes_json_is_a_clear_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "config_nodes.json"
     path.write_text("[" * DEEP + "]" * DEEP)
-    r, took = orchestrator(["nodes", "validate", str(path)], {"ROOT": str(box["root"])})
-    assert_clear_exit(r, took, 10, ok=(2,))
+    code, out, err = run_cli_shallow(["nodes", "validate", str(path)], {"ROOT": str(box["root"])})
+    check_outcome(code, out, err)
+    assert code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: modeltree.parse_static catches ValueError only; deeply nested JSON "
-                   "raises RecursionError, a traceback")
+@pytest.mark.xfail(strict=True, reason="bug: modeltree.parse_static catches ValueError only; "
+                   "deeply nested JSON raises RecursionError, a traceback")
 def test_deeply_nested_static_models_json_is_a_clear_error(box: dict[str, Path]) -> None:
     (box["root"] / "shared" / "static-models.json").write_text('{"symlinks": ' + "[" * DEEP + "]" * DEEP + "}")
-    r, took = orchestrator(["models", "sync", "--dry-run"], {"ROOT": str(box["root"])})
-    assert_clear_exit(r, took, 10, ok=(2,))
+    code, out, err = run_cli_shallow(["models", "sync"], {"ROOT": str(box["root"])})  # (a dry run skips it)
+    check_outcome(code, out, err)
+    assert code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: yaml.safe_load recurses per nesting level; modeltree.parse_config, "
-                   "manifest.parse_manifest and settings._read_file catch YAMLError only, so RecursionError escapes")
+@pytest.mark.xfail(strict=True, reason="bug: yaml.safe_load recurses per nesting level; "
+                   "modeltree.parse_config, manifest.parse_manifest and settings._read_file catch YAMLError only, "
+                   "so RecursionError escapes")
 @pytest.mark.parametrize("which", ["comfy_dir_config.yaml", "models.yaml", "settings file"])
 def test_deeply_nested_yaml_is_a_clear_error(which: str, box: dict[str, Path]) -> None:
-    deep = "[" * 20_000 + "]" * 20_000
+    deep = "[" * 800 + "]" * 800  # past the recursion limit (PyYAML slows down quadratically with depth)
     env = {"ROOT": str(box["root"])}
     args = ["models", "sync", "--dry-run"]
     if which == "comfy_dir_config.yaml":
@@ -626,8 +642,9 @@ def test_deeply_nested_yaml_is_a_clear_error(which: str, box: dict[str, Path]) -
     else:
         (box["inputs"] / "s.yaml").write_text(f"GPUS: {deep}\n")
         args = ["--config", str(box["inputs"] / "s.yaml"), "config"]
-    r, took = orchestrator(args, env)
-    assert_clear_exit(r, took, 10, ok=(2,))
+    code, out, err = run_cli_shallow(args, env)
+    check_outcome(code, out, err)
+    assert code == 2
 
 
 # ---------------------------------------------------------------- 10 MB files
@@ -645,7 +662,7 @@ def test_ten_megabyte_json_inputs_end_in_success_or_a_short_clear_error_within_s
     cases = [
         (["nodes", "validate", str(ok_nodes)], (0,)),
         (["nodes", "validate", str(bad_nodes)], (2,)),
-        (["models", "sync", "--dry-run"], (0,)),
+        (["models", "sync"], (0,)),  # reads static-models.json
     ]
     for args, ok in cases:
         r, took = orchestrator(args, {"ROOT": str(root)})
