@@ -652,6 +652,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from orchestrator.api import check_listen
 
     check_listen(settings)
+    # The monitor process owns its exposition: no `*_created` companion series (noise on dashboards).
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()
     plan = load_plan(Layout(settings.root))
     sock = bind_socket(settings.orchestrator_listen, settings.orchestrator_port)
     log.info("monitor listening on http://%s:%d", settings.orchestrator_listen, settings.orchestrator_port)

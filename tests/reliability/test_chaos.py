@@ -291,7 +291,7 @@ class Chaos:
         else:  # oom: printed once when the simulator re-reads its fault file (every 0.5 s)
             self.faults[gpu]["oom"] = 0
             self.write_faults(gpu)
-            self.cleanups.append((self.now() + 1.5, gpu, "oom"))
+            self.cleanups.append((self.now() + 2.5, gpu, "oom"))  # read, printed and probed by then
         if kind in CRASHES:
             self.expected[gpu] += 1
             self.pending[gpu] = inj

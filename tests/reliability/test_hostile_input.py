@@ -40,7 +40,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "shared"
 # A file that a successful command injection would create. It must never exist.
 PWNED = Path(tempfile.gettempdir()) / f"orchestrator-hostile-pwned-{os.getpid()}"
 FAST = settings(
-    max_examples=60, deadline=None, derandomize=True,
+    max_examples=100, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 FEW = settings(FAST, max_examples=30)
@@ -200,19 +200,32 @@ HOSTILE_URLS = [
 HOSTILE_REFS = ["-x", f"--upload-pack=touch {PWNED}", "main", "a..b", "refs/heads/x", "@{-1}", "x.lock", "HEAD",
                 "deadbeef", "DEADBEEF00", "-abcdef1", "g" * 40, "0" * 40, "", "a b", "x~1", "feature/x"]
 
+# Mostly plausible values (so that many configs are valid and the safety of what passes is
+# checked), some hostile ones, some arbitrary text.
+safe_names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.-]{0,12}\Z")
+safe_urls = st.sampled_from(["https://github.com/a/b.git", "git@github.com:a/b.git", "ssh://git@host.example/x.git",
+                             "file:///tmp/x", "/srv/git/x.git", "git clone https://github.com/c/d", " https://e.com/f "])
+safe_refs = st.from_regex(r"\A[a-z][a-z0-9_-]{0,8}(/[a-z0-9_-]{1,6})?\Z")
+safe_commits = st.from_regex(r"\A[0-9a-fA-F]{7,40}\Z")
+
+
+def mostly(safe: st.SearchStrategy[Any], hostile: list[Any], size: int = 12) -> st.SearchStrategy[Any]:
+    return st.one_of(safe, safe, safe, st.sampled_from(hostile), st.text(max_size=size))
+
+
 node_entry = st.fixed_dictionaries(
     {
-        "name": st.one_of(st.sampled_from(HOSTILE_NAMES), st.text(max_size=16)),
-        "url": st.one_of(st.sampled_from(HOSTILE_URLS), st.text(max_size=24)),
+        "name": mostly(safe_names, HOSTILE_NAMES, 16),
+        "url": mostly(safe_urls, HOSTILE_URLS, 24),
     },
     optional={
-        "branch": st.one_of(st.none(), st.sampled_from(HOSTILE_REFS), st.text(max_size=10), st.integers()),
-        "commit": st.one_of(st.none(), st.sampled_from(HOSTILE_REFS), st.text(max_size=10)),
-        "recursive": st.one_of(st.booleans(), json_scalars),
-        "requirements": st.one_of(st.booleans(), json_scalars),
+        "branch": st.one_of(mostly(safe_refs, HOSTILE_REFS), st.none(), st.integers()),
+        "commit": st.one_of(mostly(safe_commits, HOSTILE_REFS), st.none()),
+        "recursive": st.one_of(st.booleans(), st.booleans(), json_scalars),
+        "requirements": st.one_of(st.booleans(), st.booleans(), json_scalars),
         "env": st.one_of(
             st.dictionaries(
-                st.one_of(st.sampled_from(["A", "_x", "1A", "A-B", "A\n", "HF_TOKEN", ""]), st.text(max_size=5)),
+                mostly(st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,8}\Z"), ["1A", "A-B", "A\n", ""], 5),
                 st.one_of(st.sampled_from(["${HF_TOKEN}", "${X:-d}", "a'b\"c", "line\nbreak", "x\x00y"]),
                           json_scalars, st.lists(st.integers(), max_size=2)),
                 max_size=3,
@@ -220,13 +233,13 @@ node_entry = st.fixed_dictionaries(
             json_scalars,
         ),
         "custom_script": st.one_of(st.none(), st.text(max_size=10), st.integers()),
-        "install_order": st.one_of(st.integers(), st.text(max_size=3), st.floats(allow_nan=False)),
+        "install_order": st.one_of(st.integers(), st.integers(), st.text(max_size=3), st.floats(allow_nan=False)),
         "unknown": json_values,
     },
 )
 nodes_configs = st.one_of(
     st.fixed_dictionaries(
-        {"custom_nodes": st.lists(st.one_of(node_entry, node_entry, json_values), max_size=5)},
+        {"custom_nodes": st.lists(st.one_of(node_entry, node_entry, node_entry, json_values), max_size=3)},
         optional={"other": json_values},
     ),
     json_values,
@@ -274,24 +287,41 @@ static_configs = st.one_of(
     json_values,
 )
 
-model_entry = st.fixed_dictionaries(
-    {"dest": st.one_of(st.sampled_from(["checkpoints", "checkpoints/SD15", "../x", "/abs", "loras/../..",
-                                        "unknown_category", "", "~"]), json_scalars)},
-    optional={
-        "url": st.one_of(st.sampled_from(["https://example.invalid/a.safetensors", "http://x/../../b.bin",
-                                          "ftp://x/y", "https://example.invalid/f?token=t"]), json_scalars),
-        "hf": st.one_of(st.sampled_from(["owner/repo", "owner/repo/x.safetensors", "owner/repo/../../x",
-                                         "../repo/x", "owner/repo/sub/.."]), json_scalars),
-        "civitai": st.one_of(st.integers(), st.sampled_from(["123", "-1", "1e3"])),
-        "filename": st.one_of(st.sampled_from(["x.safetensors", "../x.safetensors", "a/b.safetensors", "..", ".",
-                                               "x\x00y", "x" * 300, "a\\b"]), json_scalars),
-        "sha256": st.one_of(st.sampled_from(["a" * 64, "g" * 64, "A" * 64]), json_scalars),
-        "size": st.one_of(st.integers(), json_scalars),
-        "optional": json_scalars,
-        "when": st.one_of(st.sampled_from(["before_start", "background", "never"]), json_scalars),
-        "revision": st.one_of(st.sampled_from(["main", "../x", "a b"]), json_scalars),
-        "bogus": json_scalars,
-    },
+SAFE_DESTS = ["checkpoints", "checkpoints/SD15", "loras/style", "vae"]
+HOSTILE_DESTS = ["../x", "/abs", "loras/../..", "unknown_category", "", "~", "a\\b", "./x"]
+HOSTILE_FILENAMES = ["../x.safetensors", "a/b.safetensors", "..", ".", "x\x00y", "x" * 300, "a\\b", ""]
+model_optional = {
+    "filename": mostly(st.from_regex(r"\A[a-z][a-z0-9_.-]{0,12}\Z"), HOSTILE_FILENAMES),
+    "sha256": st.one_of(st.from_regex(r"\A[0-9a-f]{64}\Z"), st.sampled_from(["g" * 64, "A" * 64, ""]), json_scalars),
+    "size": st.one_of(st.integers(min_value=0), st.integers(), json_scalars),
+    "optional": st.one_of(st.booleans(), json_scalars),
+    "when": st.one_of(st.sampled_from(["before_start", "background", "never"]), json_scalars),
+    "name": st.one_of(st.text(min_size=1, max_size=8), json_scalars),
+}
+model_dest = mostly(st.sampled_from(SAFE_DESTS), HOSTILE_DESTS)
+model_entry = st.one_of(
+    st.fixed_dictionaries(
+        {"url": mostly(st.sampled_from(["https://example.invalid/a.safetensors", "http://x.invalid/b.bin",
+                                        "https://example.invalid/f?token=t"]), ["ftp://x/y", "http://x/../../b", ""]),
+         "dest": model_dest},
+        optional=model_optional,
+    ),
+    st.fixed_dictionaries(
+        {"hf": mostly(st.sampled_from(["owner/repo", "owner/repo/x.safetensors", "o/r/sub/dir/y.bin"]),
+                      ["owner/repo/../../x", "../repo/x", "owner/repo/sub/..", "owner", "/owner/repo"]),
+         "dest": model_dest},
+        optional={**model_optional, "revision": mostly(st.sampled_from(["main", "v1.0"]), ["../x", "a b", "/x"])},
+    ),
+    st.fixed_dictionaries(
+        {"civitai": st.one_of(st.integers(min_value=1), st.integers(), st.sampled_from(["123", "-1", "1e3"])),
+         "dest": model_dest},
+        optional=model_optional,
+    ),
+    st.fixed_dictionaries(  # anything goes: several sources, none, unknown keys
+        {"dest": st.one_of(model_dest, json_scalars)},
+        optional={"url": json_scalars, "hf": json_scalars, "civitai": json_scalars, "bogus": json_scalars,
+                  **model_optional},
+    ),
 )
 manifests = st.one_of(
     st.fixed_dictionaries({"models": st.one_of(st.lists(st.one_of(model_entry, json_values), max_size=4),
@@ -552,8 +582,8 @@ def test_named_model_paths_with_dotdot_or_slash_are_refused_in_one_line(
 
 
 # ---------------------------------------------------------------- YAML alias bombs
-BOMB_TIMEOUT = 5.0  # seconds before a bomb counts as a hang (python start-up included)
-BOMB_LIMIT = 4.0  # a clear error must come faster than this
+BOMB_TIMEOUT = 4.0  # seconds before a bomb counts as a hang (python start-up included)
+BOMB_LIMIT = 3.5  # a clear error must come faster than this
 
 
 def alias_bomb(levels: int = 9) -> str:
