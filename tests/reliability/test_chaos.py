@@ -236,6 +236,8 @@ class Chaos:
         self.stopped: list[tuple[int, float]] = []  # SIGSTOPped processes (pid, create_time)
         self.deferred = 0
         self.bag: list[str] = []
+        # restarts the monitor counted before the chaos: ours are counted on top of these
+        self.baseline = {g: int(i["restarts"]) for g, i in watcher.snapshot().items()}
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -265,7 +267,8 @@ class Chaos:
             # Only a READY process the monitor has seen (its pid is the one /instances shows) and
             # whose earlier restarts it has counted: a second hit before the monitor saw the first
             # replacement would merge two crashes into one new process.
-            if info["state"] == "READY" and info["pid"] and info["restarts"] >= self.expected[gpu]
+            if info["state"] == "READY" and info["pid"]
+            and info["restarts"] - self.baseline.get(gpu, 0) >= self.expected[gpu]
             and gpu not in busy
         ]
 

@@ -5,13 +5,15 @@ A full `up` provisions from local repositories: a custom node whose .env referen
 is written and used; the ssh binary is a stub that refuses), a Hugging Face and a CivitAI model
 whose server demands the token, and a model URL with a token in its query. Then status, config,
 plan, gpus, nodes sync, models sync/status, logs, health and every HTTP endpoint (the token where
-needed), up again, down. All output and every file under $ROOT is grepped for every marker; only
-the SSH key file and the nodes' .env files may hold one, and they (and supervisord.conf) are 0600.
+needed), cleanup, up again, down. All output, the command line of every process of the machine
+and every file under $ROOT are grepped for every marker; only the SSH key file and the nodes'
+.env files may hold one, and they (and supervisord.conf) are 0600.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import stat
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import wait_until
 
@@ -128,8 +131,13 @@ def test_no_secret_reaches_output_logs_metrics_or_files_and_secret_files_are_060
         assert (Path(f"{calls}.mode")).read_text().strip() == "600"
         for args in (("status",), ("status", "--json"), ("config",), ("config", "--json"), ("plan", "--json"),
                      ("gpus", "--json"), ("models", "status"), ("models", "status", "--json"), ("health",),
-                     ("logs", "all", "-n", "2000"), ("logs", "0", "-n", "2000")):
+                     ("logs", "all", "-n", "2000"), ("logs", "0", "-n", "2000"), ("cleanup", "--once")):
             cli(*args)
+        # command lines are world-readable (ps): no secret on any of the machine's processes
+        sup = psutil.Process(json.loads(cli("status", "--json"))["supervisord"]["pid"])
+        for proc in [sup, *sup.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                outputs.append((f"command line of pid {proc.pid}", " ".join(proc.cmdline())))
         cli("nodes", "sync", ok=(1,))  # private-node still fails
         cli("nodes", "sync", "--json", ok=(1,))
         cli("models", "sync")
