@@ -28,11 +28,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
-import yaml
 
 from orchestrator.errors import ConfigError
 from orchestrator.paths import Layout
 from orchestrator.settings import Settings
+from orchestrator.yamlfile import load_yaml
 
 TIERS = ("before_start", "background")
 KINDS = ("url", "hf", "civitai")
@@ -220,12 +220,7 @@ def parse_manifest(text: str, *, name: str = "models.yaml") -> tuple[ModelEntry,
     Raises:
         ConfigError: ``invalid models.yaml: models[2].sha256: expected 64 hex digits …``.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid {name}{where}: not valid YAML") from None
+    data = load_yaml(text, name=name)
     if data is None:
         return ()
     validator = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)

@@ -39,6 +39,7 @@ from orchestrator.errors import ConfigError, ModelError
 from orchestrator.fsutil import atomic_write
 from orchestrator.paths import Layout
 from orchestrator.settings import Settings
+from orchestrator.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,7 @@ def parse_config(
     Raises:
         ConfigError: naming the key that is wrong: ``invalid comfy_dir_config.yaml: key 'x': …``.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid {name}{where}: not valid YAML; fix the file in the shared repo") from None
+    data = load_yaml(text, name=name, hint="fix the file in the shared repo")
     if not isinstance(data, dict) or not data:
         raise ConfigError(
             f"invalid {name}: expected a section such as 'comfyui:' holding base_path and "

@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.errors import ConfigError
+from orchestrator.yamlfile import load_yaml
 
 FORK_URL = "https://github.com/stakeordie/ComfyUI.git"
 UPSTREAM_URL = "https://github.com/comfyanonymous/ComfyUI.git"
@@ -340,12 +339,7 @@ def _read_file(path: Path) -> dict[str, str]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid settings file {path}{where}: not valid YAML") from None
+    data = load_yaml(text, name=f"settings file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -338,12 +338,13 @@ class Chaos:
         self.cleanups.clear()
 
     def settle(self, limit: float) -> float | None:
-        """Seconds until every instance is READY and every crash has its new process."""
+        """Seconds until every instance is READY, every crash has its new process and every fault
+        that was injected has done its work (a slow start really started slowly, an OOM was printed)."""
         start = time.monotonic()
         while time.monotonic() - start < limit:
             self.housekeeping()
             snap = self.watcher.snapshot()
-            if not self.pending and len(snap) == self.m.num_gpus and all(
+            if not self.pending and not self.cleanups and len(snap) == self.m.num_gpus and all(
                 i["state"] == "READY" for i in snap.values()
             ):
                 return time.monotonic() - start
@@ -378,8 +379,8 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
         baseline = restarts_by_gpu(httpx.get(f"{m.monitor_url}/metrics", timeout=5).text)
         chaos = Chaos(m, watcher, rng)
         chaos.run(seconds)
-        chaos.clear_faults()
         settle = chaos.settle(SETTLE_LIMIT)
+        chaos.clear_faults()
         time.sleep(1.5)  # a few more polls and at least one scrape of the settled machine
     finally:
         for t in threads:
