@@ -105,17 +105,23 @@ def child_environment(settings: Settings, overrides: Mapping[str, str]) -> dict[
     return env
 
 
-def extra_programs(settings: Settings, layout: Layout, plan: MachinePlan) -> list[Program]:
+def extra_programs(
+    settings: Settings, layout: Layout, plan: MachinePlan, *, background_models: bool = True
+) -> list[Program]:
+    """The monitor, plus background downloads (only when the manifest has any) and cleanup."""
     me = [sys.executable, "-m", "orchestrator"]
     plan_hash = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     programs = [
         # The plan hash makes supervisord restart the monitor when the plan changes.
         Program("monitor", (*me, "serve"), str(layout.root), {"ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50),
-        Program(
-            "models", (*me, "models", "sync", "--tier", "background"), str(layout.root), {},
-            autorestart="false", startsecs=0, priority=800,
-        ),
     ]
+    if background_models:
+        programs.append(
+            Program(
+                "models", (*me, "models", "sync", "--tier", "background"), str(layout.root), {},
+                autorestart="false", startsecs=0, priority=800,
+            )
+        )
     if settings.output_max_age > 0:
         programs.append(Program("cleanup", (*me, "cleanup"), str(layout.root), {}, priority=900))
     return programs
@@ -168,9 +174,13 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
             status["model_tree"] = modeltree.prepare(settings, layout).to_dict()
         if not skip:
             from orchestrator import models
+            from orchestrator.manifest import load_entries
 
             mreport = models.sync_models(settings, layout, tier="before_start")
-            status["models"] = {"failed": list(mreport.failed)}
+            status["models"] = {
+                "failed": list(mreport.failed),
+                "background": sum(1 for e in load_entries(settings, layout) if e.when == "background"),
+            }
             if mreport.failed:
                 log.error("models failed before start: %s", ", ".join(mreport.failed))
     return status
@@ -201,7 +211,10 @@ def up(
     with timer.stage("render"):
         user, password = _credentials(layout)
         options = RenderOptions(username=user, password=password, stopwaitsecs=int(settings.stop_timeout))
-        conf = render_supervisord_conf(plan, layout, options, extra_programs(settings, layout, plan))
+        background = bool(status.get("models", {}).get("background"))
+        conf = render_supervisord_conf(
+            plan, layout, options, extra_programs(settings, layout, plan, background_models=background)
+        )
         ours = family([sup.pid()]) if running else set()
         check_ports(
             [(i.port, i.name) for i in plan.instances]
