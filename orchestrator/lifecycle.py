@@ -110,20 +110,25 @@ def extra_programs(
 ) -> list[Program]:
     """The monitor, plus background downloads (only when the manifest has any) and cleanup."""
     me = [sys.executable, "-m", "orchestrator"]
+    # Batch work yields the CPU to instances that are starting (`nice` execs, keeping the pid).
+    batch = ["nice", "-n", "10", *me]
     plan_hash = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     programs = [
         # The plan hash makes supervisord restart the monitor when the plan changes.
-        Program("monitor", (*me, "serve"), str(layout.root), {"ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50),
+        Program(
+            "monitor", ("nice", "-n", "5", *me, "serve"), str(layout.root),
+            {"ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
+        ),
     ]
     if background_models:
         programs.append(
             Program(
-                "models", (*me, "models", "sync", "--tier", "background"), str(layout.root), {},
+                "models", (*batch, "models", "sync", "--tier", "background"), str(layout.root), {},
                 autorestart="false", startsecs=0, priority=800,
             )
         )
     if settings.output_max_age > 0:
-        programs.append(Program("cleanup", (*me, "cleanup"), str(layout.root), {}, priority=900))
+        programs.append(Program("cleanup", (*batch, "cleanup"), str(layout.root), {}, priority=900))
     return programs
 
 

@@ -219,6 +219,7 @@ class Injection:
     gpu: int
     pid: int
     at: float  # seconds since the chaos began
+    at_wall: float = dataclasses.field(default_factory=time.time)  # epoch seconds, as the monitor shows times
     recovered_after: float | None = None  # seconds until READY with a new process
 
 
@@ -277,24 +278,35 @@ class Chaos:
         if not candidates:
             self.deferred += 1
             return False
-        kind = self.bag.pop()
+        kind = self.bag[-1]
         target = self.rng.choice(candidates)
         gpu, pid = int(target["gpu"]), int(target["pid"])
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:  # the snapshot is up to 0.2 s old: that process is already gone
+            self.deferred += 1
+            return False
         inj = Injection(kind, gpu, pid, self.now())
-        if kind == "kill":
-            os.kill(pid, signal.SIGKILL)
-        elif kind == "stop":
-            with contextlib.suppress(psutil.Error):
-                self.stopped.append((pid, psutil.Process(pid).create_time()))
-            os.kill(pid, signal.SIGSTOP)  # left stopped: the monitor must notice and restart it
-        elif kind == "slow_start":
-            self.faults[gpu]["start_delay"] = SLOW_START  # read by the next process at its start
+        try:
+            if kind == "kill":
+                os.kill(pid, signal.SIGKILL)
+            elif kind == "stop":
+                os.kill(pid, signal.SIGSTOP)  # left stopped: the monitor must notice and restart it
+                self.stopped.append((pid, created))
+            elif kind == "slow_start":
+                self.faults[gpu]["start_delay"] = SLOW_START  # read by the next process at its start
+                self.write_faults(gpu)
+                os.kill(pid, signal.SIGKILL)
+            else:  # oom: printed once when the simulator re-reads its fault file (every 0.5 s)
+                self.faults[gpu]["oom"] = 0
+                self.write_faults(gpu)
+                self.cleanups.append((self.now() + 2.5, gpu, "oom"))  # read, printed and probed by then
+        except ProcessLookupError:
+            self.faults[gpu].pop("start_delay", None)
             self.write_faults(gpu)
-            os.kill(pid, signal.SIGKILL)
-        else:  # oom: printed once when the simulator re-reads its fault file (every 0.5 s)
-            self.faults[gpu]["oom"] = 0
-            self.write_faults(gpu)
-            self.cleanups.append((self.now() + 2.5, gpu, "oom"))  # read, printed and probed by then
+            self.deferred += 1
+            return False
+        self.bag.pop()
         if kind in CRASHES:
             self.expected[gpu] += 1
             self.pending[gpu] = inj
@@ -311,7 +323,13 @@ class Chaos:
         snap = self.watcher.snapshot()
         for gpu, inj in list(self.pending.items()):
             info = snap.get(gpu, {})
-            if info.get("state") == "READY" and info.get("pid") and info["pid"] != inj.pid:
+            # READY *entered after* the injection: /instances takes the pid from the latest
+            # supervisord poll but the state from the last decision, so for up to a tick a new,
+            # still-starting process can show up next to the READY of the one we killed.
+            if (
+                info.get("state") == "READY" and info.get("pid") and info["pid"] != inj.pid
+                and float(info.get("since") or 0) > inj.at_wall
+            ):
                 inj.recovered_after = now - inj.at
                 del self.pending[gpu]
                 if inj.kind == "slow_start":
@@ -427,6 +445,11 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
         "settle_seconds": None if settle is None else round(settle, 2),
         "down_seconds": round(down_seconds, 2),
         "oom_events_in_monitor_log": monitor_log.count("out-of-memory error"),
+        "injection_log": [
+            {"kind": i.kind, "gpu": i.gpu, "pid": i.pid, "at": round(i.at, 2),
+             "recovered_after": None if i.recovered_after is None else round(i.recovered_after, 2)}
+            for i in chaos.injections
+        ],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"chaos_{int(seconds)}.json").write_text(json.dumps(figures, indent=2) + "\n")

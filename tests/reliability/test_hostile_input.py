@@ -803,3 +803,27 @@ def test_an_absolute_base_path_outside_root_creates_nothing_outside_root(box: di
     code, out, err = run_cli(["models", "sync"], {"ROOT": str(box["root"])})
     check_outcome(code, out, err)
     sandbox.assert_nothing_outside()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: modeltree._relative_folder does not bound name lengths; prepare() "
+                   "writes extra_model_paths.yaml and the first folders, then Path.is_dir() raises OSError "
+                   "ENAMETOOLONG: a traceback after a partial write")
+def test_a_model_folder_name_longer_than_the_filesystem_allows_is_a_clear_error_before_any_write(
+    box: dict[str, Path]
+) -> None:
+    (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
+        "comfyui:\n  base_path: /workspace/ComfyUI\n  checkpoints: models/checkpoints/\n"
+        f"  loras: models/{'x' * 300}/\n"
+    )
+    sandbox = Sandbox(box)
+    r, took = orchestrator(["models", "sync"], {"ROOT": str(box["root"])})
+    assert_clear_exit(r, took, 20, ok=(2,))
+    sandbox.assert_root_unchanged()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: input files are read whole with no size bound and no regular-file "
+                   "check: /dev/zero as a config reads until memory runs out (MemoryError traceback, or a hang)")
+@pytest.mark.parametrize("args", [["nodes", "validate", "/dev/zero"], ["--config", "/dev/zero", "config"]])
+def test_an_endless_input_file_is_a_clear_error(args: list[str], box: dict[str, Path]) -> None:
+    r, took = orchestrator(args, {"ROOT": str(box["root"])}, timeout=10, memory=512 << 20)
+    assert_clear_exit(r, took, 10, ok=(2,))
