@@ -1151,6 +1151,20 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     return "; ".join(parts), node_id, field
 
 
+def _replay(body: bytes) -> Callable[[], Coroutine[Any, Any, dict[str, Any]]]:
+    """An ASGI ``receive`` that hands the already-read body to the route's own parser."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
 class _JobsRoute(APIRoute):
     """Accepts JSON whatever the Content-Type (``curl -d @workflow.json``), checks the token
     before reading a mutating request, and answers every error with an ErrorResponse."""
@@ -1172,12 +1186,19 @@ class _JobsRoute(APIRoute):
                         ),
                         {"WWW-Authenticate": "Bearer"},
                     )
+                raw = await request.body()
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return _error_json(
+                        400, ErrorResponse(error="validation", message=f"body is not UTF-8 JSON (byte {exc.start})")
+                    )
+                scope = dict(request.scope)
                 ctype = request.headers.get("content-type", "")
                 if not ctype or ctype.startswith(("application/x-www-form-urlencoded", "text/plain")):
-                    scope = dict(request.scope)
                     scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
                     scope["headers"].append((b"content-type", b"application/json"))
-                    request = Request(scope, request.receive)
+                request = Request(scope, _replay(raw))
             try:
                 return await original(request)
             except RequestValidationError as exc:
@@ -1250,7 +1271,10 @@ def jobs_router(manager: JobManager) -> APIRouter:
     @router.get(
         "/jobs/{job_id}",
         response_model=JobResponse,
-        responses={404: {"model": ErrorResponse, "description": "Unknown or expired job"}},
+        responses={
+            400: {"model": ErrorResponse, "description": "Invalid query (wait must be 0-3600 seconds)"},
+            404: {"model": ErrorResponse, "description": "Unknown or expired job"},
+        },
         summary="A job's state and result",
     )
     async def get_job(

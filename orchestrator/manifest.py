@@ -29,10 +29,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
 
+from orchestrator.configfile import clip, load_yaml, read_config
 from orchestrator.errors import ConfigError
 from orchestrator.paths import Layout
 from orchestrator.settings import Settings
-from orchestrator.yamlfile import load_yaml
 
 TIERS = ("before_start", "background")
 KINDS = ("url", "hf", "civitai")
@@ -211,7 +211,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"{where}: missing {missing}{hint}"
     field = next((str(p) for p in reversed(error.absolute_path) if isinstance(p, str)), "")
     hint = _HINTS.get(field, error.message)
-    return f"{where}: {hint} (got {error.instance!r})"
+    return f"{where}: {hint} (got {clip(error.instance)})"
 
 
 def parse_manifest(text: str, *, name: str = "models.yaml") -> tuple[ModelEntry, ...]:
@@ -286,13 +286,11 @@ def load_manifest(settings: Settings, layout: Layout) -> tuple[ModelEntry, ...]:
     """
     path = manifest_path(settings, layout)
     try:
-        text = path.read_text()
+        text = read_config(path, what=f"model manifest {path}")
     except FileNotFoundError:
         if settings.models_manifest is not None:
             raise ConfigError(f"invalid MODELS_MANIFEST={str(path)!r}: no such file") from None
         return ()
-    except OSError as exc:
-        raise ConfigError(f"cannot read model manifest {path}: {exc.strerror}") from None
     return parse_manifest(text, name=str(path) if settings.models_manifest else path.name)
 
 

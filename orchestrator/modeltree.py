@@ -10,7 +10,8 @@ Rebasing rule (the production file says ``base_path: /workspace/ComfyUI``):
   ``$ROOT`` when ROOT is not ``/workspace`` (``/workspace/ComfyUI`` → ``$ROOT/ComfyUI``);
 * a relative base path is taken relative to ``$ROOT`` (ComfyUI would resolve it against the
   YAML's folder, which for the rebased copy is the state folder: wrong);
-* any other absolute base path is kept as written.
+* the result must lie under ``$ROOT`` (the orchestrator never writes outside it): an absolute
+  base path elsewhere, or one that leaves ROOT with ``..``, is an error naming the key.
 
 The rebased YAML is written to ``Layout.extra_model_paths`` and passed to every instance with
 ``--extra-model-paths-config``. Everything is validated before anything is written.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -35,11 +35,11 @@ from typing import Any
 
 import yaml
 
+from orchestrator.configfile import load_json, load_yaml, read_config
 from orchestrator.errors import ConfigError, ModelError
 from orchestrator.fsutil import atomic_write
 from orchestrator.paths import Layout
 from orchestrator.settings import Settings
-from orchestrator.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,20 @@ class StaticLink:
 
 # ---------------------------------------------------------------- pure parts
 def rebase(base_path: str, root: Path) -> Path:
-    """Where ``base_path`` lives on this machine (see the module docstring for the rule)."""
-    path = Path(os.path.expanduser(base_path.strip()))
+    """Where ``base_path`` lives on this machine (see the module docstring for the rule).
+
+    Raises:
+        ValueError: the result would not be under ``root``.
+    """
+    path = Path(os.path.normpath(base_path.strip()))
     if not path.is_absolute():
-        return root / path
-    if root != LEGACY_ROOT and (path == LEGACY_ROOT or LEGACY_ROOT in path.parents):
-        return root / path.relative_to(LEGACY_ROOT)
+        path = root / path
+    elif root != LEGACY_ROOT and (path == LEGACY_ROOT or LEGACY_ROOT in path.parents):
+        path = root / path.relative_to(LEGACY_ROOT)
+    path = Path(os.path.normpath(path))
+    norm_root = Path(os.path.normpath(root))
+    if path != norm_root and norm_root not in path.parents:
+        raise ValueError(f"{base_path.strip()!r} is outside ROOT ({root}); use a folder under it")
     return path
 
 
@@ -129,6 +137,8 @@ def _relative_folder(value: str) -> str | None:
         return f"{value!r} is absolute; expected a folder relative to base_path such as models/checkpoints/"
     if ".." in PurePosixPath(value).parts:
         return f"{value!r} leaves base_path ('..'); expected a folder inside it"
+    if any(len(part.encode()) > 255 for part in PurePosixPath(value).parts) or len(value) > 1024:
+        return "folder name too long (255 bytes per name at most)"
     return None
 
 
@@ -172,7 +182,10 @@ def parse_config(
         is_default = body.get("is_default", False)
         if not isinstance(is_default, bool):
             raise bad(section, "is_default", "expected true or false")
-        base = rebase(base_raw, root)
+        try:
+            base = rebase(base_raw, root)
+        except ValueError as exc:
+            raise bad(section, "base_path", str(exc)) from None
         cats: dict[str, tuple[Path, ...]] = {}
         out: dict[str, Any] = {"base_path": str(base)}
         if "is_default" in body:
@@ -211,10 +224,7 @@ def parse_config(
 
 def parse_static(text: str, *, name: str = STATIC_NAME) -> tuple[StaticLink, ...]:
     """Validate static-models.json; only ``symlinks`` matters here (``no_index`` is for the nodes)."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"invalid {name}: not valid JSON ({exc}); fix it in the shared repo") from None
+    data = load_json(text, name=name, hint="fix it in the shared repo")
     if not isinstance(data, dict):
         raise ConfigError(f"invalid {name}: expected an object with a 'symlinks' list")
     items = data.get("symlinks", [])
@@ -270,11 +280,9 @@ def link_path(tree: TreeResult, target: str) -> Path:
 # ---------------------------------------------------------------- effects
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text()
+        return read_config(path)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def load_tree(settings: Settings, layout: Layout) -> TreeResult:

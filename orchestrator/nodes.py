@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
+from orchestrator.configfile import join_problems, load_json, read_config
 from orchestrator.errors import ConfigError, ProvisionError
 from orchestrator.fsutil import atomic_write, read_json, write_json
 from orchestrator.gitops import (
@@ -235,16 +236,11 @@ def check_config(data: Any) -> tuple[list[NodeSpec], list[str], list[str]]:
 
 def parse_config_text(text: str, path: Path) -> NodesConfig:
     """Parse and validate; raise one ConfigError listing every problem with its JSON path."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
-        ) from None
+    data = load_json(text, name=str(path))
     specs, errors, warnings = check_config(data)
     if errors:
         count = f"{len(errors)} problems" if len(errors) > 1 else "1 problem"
-        raise ConfigError(f"{path}: {count}: " + "; ".join(errors))
+        raise ConfigError(f"{path}: {count}: " + join_problems(errors))
     return NodesConfig(path=path, nodes=tuple(specs), warnings=tuple(warnings))
 
 
@@ -255,9 +251,9 @@ def load_config(path: Path) -> NodesConfig:
         ConfigError: unreadable, not JSON, or invalid; the message names each JSON path.
     """
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        text = read_config(path)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read {path}: no such file") from None
     return parse_config_text(text, path)
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.configfile import load_yaml, read_config
 from orchestrator.errors import ConfigError
-from orchestrator.yamlfile import load_yaml
 
 FORK_URL = "https://github.com/stakeordie/ComfyUI.git"
 UPSTREAM_URL = "https://github.com/comfyanonymous/ComfyUI.git"
@@ -121,15 +121,22 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
+def _expand(value: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise ValueError("expected a path (the user after ~ does not exist)") from None
+
+
 def to_path(raw: str) -> Path:
     value = raw.strip()
     if not value:
         raise ValueError("expected a path")
-    return Path(value).expanduser()
+    return _expand(value)
 
 
 def to_optional_path(raw: str) -> Path | None:
-    return Path(raw.strip()).expanduser() if raw.strip() else None
+    return _expand(raw.strip()) if raw.strip() else None
 
 
 def to_listen(raw: str) -> str:
@@ -336,9 +343,9 @@ class Settings:
 
 def _read_file(path: Path) -> dict[str, str]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
+        text = read_config(path, what=f"settings file {path}")
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read settings file {path}: no such file") from None
     data = load_yaml(text, name=f"settings file {path}")
     if data is None:
         return {}
@@ -394,6 +401,8 @@ def load_settings(
         if raw is None:
             raw = f.default
         try:
+            if "\0" in raw:
+                raise ValueError("a value may not contain a NUL byte")
             values[f.attr] = f.convert(raw)
         except ValueError as exc:
             shown = "***" if f.secret else raw

@@ -99,11 +99,11 @@ def test_nested_and_multi_line_folders_all_exist(root: Path) -> None:
     ("config", "key"),
     [
         ("comfyui:\n  checkpoints: models/checkpoints/\n", "base_path"),
-        ("comfyui:\n  base_path: /x\n  checkpoints: 42\n", "checkpoints"),
-        ("comfyui:\n  base_path: /x\n  loras: /abs/loras\n", "loras"),
-        ("comfyui:\n  base_path: /x\n  vae: ../../etc\n", "vae"),
-        ("comfyui:\n  base_path: /x\n  vae: ''\n", "vae"),
-        ("comfyui:\n  base_path: /x\n  is_default: maybe\n", "is_default"),
+        ("comfyui:\n  base_path: /workspace/x\n  checkpoints: 42\n", "checkpoints"),
+        ("comfyui:\n  base_path: /workspace/x\n  loras: /abs/loras\n", "loras"),
+        ("comfyui:\n  base_path: /workspace/x\n  vae: ../../etc\n", "vae"),
+        ("comfyui:\n  base_path: /workspace/x\n  vae: ''\n", "vae"),
+        ("comfyui:\n  base_path: /workspace/x\n  is_default: maybe\n", "is_default"),
         ("comfyui:\n  base_path: [1]\n", "base_path"),
         ("comfyui: models/\n", "comfyui"),
     ],
@@ -130,8 +130,11 @@ def test_base_paths_are_rebased_by_the_documented_rule(tmp_path: Path) -> None:
     assert modeltree.rebase("/workspace/ComfyUI", root) == root / "ComfyUI"
     assert modeltree.rebase("/workspace", root) == root
     assert modeltree.rebase("ComfyUI", root) == root / "ComfyUI"
-    assert modeltree.rebase("/opt/models", root) == Path("/opt/models")
-    assert modeltree.rebase("/workspacefoo/x", root) == Path("/workspacefoo/x")
+    assert modeltree.rebase("ComfyUI/../models", root) == root / "models"
+    # Never outside ROOT: other absolute paths, look-alike prefixes and climbs out are refused.
+    for outside in ("/opt/models", "/workspacefoo/x", "../x", "/workspace/../etc"):
+        with pytest.raises(ValueError, match="outside ROOT"):
+            modeltree.rebase(outside, root)
     assert modeltree.rebase("/workspace/ComfyUI", Path("/workspace")) == Path("/workspace/ComfyUI")
 
 

@@ -127,20 +127,7 @@ def test_every_operation_answers_within_its_schema_and_never_with_an_undocumente
     assert all(seen.values()), seen
     assert "POST /instances/{gpu}/restart" in labels and "GET /metrics" in labels, labels
     assert len(labels) >= 12, labels
-    unknown = [f for f in failures if not known_bug(f)]
-    assert not unknown, "\n\n".join(unknown)
-
-
-# Failures with their own strict-xfail regression test below; anything else fails the fuzz test.
-KNOWN_BUGS = {
-    "POST /jobs (negative data)": "There was an error parsing the body",
-    "GET /jobs/{job_id} (negative data)": "Received: 400",
-}
-
-
-def known_bug(failure: str) -> bool:
-    label = failure.split(": ", 1)[0]
-    return label in KNOWN_BUGS and KNOWN_BUGS[label] in failure and "found 1 distinct failure" in failure
+    assert not failures, "\n\n".join(failures)
 
 
 def documented(api_machine: Machine, method: str, path: str) -> dict[str, Any]:
@@ -148,9 +135,6 @@ def documented(api_machine: Machine, method: str, path: str) -> dict[str, Any]:
     return dict(doc["paths"][path][method]["responses"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: jobs._JobsRoute converts RequestValidationError only; a body that is "
-                   "not UTF-8 makes FastAPI raise HTTPException(400) whose {'detail': ...} body is not the "
-                   "documented ErrorResponse {error, message}")
 def test_a_job_body_that_is_not_utf8_gets_the_documented_400_body(api_machine: Machine) -> None:
     r = httpx.post(f"{api_machine.monitor_url}/jobs", content=b"\xff\xfe{",
                    headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=10)
@@ -165,8 +149,6 @@ def test_a_job_body_that_is_not_json_gets_the_documented_400_body(api_machine: M
     assert {"error", "message"} <= set(r.json()), r.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug: GET /jobs/{job_id}?wait=abc answers 400 (from jobs._JobsRoute) but "
-                   "the operation documents only 200, 404 and 422")
 def test_a_bad_wait_on_get_job_gets_a_documented_status(api_machine: Machine) -> None:
     r = httpx.get(f"{api_machine.monitor_url}/jobs/some-id", params={"wait": "abc"}, timeout=10)
     assert str(r.status_code) in documented(api_machine, "get", "/jobs/{job_id}"), (r.status_code, r.text)

@@ -605,8 +605,6 @@ def test_an_alias_bomb_in_comfy_dir_config_is_a_fast_clear_error(box: dict[str, 
     sandbox.assert_root_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: manifest.parse_manifest expands YAML aliases (jsonschema and the "
-                   "error message repr() the 9**9-leaf value): hangs and eats memory")
 def test_an_alias_bomb_in_the_models_manifest_is_a_fast_clear_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "models.yaml"
     path.write_text(f"models:\n  - url: https://example.invalid/x.safetensors\n    dest: {alias_bomb()}\n")
@@ -615,8 +613,6 @@ def test_an_alias_bomb_in_the_models_manifest_is_a_fast_clear_error(box: dict[st
     assert_clear_exit(r, took, BOMB_LIMIT, ok=(2,))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: settings._read_file str()/joins a YAML alias-bomb value "
-                   "(9**9 leaves): hangs and eats memory instead of a ConfigError")
 def test_an_alias_bomb_in_the_settings_file_is_a_fast_clear_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "settings.yaml"
     path.write_text(f"GPUS: {alias_bomb()}\n")
@@ -637,8 +633,6 @@ def run_cli_shallow(args: list[str], env: dict[str, str]) -> tuple[int, str, str
         raise AssertionError(f"orchestrator {' '.join(args)}: RecursionError escaped (a traceback)") from None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text catches JSONDecodeError "
-                   "only; deeply nested JSON raises RecursionError, printed as a traceback")
 def test_deeply_nested_config_nodes_json_is_a_clear_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "config_nodes.json"
     path.write_text("[" * DEEP + "]" * DEEP)
@@ -647,8 +641,6 @@ def test_deeply_nested_config_nodes_json_is_a_clear_error(box: dict[str, Path]) 
     assert code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: modeltree.parse_static catches ValueError only; "
-                   "deeply nested JSON raises RecursionError, a traceback")
 def test_deeply_nested_static_models_json_is_a_clear_error(box: dict[str, Path]) -> None:
     (box["root"] / "shared" / "static-models.json").write_text('{"symlinks": ' + "[" * DEEP + "]" * DEEP + "}")
     code, out, err = run_cli_shallow(["models", "sync"], {"ROOT": str(box["root"])})  # (a dry run skips it)
@@ -656,9 +648,6 @@ def test_deeply_nested_static_models_json_is_a_clear_error(box: dict[str, Path])
     assert code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: yaml.safe_load recurses per nesting level; "
-                   "modeltree.parse_config, manifest.parse_manifest and settings._read_file catch YAMLError only, "
-                   "so RecursionError escapes")
 @pytest.mark.parametrize("which", ["comfy_dir_config.yaml", "models.yaml", "settings file"])
 def test_deeply_nested_yaml_is_a_clear_error(which: str, box: dict[str, Path]) -> None:
     deep = "[" * 800 + "]" * 800  # past the recursion limit (PyYAML slows down quadratically with depth)
@@ -704,10 +693,12 @@ def test_ten_megabyte_json_inputs_end_in_success_or_a_short_clear_error_within_s
 TEN_MB_COMMENT = ("#" + "x" * 1023 + "\n") * (TEN_MB // 1024)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("which", ["comfy_dir_config.yaml", "models.yaml", "settings file"])
-def test_ten_megabyte_yaml_inputs_end_in_success_within_seconds(which: str, box: dict[str, Path]) -> None:
-    # PyYAML's pure-Python loader reads ~1 MB/s here (yaml.CSafeLoader would be ~10x faster).
+def test_ten_megabyte_yaml_inputs_end_in_success_or_a_clear_error_within_seconds(
+    which: str, box: dict[str, Path]
+) -> None:
+    # Either is fine: parsed (PyYAML's pure-Python loader reads ~1 MB/s here), or refused as too
+    # large for a config file (orchestrator.yamlfile.MAX_BYTES).
     root, inputs = box["root"], box["inputs"]
     env = {"ROOT": str(root)}
     args = ["models", "sync", "--dry-run", "--json"]
@@ -719,13 +710,12 @@ def test_ten_megabyte_yaml_inputs_end_in_success_within_seconds(which: str, box:
     else:
         (inputs / "s.yaml").write_text(TEN_MB_COMMENT + "LOG_LEVEL: warning\n")
         args = ["--config", str(inputs / "s.yaml"), "config"]
-    r, took = orchestrator(args, env, timeout=90)
-    assert_clear_exit(r, took, 60, ok=(0,))
-    print(f"\n10 MB {which}: {took:.1f} s")
+    r, took = orchestrator(args, env, timeout=60)
+    assert_clear_exit(r, took, 30, ok=(0, 2))
+    assert r is not None
+    print(f"\n10 MB {which}: exit {r.returncode} in {took:.1f} s: {(r.stderr.strip() or 'ok')[:120]}")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: error messages quote the input without bound: a 1 MB filename in "
-                   "models.yaml gives a 1 MB error line (manifest._schema_message repr()s the instance)")
 def test_an_error_about_a_huge_value_stays_short(box: dict[str, Path]) -> None:
     path = box["inputs"] / "models.yaml"
     path.write_text(yaml.safe_dump({"models": [{"url": "https://e.invalid/a", "dest": "checkpoints",
@@ -735,8 +725,6 @@ def test_an_error_about_a_huge_value_stays_short(box: dict[str, Path]) -> None:
     assert len(err) < 4096, f"a {len(err)}-byte error line"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: nodes.parse_config_text joins every problem into the message: "
-                   "a config with 20 000 bad entries is a multi-megabyte 'one-line' error")
 def test_an_error_about_thousands_of_bad_entries_stays_short(box: dict[str, Path]) -> None:
     path = box["inputs"] / "config_nodes.json"
     path.write_text(json.dumps({"custom_nodes": [{"name": "../x", "url": "ext::sh"}] * 20_000}))
@@ -760,16 +748,12 @@ def test_a_ten_megabyte_config_nodes_json_with_seventy_thousand_nodes_validates_
 
 
 # ---------------------------------------------------------------- settings: named cases
-@pytest.mark.xfail(strict=True, reason="bug: settings.to_path/to_optional_path call Path.expanduser(), which "
-                   "raises RuntimeError for ~unknownuser: a traceback instead of a ConfigError")
 @pytest.mark.parametrize("name", ["ROOT", "MODELS_MANIFEST"])
 def test_a_path_setting_naming_an_unknown_home_is_a_config_error(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings({name: "~no-such-user-here/x"})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a NUL in a settings-file value (YAML \"\\0\") is accepted; "
-                   "`status` then dies with ValueError: embedded null byte (a traceback)")
 def test_a_nul_byte_in_a_settings_file_value_is_a_config_error(box: dict[str, Path]) -> None:
     path = box["inputs"] / "settings.yaml"
     path.write_text(f'ROOT: "{box["root"]}\\0x"\n')
@@ -778,8 +762,6 @@ def test_a_nul_byte_in_a_settings_file_value_is_a_config_error(box: dict[str, Pa
 
 
 # ---------------------------------------------------------------- writes outside ROOT
-@pytest.mark.xfail(strict=True, reason="bug: modeltree.rebase joins a base_path with '..' onto ROOT "
-                   "(base_path: ../outside or /workspace/../x) and prepare() creates folders outside ROOT")
 @pytest.mark.parametrize("base", ["../outside", "/workspace/../outside"])
 def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, Path]) -> None:
     (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
@@ -792,8 +774,6 @@ def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, P
     assert code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="design conflict: DESIGN.md keeps an absolute base_path outside /workspace "
-                   "as written, so `models sync` creates its folders outside ROOT; issue 8 wants no write outside ROOT")
 def test_an_absolute_base_path_outside_root_creates_nothing_outside_root(box: dict[str, Path]) -> None:
     elsewhere = box["outside"] / "elsewhere"
     (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
@@ -805,9 +785,6 @@ def test_an_absolute_base_path_outside_root_creates_nothing_outside_root(box: di
     sandbox.assert_nothing_outside()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: modeltree._relative_folder does not bound name lengths; prepare() "
-                   "writes extra_model_paths.yaml and the first folders, then Path.is_dir() raises OSError "
-                   "ENAMETOOLONG: a traceback after a partial write")
 def test_a_model_folder_name_longer_than_the_filesystem_allows_is_a_clear_error_before_any_write(
     box: dict[str, Path]
 ) -> None:
@@ -821,8 +798,6 @@ def test_a_model_folder_name_longer_than_the_filesystem_allows_is_a_clear_error_
     sandbox.assert_root_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: input files are read whole with no size bound and no regular-file "
-                   "check: /dev/zero as a config reads until memory runs out (MemoryError traceback, or a hang)")
 @pytest.mark.parametrize("args", [["nodes", "validate", "/dev/zero"], ["--config", "/dev/zero", "config"]])
 def test_an_endless_input_file_is_a_clear_error(args: list[str], box: dict[str, Path]) -> None:
     r, took = orchestrator(args, {"ROOT": str(box["root"])}, timeout=10, memory=512 << 20)
