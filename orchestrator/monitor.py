@@ -484,12 +484,17 @@ class Monitor:
             return None if t is None else wall - (now - t)
 
         running = proc is not None and proc.state in _PROBING and proc.pid > 0
+        state, reason = rec.state, rec.reason
+        if running and proc is not None and rec.state is InstanceState.READY and proc.pid != rec.pid:
+            # supervisord already shows a new process the state machine has not judged yet:
+            # never report READY next to a process that is still starting.
+            state, reason = InstanceState.STARTING, f"new process {proc.pid} not probed yet"
         return InstanceStatus(
             gpu=inst.index,
             name=inst.name,
             port=inst.port,
-            state=rec.state,
-            reason=self.settings.redact(rec.reason),
+            state=state,
+            reason=self.settings.redact(reason),
             since=wall - (now - rec.since),
             process_state=proc.state.name if proc is not None else ProcessState.UNKNOWN.name,
             pid=proc.pid if running and proc is not None else None,

@@ -138,3 +138,9 @@ def test_every_command_has_help() -> None:
         assert r.returncode == 0, key
         assert "usage: orchestrator" in r.stdout
     assert run_cli("--version").stdout.startswith("orchestrator ")
+
+
+def test_the_readme_documents_every_variable() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.env for f in FIELDS if f"`{f.env}`" not in readme]
+    assert not missing
