@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,24 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from orchestrator.ports import free_port_block
 from orchestrator.simulator.tree import write_code_tree
-
-
-def free_block(n: int) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000:
-            ok = True
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    try:
-                        s.bind(("127.0.0.1", p))
-                    except OSError:
-                        ok = False
-            if ok:
-                return base
 
 
 def answers(port: int) -> bool:
@@ -70,7 +53,7 @@ def sim_argv(root: Path, i: int, port: int) -> list[str]:
 
 
 def legacy(root: Path, n: int) -> float:
-    base = free_block(n)
+    base = free_port_block(n)
     procs = []
     start = time.monotonic()
     try:
@@ -88,7 +71,7 @@ def legacy(root: Path, n: int) -> float:
 
 def parallel(root: Path, n: int) -> float:
     """The simulators' own startup at N: all started at once, no supervisord, no monitor."""
-    base = free_block(n)
+    base = free_port_block(n)
     start = time.monotonic()
     procs = [subprocess.Popen(sim_argv(root, i, base + i), cwd=root / "ComfyUI",
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
@@ -103,9 +86,9 @@ def parallel(root: Path, n: int) -> float:
 
 
 def ours(root: Path, n: int) -> float:
-    base = free_block(n)
+    base = free_port_block(n)
     env = {**os.environ, "ROOT": str(root), "MOCK_GPU": "1", "NUM_GPUS": str(n),
-           "WORKER_BASE_COMFYUI_PORT": str(base), "ORCHESTRATOR_PORT": str(free_block(1)), "SHARED_REPO_URL": ""}
+           "WORKER_BASE_COMFYUI_PORT": str(base), "ORCHESTRATOR_PORT": str(free_port_block(1)), "SHARED_REPO_URL": ""}
     cmd = [sys.executable, "-m", "orchestrator", "up", "--skip-provision"]
     start = time.monotonic()
     try:

@@ -70,3 +70,15 @@ def check_ports(ports: Iterable[tuple[int, str]], ours: Collection[int] = ()) ->
             f"port {port} ({purpose}) is already in use{who}: stop that process or set "
             "WORKER_BASE_COMFYUI_PORT / ORCHESTRATOR_PORT to free ports"
         )
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that ``base .. base+count-1`` are all free right now (tests, benchmarks,
+    and choosing WORKER_BASE_COMFYUI_PORT on a shared machine)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = int(s.getsockname()[1])
+        if base + count < 65000 and all(port_free(p, host) for p in range(base, base + count)):
+            return base
+    raise OSError(f"no block of {count} free ports found on {host}")
