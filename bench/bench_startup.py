@@ -52,30 +52,18 @@ def sim_argv(root: Path, i: int, port: int) -> list[str]:
             "--user-directory", str(d / "user"), "--cpu"]
 
 
-def legacy(root: Path, n: int) -> float:
+def by_hand(root: Path, n: int, *, sequential: bool) -> float:
+    """N simulators without the orchestrator: one after another, each waited for (the legacy
+    start.sh), or all at once (the simulators' own startup at N)."""
     base = free_port_block(n)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     start = time.monotonic()
     try:
         for i in range(n):
             procs.append(subprocess.Popen(sim_argv(root, i, base + i), cwd=root / "ComfyUI",
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            wait_ports([base + i])
-        return time.monotonic() - start
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-
-
-def parallel(root: Path, n: int) -> float:
-    """The simulators' own startup at N: all started at once, no supervisord, no monitor."""
-    base = free_port_block(n)
-    start = time.monotonic()
-    procs = [subprocess.Popen(sim_argv(root, i, base + i), cwd=root / "ComfyUI",
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
-    try:
+            if sequential:
+                wait_ports([base + i])
         wait_ports([base + i for i in range(n)])
         return time.monotonic() - start
     finally:
@@ -83,6 +71,14 @@ def parallel(root: Path, n: int) -> float:
             p.terminate()
         for p in procs:
             p.wait()
+
+
+def legacy(root: Path, n: int) -> float:
+    return by_hand(root, n, sequential=True)
+
+
+def parallel(root: Path, n: int) -> float:
+    return by_hand(root, n, sequential=False)
 
 
 def ours(root: Path, n: int) -> float:

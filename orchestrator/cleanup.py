@@ -29,12 +29,11 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from orchestrator.fsutil import read_json, write_json
 from orchestrator.paths import Layout
-from orchestrator.plan import MachinePlan
+from orchestrator.plan import applied_plan
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_PLAN_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +60,11 @@ class CleanupResult:
 
 def cleanup_dirs(layout: Layout) -> tuple[Path, ...]:
     """Each instance's output and temp folders: from the applied plan, else by globbing $ROOT."""
-    data = read_json(layout.plan_file)
-    if isinstance(data, dict):
-        try:
-            plan = MachinePlan.from_dict(data)
-            return tuple(d for inst in plan.instances for d in (inst.output_dir, inst.temp_dir))
-        except _PLAN_ERRORS:
-            log.warning("cannot read %s; cleaning $ROOT/comfyui_gpu*/ instead", layout.plan_file)
+    plan = applied_plan(layout)
+    if plan is not None:
+        return tuple(d for inst in plan.instances for d in (inst.output_dir, inst.temp_dir))
+    if layout.plan_file.exists():
+        log.warning("cannot read %s; cleaning $ROOT/comfyui_gpu*/ instead", layout.plan_file)
     dirs: list[Path] = []
     for inst in sorted(layout.root.glob("comfyui_gpu*")):
         dirs.extend(d for d in (inst / "output", inst / "temp") if d.is_dir())

@@ -21,10 +21,11 @@ from typing import Any
 import psutil
 
 from orchestrator import gpu as gpu_mod
+from orchestrator.cli import print_json
 from orchestrator.errors import OrchestratorError, PlanError, SupervisorError
 from orchestrator.fsutil import atomic_write, read_json, write_json
 from orchestrator.paths import Layout
-from orchestrator.plan import MachinePlan, build_plan, create_instance_dirs, supported_flags
+from orchestrator.plan import MachinePlan, applied_plan, build_plan, create_instance_dirs, supported_flags
 from orchestrator.ports import check_ports, family, port_free
 from orchestrator.procs import ProcessInfo, Supervisor, read_credentials, wait_for
 from orchestrator.render import Program, RenderOptions, render_supervisord_conf
@@ -39,15 +40,11 @@ def make_plan(settings: Settings) -> MachinePlan:
     return build_plan(settings, gpus, supported_flags(Layout(settings.root).comfy_dir))
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 # ---------------------------------------------------------------- gpus / plan
 def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
     gpus = gpu_mod.detect(settings)
     if args.json:
-        _print_json([g.to_dict() for g in gpus])
+        print_json([g.to_dict() for g in gpus])
         return 0
     for g in gpus:
         print(
@@ -60,7 +57,7 @@ def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     plan = make_plan(settings)
     if args.json:
-        _print_json(plan.to_dict())
+        print_json(plan.to_dict())
         return 0
     for inst in plan.instances:
         print(f"{inst.name}  gpu {inst.index} ({inst.gpu.uuid})  port {inst.port}")
@@ -333,7 +330,7 @@ def down(settings: Settings) -> list[str]:
     """Stop every program gracefully, then supervisord. Returns problems left (empty = clean)."""
     layout = Layout(settings.root)
     sup = Supervisor(layout, timeout=settings.stop_timeout * 4 + 30)
-    plan = _applied_plan(layout)
+    plan = applied_plan(layout)
     problems: list[str] = []
     if sup.is_running():
         pid = sup.pid()
@@ -378,16 +375,6 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- status
-def _applied_plan(layout: Layout) -> MachinePlan | None:
-    data = read_json(layout.plan_file)
-    if not data:
-        return None
-    try:
-        return MachinePlan.from_dict(data)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _monitor_instances(settings: Settings) -> dict[int, dict[str, Any]]:
     import httpx
 
@@ -408,7 +395,7 @@ def _monitor_instances(settings: Settings) -> dict[int, dict[str, Any]]:
 
 def status(settings: Settings) -> dict[str, Any]:
     layout = Layout(settings.root)
-    plan = _applied_plan(layout)
+    plan = applied_plan(layout)
     if plan is None:
         raise OrchestratorError("nothing has been started here: run `orchestrator up`")
     sup = Supervisor(layout)
@@ -460,7 +447,7 @@ def _fmt_uptime(seconds: float) -> str:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     data = status(settings)
     if args.json:
-        _print_json(data)
+        print_json(data)
         return 0
     if not data["supervisord"]["running"]:
         print("supervisord is not running: run `orchestrator up`")
@@ -485,7 +472,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- start / stop / restart
 def _targets(layout: Layout, target: str) -> list[str]:
-    plan = _applied_plan(layout)
+    plan = applied_plan(layout)
     if plan is None:
         raise SupervisorError("nothing has been started here: run `orchestrator up`")
     if target == "all":
@@ -550,7 +537,7 @@ def follow(paths: Mapping[str, Path], emit: Callable[[str, str], None], stop: Ca
 
 def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
     layout = Layout(settings.root)
-    plan = _applied_plan(layout)
+    plan = applied_plan(layout)
     if plan is None:
         raise OrchestratorError("nothing has been started here: run `orchestrator up`")
     if args.target == "all":

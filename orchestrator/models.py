@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import quote, urlsplit
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from orchestrator import downloads, manifest, modeltree
+from orchestrator.cli import print_json
 from orchestrator.downloads import DownloadOptions, DownloadResult, DownloadTask, Engine
 from orchestrator.errors import ConfigError, ModelError
 from orchestrator.fsutil import read_json
@@ -443,16 +443,12 @@ def _dry_run_items(
 
 
 # ---------------------------------------------------------------- CLI
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """``orchestrator models sync [--dry-run] [--tier T] [--json]``: exit 1 when a required model failed."""
     layout = Layout(settings.root)
     report = sync_models(settings, layout, tier=args.tier, dry_run=args.dry_run, progress=not args.json)
     if args.json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     else:
         for item in report.items:
             where = item.path or f"{item.dest}/ (name from the server)"
@@ -501,7 +497,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """``orchestrator models status [--json]``: the last sync's progress."""
     status = read_status(Layout(settings.root))
     if args.json:
-        _print_json(status or {"files": [], "running": False})
+        print_json(status or {"files": [], "running": False})
         return 0
     if status is None:
         print("no model sync has run yet")

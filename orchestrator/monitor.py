@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator import health
 from orchestrator.errors import GpuError, OrchestratorError, SupervisorError
-from orchestrator.fsutil import read_json
 from orchestrator.health import (
     Action,
     Decision,
@@ -561,15 +560,12 @@ class Monitor:
 # ---------------------------------------------------------------- serve
 def load_plan(layout: Layout) -> MachinePlan:
     """The plan `orchestrator up` applied. Raises OrchestratorError when there is none."""
-    from orchestrator.plan import MachinePlan
+    from orchestrator.plan import applied_plan
 
-    data = read_json(layout.plan_file)
-    if not data:
-        raise OrchestratorError(f"no applied plan at {layout.plan_file}: run `orchestrator up` first")
-    try:
-        return MachinePlan.from_dict(data)
-    except (KeyError, TypeError, ValueError):
-        raise OrchestratorError(f"unreadable plan {layout.plan_file}: run `orchestrator up` again") from None
+    plan = applied_plan(layout)
+    if plan is None:
+        raise OrchestratorError(f"no readable plan at {layout.plan_file}: run `orchestrator up` first")
+    return plan
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -215,3 +215,17 @@ def create_instance_dirs(plan: MachinePlan) -> None:
     for inst in plan.instances:
         for d in (inst.output_dir, inst.temp_dir, inst.input_dir, inst.user_dir, inst.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def applied_plan(layout: Layout) -> MachinePlan | None:
+    """The plan the last `orchestrator up` applied (``plan.json``), or None when there is none
+    or it cannot be read."""
+    from orchestrator.fsutil import read_json
+
+    data = read_json(layout.plan_file)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return MachinePlan.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
