@@ -21,5 +21,5 @@ lint: venv
 	$(VENV)/bin/ruff check orchestrator tests bench
 	$(VENV)/bin/mypy
 
-bench: venv
-	$(PY) bench/run_all.py
+bench: venv  ## every benchmark; make bench BENCH_FLAGS=--quick for the short variants
+	$(PY) bench/run_all.py $(BENCH_FLAGS)

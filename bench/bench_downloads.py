@@ -17,7 +17,7 @@ Targets: (1) ≥ 0.9× curl's throughput, (2) faster than curl, (3) ≤ 1.05× t
 Each timed run starts after os.sync() with the previous outputs deleted; runs rotate between
 curl and the engine. The table shows the ratio of the medians and the median of the per-rep
 (back-to-back) ratios, which pass/fail uses; every time is in the JSON.
-Writes bench/results/downloads.json.
+Writes bench/results/downloads[_<out-dir>][_small].json.
 """
 
 from __future__ import annotations
@@ -381,6 +381,8 @@ def main() -> int:
         },
     }
     name = "downloads" if not args.out_dir else "downloads_" + args.out_dir.name.strip("/").replace("/", "_")
+    if args.small:
+        name += "_small"
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -405,6 +407,10 @@ def main() -> int:
         f"{multi['engine_mb_per_s_median']:>13.0f}{multi['ratio_median']:>8.2f}"
         f"{multi['ratio_paired_median']:>8.2f}  > 1.00"
     )
+    for case in (single, multi):
+        mbs = {side: sorted(case["bytes"] / t / 1e6 for t in case[f"{side}_seconds"]) for side in ("curl", "engine")}
+        print(f"  {case['label']}: MB/s min–max over {args.reps} runs: "
+              f"curl {mbs['curl'][0]:.0f}–{mbs['curl'][-1]:.0f}, engine {mbs['engine'][0]:.0f}–{mbs['engine'][-1]:.0f}")
     print(
         f"\nCPU seconds per GiB (median): single: curl {single['curl_cpu_seconds_per_gib']:.2f}, "
         f"engine {single['engine_cpu_seconds_per_gib']:.2f}; many: curl {multi['curl_cpu_seconds_per_gib']:.2f}, "

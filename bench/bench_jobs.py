@@ -13,6 +13,12 @@
    spends some real CPU per prompt (events, a PNG written with fsync) on top of the simulated
    time; on a small, busy host four simulators contend for it, which a short SIM_EXEC_TIME
    turns into a lower ratio that says nothing about the router (try --exec-time 0.25).
+3. Fork job: time from server done to success. A simulator in the fleet fork's mode
+   (SIM_PROTOCOL=fork: /ws ignores ?clientId= and assigns its own id); per job, the job's
+   finished_at minus the server's execution_success timestamp (its `executing` null follows
+   at once). Measured twice: with the tracker adopting the fork's client_id (events on the
+   socket), and with the socket silent for the prompt (own id kept: /history polling only).
+   Target: ≤ 1 s at p99 for both.
 
 The job API runs in its own process (this script with --serve), as it does under the monitor.
 Writes bench/results/bench_jobs.json.
@@ -67,7 +73,7 @@ class Procs:
         self.base = base
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def sim(self, exec_time: float) -> int:
+    def sim(self, exec_time: float, protocol: str = "upstream") -> int:
         from orchestrator.simulator.tree import write_code_tree
 
         tree = self.base / "ComfyUI"
@@ -79,7 +85,10 @@ class Procs:
         for sub in ("output", "temp", "input", "user"):
             (d / sub).mkdir(parents=True)
             args += [f"--{sub}-directory", str(d / sub)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": str(exec_time)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {
+            "SIM_EXEC_TIME": str(exec_time),
+            "SIM_PROTOCOL": protocol,
+        }
         self.procs.append(
             subprocess.Popen(
                 [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu", *args],
@@ -91,11 +100,12 @@ class Procs:
         )
         return port
 
-    def job_api(self, sim_ports: list[int]) -> int:
+    def job_api(self, sim_ports: list[int], silent_socket: bool = False) -> int:
         port = free_port()
+        extra = ["--silent-socket"] if silent_socket else []
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(port), ",".join(map(str, sim_ports))],
+                [sys.executable, __file__, "--serve", str(port), ",".join(map(str, sim_ports)), *extra],
                 stdout=subprocess.DEVNULL,
                 stderr=None,
             )
@@ -110,7 +120,7 @@ class Procs:
 
 
 # ---------------------------------------------------------------- the job API process
-def serve(port: int, sim_ports: list[int]) -> None:
+def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
     import uvicorn
     from fastapi import FastAPI
     from prometheus_client import CollectorRegistry
@@ -129,6 +139,13 @@ def serve(port: int, sim_ports: list[int]) -> None:
 
         def report_hung(self, index: int, reason: str) -> None:
             print(f"hung: {index}: {reason}", file=sys.stderr)
+
+    if silent_socket:
+
+        async def keep_own_id(ws: Any, client_id: str) -> tuple[str, str]:
+            return client_id, ""  # ignore the fork's client_id message: no event reaches the socket
+
+        JobManager._greeting = staticmethod(keep_own_id)  # type: ignore[method-assign]
 
     settings = load_settings({"ROOT": tempfile.gettempdir(), "MAX_QUEUE_DEPTH": "10000", "JOB_TIMEOUT": "300"})
     manager = JobManager(settings, Directory(), CollectorRegistry())
@@ -262,35 +279,67 @@ async def throughput(procs: Procs, jobs: int, exec_time: float) -> dict[str, Any
     }
 
 
+async def done_to_success(session: aiohttp.ClientSession, api_url: str, sim_url: str) -> float:
+    """Seconds from the server's execution_success to the job's finished_at (both wall clock)."""
+    async with session.post(f"{api_url}/jobs", json={"workflow": workflow()}) as r:
+        body = await r.json()
+    assert body["status"] == "success", body
+    async with session.get(f"{sim_url}/history/{body['prompt_id']}") as r:
+        entry = (await r.json())[body["prompt_id"]]
+    (ts,) = [m[1]["timestamp"] for m in entry["status"]["messages"] if m[0] == "execution_success"]
+    return float(body["finished_at"]) - ts / 1000.0
+
+
+async def fork_done(procs: Procs, jobs: int) -> dict[str, Any]:
+    sim = procs.sim(0.3, protocol="fork")
+    adopted, silent = procs.job_api([sim]), procs.job_api([sim], silent_socket=True)
+    sim_url = f"http://127.0.0.1:{sim}"
+    await wait_http(f"{sim_url}/system_stats")
+    out: dict[str, Any] = {"jobs": jobs, "exec_time_s": 0.3}
+    async with aiohttp.ClientSession() as session:
+        for name, port in (("adopted", adopted), ("silent", silent)):
+            api_url = f"http://127.0.0.1:{port}"
+            await wait_http(f"{api_url}/jobs/none")
+            lags = [await done_to_success(session, api_url, sim_url) for _ in range(jobs)]
+            out[f"{name}_p50_s"] = pct(lags, 0.5)
+            out[f"{name}_p99_s"] = pct(lags, 0.99)
+            out[f"{name}_max_s"] = max(lags)
+    return out
+
+
 async def run(pairs: int, jobs: int, exec_time: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_jobs.") as tmp:
         procs = Procs(Path(tmp))
         try:
             lat = await latency(procs, pairs)
             thr = await throughput(procs, jobs, exec_time)
+            fork = await fork_done(procs, jobs)
         finally:
             procs.close()
-    return {"latency": lat, "throughput": thr}
+    return {"latency": lat, "throughput": thr, "fork_done_to_success": fork}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "SIM_PORTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--silent-socket", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer jobs")
     parser.add_argument("--exec-time", type=float, help="simulated seconds per prompt (throughput; default 1)")
     parser.add_argument("--jobs", type=int, help="jobs per throughput burst (default 24)")
     args = parser.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), [int(p) for p in args.serve[1].split(",")])
+        serve(int(args.serve[0]), [int(p) for p in args.serve[1].split(",")], args.silent_socket)
         return 0
     pairs, jobs, exec_time = (60, 16, 0.5) if args.quick else (200, 24, 1.0)
     result = asyncio.run(run(pairs, args.jobs or jobs, args.exec_time or exec_time))
-    lat, thr = result["latency"], result["throughput"]
+    lat, thr, fork = result["latency"], result["throughput"], result["fork_done_to_success"]
     result["targets"] = {
         "added_p50_ms_max": 5.0,
         "added_p50_ok": lat["added_p50_ms"] <= 5.0,
         "ratio_min": 3.5,
         "ratio_ok": thr["ratio"] >= 3.5,
+        "fork_done_to_success_p99_s_max": 1.0,
+        "fork_done_to_success_ok": max(fork["adopted_p99_s"], fork["silent_p99_s"]) <= 1.0,
     }
     result["host"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0]}
     print(
@@ -316,6 +365,11 @@ def main() -> int:
         f"  4 instances / 1 instance: {thr['ratio']:.2f}x   target >= 3.5x: "
         f"{'ok' if result['targets']['ratio_ok'] else 'MISSED'}"
     )
+    print(f"fork job: time from server done to success, {fork['jobs']} jobs each, SIM_PROTOCOL=fork")
+    print(f"  {'':<34}{'p50 s':>9}{'p99 s':>9}{'max s':>9}")
+    for name, label in (("adopted", "socket (fork client_id adopted)"), ("silent", "socket silent: /history polls")):
+        print(f"  {label:<34}{fork[name + '_p50_s']:>9.3f}{fork[name + '_p99_s']:>9.3f}{fork[name + '_max_s']:>9.3f}")
+    print(f"  target p99 <= 1 s: {'ok' if result['targets']['fork_done_to_success_ok'] else 'MISSED'}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -4,10 +4,9 @@
 
 1. start: spawn ``python main.py --cpu ...`` in a simulated tree, time to the first 200 on
    /system_stats. In-run baseline: the bare interpreter importing aiohttp + PyYAML (the floor
-   any aiohttp server pays). Documented baseline: real ComfyUI 0.3.64 on a 2-core CPU, 6.5 s
-   (COMFYUI_API.md).
-2. memory: VmRSS of an idle, ready simulator. Documented baseline: real ComfyUI idle on CPU,
-   about 0.9 GB.
+   any aiohttp server pays).
+2. memory: VmRSS of an idle, ready simulator.
+No comparison with real ComfyUI here: its figures come from bench/bench_real.py, which runs it.
 3. prompts: POST /prompt + /ws until ``executing`` null, SIM_EXEC_TIME=0, the default
    text-to-image graph with a new seed each time (a 64x64 PNG written per prompt), and the
    same graph again (served from cache).
@@ -37,8 +36,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from orchestrator.simulator.tree import write_code_tree  # noqa: E402
 
-REAL_COMFYUI_START_S = 6.5
-REAL_COMFYUI_RSS_BYTES = 0.9e9
+sys.path.insert(0, str(HERE))
+
+from benchutil import fmt, machine_note, spread  # noqa: E402
 
 
 def free_port() -> int:
@@ -133,10 +133,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="3 starts, 30 prompts")
     opts = parser.parse_args()
+    if opts.quick:
+        opts.starts, opts.prompts = 3, 30
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": "0"}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         root = Path(tmp)
@@ -174,30 +177,27 @@ def main() -> int:
         "start_seconds_all": starts,
         "import_floor_seconds_median": floor_med,
         "start_vs_floor": start_med / floor_med,
-        "start_vs_real_comfyui": start_med / REAL_COMFYUI_START_S,
+        "start_seconds": spread(starts),
         "idle_rss_bytes_median": rss_med,
         "rss_after_prompts_bytes": rss_after,
-        "rss_vs_real_comfyui": rss_med / REAL_COMFYUI_RSS_BYTES,
+        "idle_rss_mb": spread([r / 1e6 for r in rss], 1),
         "prompt_fresh_ms_median": statistics.median(fresh) * 1000,
         "prompt_fresh_ms_p95": pct(fresh, 0.95) * 1000,
         "prompt_cached_ms_median": statistics.median(cached) * 1000,
         "prompts_per_second_fresh": len(fresh) / sum(fresh),
         "starts": opts.starts,
         "prompts": opts.prompts,
+        "load_average": os.getloadavg(),
+        "command": "python bench/bench_simulator.py" + (" --quick" if opts.quick else ""),
     }
+    print(machine_note())
     print(f"{'measure':38} {'value':>12} {'baseline':>12} {'ratio':>8}")
     print(
         f"{'start to first /system_stats (s)':38} {start_med:12.3f} {floor_med:12.3f} "
         f"{start_med / floor_med:8.2f}  (baseline: import aiohttp+yaml)"
     )
-    print(
-        f"{'start to first /system_stats (s)':38} {start_med:12.3f} {REAL_COMFYUI_START_S:12.3f} "
-        f"{start_med / REAL_COMFYUI_START_S:8.3f}  (baseline: real ComfyUI, documented)"
-    )
-    print(
-        f"{'idle RSS (MB)':38} {rss_med / 1e6:12.1f} {REAL_COMFYUI_RSS_BYTES / 1e6:12.1f} "
-        f"{rss_med / REAL_COMFYUI_RSS_BYTES:8.3f}  (baseline: real ComfyUI, documented)"
-    )
+    print(f"{'start to first /system_stats':38} {fmt(results['start_seconds'])}")
+    print(f"{'idle RSS':38} {fmt(results['idle_rss_mb'], 'MB', 1)}")
     print(f"{'RSS after prompts (MB)':38} {rss_after / 1e6:12.1f}")
     print(f"{'prompt round trip, fresh (ms, median)':38} {results['prompt_fresh_ms_median']:12.2f}")
     print(f"{'prompt round trip, fresh (ms, p95)':38} {results['prompt_fresh_ms_p95']:12.2f}")

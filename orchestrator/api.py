@@ -90,6 +90,9 @@ class InstanceModel(BaseModel):
     last_probe: float | None = Field(description="epoch seconds of the last probe")
     probe_duration_seconds: float | None
     device: str | None = Field(description="the device /system_stats reports")
+    comfyui_version: str | None = Field(
+        default=None, description="system.comfyui_version the running process reports (/system_stats)"
+    )
 
 
 class InstancesResponse(BaseModel):
@@ -143,11 +146,22 @@ class GpusResponse(BaseModel):
     gpus: list[GpuModel]
 
 
+class ComfyCodeModel(BaseModel):
+    url: str = Field(description="origin of $ROOT/ComfyUI, credentials removed")
+    ref: str = Field(description="the branch checked out (the commit when detached)")
+    commit: str = Field(description="HEAD of $ROOT/ComfyUI, read from the tree")
+    wanted: str = Field(description="the branch or commit the last `up` was configured for")
+    fallback: bool = Field(description="true when the tree is not what was configured")
+
+
 class StatusResponse(BaseModel):
     ready: bool
     reason: str
     instances: list[InstanceModel]
     gpus: list[GpuModel]
+    comfy: ComfyCodeModel | None = Field(
+        default=None, description="The code checked out; each instance's comfyui_version is what it runs"
+    )
 
 
 class RestartResponse(BaseModel):
@@ -168,7 +182,7 @@ def _instance(s: InstanceStatus, redact: Callable[[str], str]) -> InstanceModel:
         uptime_seconds=None if s.uptime is None else round(s.uptime, 3), restarts=s.restarts,
         failed_custom_nodes=list(s.failed_custom_nodes), queue_pending=s.queue_pending,
         queue_running=s.queue_running, queue_depth=s.queue_depth, last_probe=s.last_probe,
-        probe_duration_seconds=s.probe_duration, device=s.device,
+        probe_duration_seconds=s.probe_duration, device=s.device, comfyui_version=s.comfyui_version,
     )
 
 
@@ -190,6 +204,22 @@ def _ready(r: Readiness, redact: Callable[[str], str]) -> ReadyResponse:
         ready=r.ready, ready_count=r.ready_count, required=r.required, reason=redact(r.reason),
         instances=[InstanceBrief(gpu=s.gpu, name=s.name, state=s.state.value, reason=redact(s.reason))
                    for s in r.instances],
+    )
+
+
+def _comfy_code(settings: Settings, redact: Callable[[str], str]) -> ComfyCodeModel | None:
+    from orchestrator.fsutil import read_json
+    from orchestrator.paths import Layout
+    from orchestrator.repos import code_report
+
+    layout = Layout(settings.root)
+    if not layout.comfy_dir.is_dir():
+        return None
+    recorded = read_json(layout.status_file, {}) or {}
+    code = code_report(layout.comfy_dir, recorded.get("comfy", {}) if isinstance(recorded, dict) else {})
+    return ComfyCodeModel(
+        url=redact(code["url"]), ref=code["ref"], commit=code["commit"], wanted=code["wanted"],
+        fallback=code["fallback"],
     )
 
 
@@ -280,6 +310,7 @@ def create_app(
             ready=r.ready, reason=redact(r.reason),
             instances=[_instance(s, redact) for s in control.instance_statuses()],
             gpus=[_gpu(g) for g in control.gpu_statuses()],
+            comfy=_comfy_code(settings, redact),
         )
 
     @app.get(

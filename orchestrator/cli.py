@@ -174,22 +174,53 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that change the machine: only these may create $ROOT/logs (and so $ROOT). Every
+# other command logs to $ROOT/logs/orchestrator.log only when that folder already exists.
+CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker"})
+# Read-only commands that, given no ROOT at all, look at a running `orchestrator demo`.
+FOLLOWS_DEMO = frozenset({"status", "gpus", "plan", "logs", "health", "config"})
+
+
+def _with_running_demo(settings: Settings, args: argparse.Namespace) -> Settings:
+    """ROOT (and MOCK_GPU, NUM_GPUS, ports) of a running demo when none was given anywhere."""
+    if settings.sources.get("ROOT") != "default":
+        return settings
+    from orchestrator.paths import running_demo
+
+    demo = running_demo()
+    if demo is None:
+        return settings
+    extra = {k: v for k, v in demo.items() if settings.sources.get(k) == "default"}
+    print(f"note: ROOT is not set: using the running demo's root {demo['ROOT']}", file=sys.stderr)
+    return load_settings(os.environ, {**extra, **_flags(args)}, args.config)
+
+
+def _log_file(settings: Settings, key: str, args: argparse.Namespace) -> Path | None:
+    from orchestrator.paths import Layout
+
+    if key in {"config", "gpus", "plan", "nodes validate", "health"}:
+        return None
+    layout = Layout(settings.root)
+    may_create = key in CREATES_ROOT and not getattr(args, "dry_run", False)
+    return layout.orchestrator_log if may_create or layout.logs_dir.is_dir() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     key = _command_key(args)
-    quiet_file_log = key in {"config", "gpus", "plan", "nodes validate", "health"}
     settings: Settings | None = None
     try:
         settings = load_settings(os.environ, _flags(args), args.config)
+        if key in FOLLOWS_DEMO:
+            settings = _with_running_demo(settings, args)
         from orchestrator.logs import setup_logging
-        from orchestrator.paths import Layout
 
         setup_logging(
             fmt=settings.log_format,
             level=settings.log_level,
             secrets=settings.secret_values,
-            log_file=None if quiet_file_log else Layout(settings.root).orchestrator_log,
+            log_file=_log_file(settings, key, args),
         )
         return resolve_handler(key)(settings, args)
     except OrchestratorError as exc:

@@ -15,14 +15,22 @@ from types import FrameType
 
 import httpx
 
+from orchestrator import subproc
 from orchestrator.lifecycle import down, up
+from orchestrator.paths import Layout, remove_demo_pointer, write_demo_pointer
 from orchestrator.settings import Settings, load_settings
 
 GIT = ["git", "-c", "user.email=demo@localhost", "-c", "user.name=demo", "-c", "init.defaultBranch=main"]
 
 
 def _git(cwd: Path, *args: str) -> None:
-    subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+    # subproc: a deadline that holds even if a hook leaves a helper holding git's output.
+    argv = [*GIT, *args]
+    done = subproc.run(argv, cwd=cwd, env=os.environ, timeout=60, merge_stderr=False)
+    if done.timed_out:
+        raise subprocess.TimeoutExpired(argv, 60, done.stdout, done.stderr)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
 
 
 def _repo(path: Path, files: dict[str, str], branch: str = "main") -> str:
@@ -131,6 +139,14 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from orchestrator.cli import _flags
 
     settings = load_settings(os.environ, {**overrides, **_flags(args)})
+    from orchestrator.logs import setup_logging
+
+    setup_logging(  # the CLI logged to stderr only: the demo's ROOT was not chosen yet
+        fmt=settings.log_format,
+        level=settings.log_level,
+        secrets=settings.secret_values,
+        log_file=Layout(root).orchestrator_log,
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -140,11 +156,15 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         up(settings, overrides=overrides)
+        # Lets `orchestrator status|gpus|plan|logs` without ROOT find this demo while it runs.
+        effective = {row["name"]: row["value"] for row in settings.effective()}
+        write_demo_pointer({k: str(v) for k, v in effective.items() if v is not None})
         for inst_port in range(settings.worker_base_comfyui_port, settings.worker_base_comfyui_port + args.gpus):
             print(f"instance: http://127.0.0.1:{inst_port}/system_stats", flush=True)
         mon = f"http://127.0.0.1:{settings.orchestrator_port}"
         print(f"monitor:  {mon}/readyz  {mon}/metrics  {mon}/instances", flush=True)
-        print(f"status:   orchestrator --root {root} status", flush=True)
+        print("status:   .venv/bin/orchestrator status   (status, gpus, plan, logs find the running demo)", flush=True)
+        print(f"          MOCK_GPU=1 NUM_GPUS={args.gpus} .venv/bin/orchestrator --root {root} status", flush=True)
         if wait_ready(settings, 90):
             print(f"all {args.gpus} instances READY; Ctrl-C stops everything", flush=True)
         else:
@@ -152,6 +172,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         print("stopping...", flush=True)
+        remove_demo_pointer()
         problems = down(settings)
         for p in problems:
             print(f"error: {p}", flush=True)

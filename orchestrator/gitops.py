@@ -5,7 +5,7 @@
         └── SshKeyError          an ssh URL needs a key and CUT_PK_1..3 / SSH_PRIVATE_KEY is missing or bad
 
 Every git command goes through one seam, a :class:`GitRunner` (``gitpython_runner`` in
-production: GitPython's ``Git.execute`` with ``kill_after_timeout``). Tests pass a runner that
+production: git run through :mod:`orchestrator.subproc`, killed with its tree at the deadline). Tests pass a runner that
 records calls or injects failures. :class:`GitClient` adds what every caller needs: the
 environment (``GIT_TERMINAL_PROMPT=0``, ``GIT_SSH_COMMAND`` for ssh URLs), timeouts, the retry
 policy (tenacity: exponential backoff, bounded attempts, transient errors only), atomic clones
@@ -20,6 +20,7 @@ import binascii
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import secrets as secrets_mod
 import shlex
@@ -450,23 +451,34 @@ class GitRunner(Protocol):
 def gitpython_runner(
     args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
 ) -> str:
-    """Run git through GitPython; ``kill_after_timeout`` kills git and its children."""
-    import git  # lazy: importing GitPython runs `git version`
+    """Run git (the production :class:`GitRunner`; the name predates it).
 
+    Through :func:`orchestrator.subproc.run`, not GitPython's ``execute``: git runs in its own
+    session and at the deadline its whole tree is killed; output goes through temporary files,
+    so an ssh ControlPersist master or a hook's background helper holding git's stdout cannot
+    keep us waiting; and git dies with us (PR_SET_PDEATHSIG) when ``up`` is killed.
+    Environment as GitPython gave it: ours, with ``LC_ALL=C``, plus ``env``.
+    """
+    from orchestrator import subproc
+
+    full_env = {**os.environ, "LANGUAGE": "C", "LC_ALL": "C", **env}
     try:
-        out = git.Git(str(cwd) if cwd else None).execute(
-            ["git", *args], kill_after_timeout=timeout, env=dict(env), stdout_as_string=True
-        )
-    except git.GitCommandNotFound:
+        done = subproc.run(["git", *args], cwd=cwd, env=full_env, timeout=timeout, merge_stderr=False)
+    except FileNotFoundError:
+        if cwd is not None and not os.path.isdir(cwd):
+            raise GitError(f"cannot run git in {cwd}: no such folder") from None
         raise GitError("git is not installed: install git (apt-get install git)") from None
-    except git.GitCommandError as exc:
-        detail = exc.stderr.strip() if isinstance(exc.stderr, str) else str(exc.stderr)
-        detail = detail.removeprefix("stderr:").strip().strip("'").strip()
-        timed_out = "did not complete in" in detail
-        status = exc.status if isinstance(exc.status, int) else None
-        message = detail or f"exit status {status}"
-        raise GitError(message, detail=detail, status=status, timed_out=timed_out) from None
-    return str(out)
+    except OSError as exc:
+        raise GitError(f"cannot run git: {exc.strerror or exc}") from None
+    stderr = done.stderr.decode(errors="replace").strip()
+    if done.timed_out:
+        detail = f"{stderr}\ntimed out after {timeout:g}s".strip()
+        raise GitError(detail, detail=detail, status=None, timed_out=True)
+    if done.returncode != 0:
+        message = stderr or f"exit status {done.returncode}"
+        raise GitError(message, detail=stderr, status=done.returncode)
+    out = done.stdout.decode(errors="replace")
+    return out[:-1] if out.endswith("\n") else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,6 +691,13 @@ class GitClient:
             )
         if not self.has_commit(path, commit):
             raise GitError(f"commit {commit} not found in {self.redact(url)}: check the commit id", url=url)
+
+    def remote_branches(self, url: str, *, timeout: float | None = None) -> list[str]:
+        """The branch names ``url`` has (``git ls-remote --heads``), sorted."""
+        out = self.network(None, "ls-remote", "--heads", "--", url, url=url, op="ls-remote", timeout=timeout)
+        prefix = "refs/heads/"
+        names = {line.split("\t", 1)[1].strip() for line in out.splitlines() if "\t" in line}
+        return sorted(n[len(prefix) :] for n in names if n.startswith(prefix))
 
     def set_origin(self, path: Path, url: str) -> None:
         current = origin_url(path)

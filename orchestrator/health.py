@@ -96,6 +96,7 @@ class ProbeResult:
     queue_pending: int | None = None
     queue_running: int | None = None
     device: str | None = None  # the device name /system_stats reported
+    comfyui_version: str | None = None  # system.comfyui_version from /system_stats
     logs: LogFindings = dataclasses.field(default_factory=LogFindings)
 
 
@@ -124,6 +125,7 @@ class Record:
     queue_pending: int | None = None
     queue_running: int | None = None
     device: str | None = None
+    comfyui_version: str | None = None  # what the running process reports (/system_stats)
 
     @classmethod
     def initial(cls, now: float) -> Record:
@@ -248,6 +250,7 @@ def _probe_running(
     b.update(
         last_probe=b.now, probe_duration=probe.duration, queue_pending=probe.queue_pending,
         queue_running=probe.queue_running, device=probe.device or rec.device,
+        comfyui_version=probe.comfyui_version or rec.comfyui_version,
     )
     _apply_logs(b, probe.logs)
     can_act = proc is not None  # never act on a process supervisord did not report
@@ -433,6 +436,7 @@ class InstanceStatus:
     last_probe: float | None  # epoch seconds
     probe_duration: float | None  # seconds
     device: str | None
+    comfyui_version: str | None = None  # system.comfyui_version of the running process
 
     @property
     def up(self) -> bool:

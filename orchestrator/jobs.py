@@ -4,9 +4,17 @@
 
     POST /jobs ─► JobManager.submit ─► prepare_workflow (pure, 400 naming node/field)
                                    ─► route (pure: least loaded READY, gpu pin, 503 when saturated)
-                                   ─► task: /ws?clientId ─► /upload/image ─► POST /prompt
-                                            ─► follow /ws events (or poll /history) ─► outputs
+                                   ─► task: /ws?clientId (adopt the fork's own client_id)
+                                            ─► /upload/image ─► POST /prompt
+                                            ─► follow /ws events, and poll /history whenever the
+                                               socket is silent for our prompt ─► outputs
     GET /jobs/{id} ─► the stored result (bounded by JOB_RESULTS_MAX and JOB_RESULTS_TTL)
+
+Both WebSocket dialects work: upstream ComfyUI honours ``?clientId=``; the fleet's fork
+(stakeordie/ComfyUI master) assigns its own id and announces it in a first ``client_id``
+message, which the job then posts its prompt with. The socket is never the only source: a
+prompt whose events go elsewhere is still seen finished through ``/history`` within about
+``poll_interval`` of its end.
 
 An instance that goes away before it started a job gets the job resubmitted once to another;
 one that goes away mid-job fails it with the reason. A job past its deadline is interrupted,
@@ -83,6 +91,7 @@ GONE_STATES = frozenset(
 
 _HTTP_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
 SUBMIT_TIMEOUT = 30.0  # seconds for the ws handshake, uploads and POST /prompt together
+GREETING_TIMEOUT = 2.0  # seconds to wait for the socket's first status (and the fork's client_id)
 POLL_CALL_TIMEOUT = 10.0  # seconds for one /history or /queue call while polling
 STOP_CALL_TIMEOUT = 3.0  # seconds for POST /interrupt or /queue at the deadline (best effort)
 _IMAGE_NAME = re.compile(r"^[\w][\w .()+-]{0,200}$")
@@ -163,10 +172,18 @@ class JobErrorInfo(BaseModel):
     field: str | None = None
 
 
+class JobProgress(BaseModel):
+    nodes_done: int = Field(description="Nodes finished or served from cache")
+    nodes_total: int = Field(description="Nodes in the workflow")
+
+
 class JobResponse(BaseModel):
     id: str
     status: JobStatus
     prompt_id: str | None = None
+    progress: JobProgress | None = Field(
+        default=None, description="Per-node progress once the instance has the prompt (from its /ws events)"
+    )
     instance: InstanceRef | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
     error: JobErrorInfo | None = None
@@ -179,7 +196,9 @@ class JobResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="validation, unauthorized, not_found, no_instance, saturated, not_ready")
+    error: str = Field(
+        description="validation, unauthorized, too_large, not_found, no_instance, saturated, not_ready"
+    )
     message: str
     node_id: str | None = None
     field: str | None = None
@@ -306,9 +325,67 @@ def classify_event(message: Mapping[str, Any], prompt_id: str | None) -> Event:
                 node_type=data.get("node_type"),
             ),
         )
-    if kind in {"execution_start", "execution_cached", "progress", "executed", "progress_state"} and pid:
+    if kind in _STARTED_EVENTS and pid:
         return Event("started")
     return Event("other")
+
+
+_STARTED_EVENTS = frozenset(
+    {"execution_start", "execution_cached", "progress", "executed", "progress_state", "node_executing"}
+)
+
+
+@dataclasses.dataclass
+class NodeProgress:
+    """Which of a prompt's nodes are done, from whichever events the server sends.
+
+    Upstream: ``execution_cached`` (nodes), ``executing`` (a node starts, so the one before it
+    is done), ``executed``, ``progress_state`` (``finished`` nodes). The fork adds
+    ``node_executing`` per node. Counting by node id makes duplicates harmless.
+    """
+
+    total: int
+    done_nodes: set[str] = dataclasses.field(default_factory=set)
+    current: str | None = None
+    completed: bool = False
+
+    @property
+    def done(self) -> int:
+        return self.total if self.completed else min(self.total, len(self.done_nodes))
+
+    def update(self, message: Mapping[str, Any], prompt_id: str | None) -> None:
+        """Apply one /ws message (messages of other prompts are ignored)."""
+        kind = message.get("type")
+        data = message.get("data")
+        if not isinstance(data, dict):
+            return
+        pid = data.get("prompt_id")
+        if prompt_id is None or (pid is not None and pid != prompt_id):
+            return
+        if kind == "execution_cached" and pid is not None:
+            self.done_nodes.update(str(n) for n in data.get("nodes") or [] if n is not None)
+        elif kind in {"executing", "node_executing"} and pid is not None:
+            node = data.get("node")
+            if node is None:
+                self.finish()
+                return
+            node = str(node)
+            if self.current is not None and self.current != node:
+                self.done_nodes.add(self.current)
+            self.current = node
+        elif kind == "executed" and data.get("node") is not None:
+            self.done_nodes.add(str(data["node"]))
+        elif kind == "progress_state" and isinstance(data.get("nodes"), dict):
+            for node_id, state in data["nodes"].items():
+                if isinstance(state, dict) and state.get("state") == "finished":
+                    self.done_nodes.add(str(node_id))
+
+    def finish(self) -> None:
+        """The prompt completed: every node counts as done."""
+        if self.current is not None:
+            self.done_nodes.add(self.current)
+        self.current = None
+        self.completed = True
 
 
 def _execution_error(data: Mapping[str, Any]) -> JobErrorInfo:
@@ -458,6 +535,7 @@ class Job:
     finished_at: float | None = None
     finished_mono: float | None = None
     attempts: int = 0
+    progress: NodeProgress | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
@@ -472,6 +550,9 @@ class Job:
             id=self.id,
             status=self.status,
             prompt_id=self.prompt_id,
+            progress=None
+            if self.progress is None
+            else JobProgress(nodes_done=self.progress.done, nodes_total=self.progress.total),
             instance=None if inst is None else InstanceRef(gpu=inst.index, name=inst.name, port=inst.port),
             outputs=list(self.outputs),
             error=self.error,
@@ -584,7 +665,8 @@ class JobManager:
         settings: MAX_QUEUE_DEPTH, JOB_TIMEOUT, JOB_RESULTS_MAX, JOB_RESULTS_TTL are read here.
         directory: the monitor's live view of the instances.
         registry: where the job metrics are registered (never the global registry).
-        poll_interval: seconds between /history polls when the socket is gone.
+        poll_interval: seconds between /history polls when the socket is gone, and the silence
+            (no event of the job's prompt) after which a followed socket is backed by one.
         check_interval: how often a job re-reads the directory and its deadline while waiting.
     """
 
@@ -610,6 +692,10 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
+        # GPU index -> "upstream" | "fork", learned from each instance's /ws greeting. A known
+        # upstream instance is posted to without waiting for its greeting (one round trip less);
+        # a fork's client_id message seen later switches it back (and /history covers the job).
+        self._dialect: dict[int, str] = {}
         self.jobs_total = Counter(
             "comfyui_jobs",
             "Jobs by outcome (invalid/rejected: refused at submission)",
@@ -779,6 +865,7 @@ class JobManager:
                     raise _Down(f"{down.reason}; no other instance to resubmit to ({exc})", started=False) from None
                 log.warning("job %s: %s before it started; resubmitted to GPU %d", job.id, down.reason, current.index)
                 job.prompt_id = None
+                job.progress = None
                 job.status = "pending"
                 await self._attempt(job, current)
         except _Down as down:
@@ -818,8 +905,17 @@ class JobManager:
                             params={"clientId": client_id},
                             timeout=aiohttp.ClientWSTimeout(ws_close=5),
                         )
+                    if ws is not None and self._dialect.get(view.index) != "upstream":
+                        # The fork ignores ?clientId= and names its own id: post with that one.
+                        own = client_id
+                        client_id, dialect = await self._greeting(ws, client_id)
+                        if dialect:
+                            self._dialect[view.index] = dialect
+                        if client_id != own:
+                            log.debug("job %s: %s assigned client id %s", job.id, view.name, client_id)
                     await self._upload_images(job, view)
                     job.prompt_id = await self._post_prompt(job, view, client_id)
+                    job.progress = NodeProgress(total=len(job.workflow))
             except TimeoutError:
                 if self._clock() < job.deadline:
                     raise _Down(
@@ -841,6 +937,35 @@ class JobManager:
             await self._on_timeout(job, view)
         else:
             self._finish(job, "error", event.error)
+
+    @staticmethod
+    async def _greeting(ws: aiohttp.ClientWebSocketResponse, client_id: str) -> tuple[str, str]:
+        """The id the server delivers our events to, and its dialect ("" when unknown).
+
+        Upstream sends ``status`` with our own ``sid``; the fork sends ``client_id`` with its
+        own id first, then ``status``.
+        """
+        with contextlib.suppress(*_HTTP_ERRORS):
+            async with asyncio.timeout(GREETING_TIMEOUT):
+                while True:
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        if msg.type in _WS_CLOSED:
+                            break
+                        continue
+                    message = json.loads(msg.data)
+                    data = message.get("data") if isinstance(message, dict) else None
+                    if not isinstance(data, dict):
+                        continue
+                    if message.get("type") == "client_id" and isinstance(data.get("client_id"), str):
+                        return str(data["client_id"]), "fork"  # its status follows: not needed
+                    if message.get("type") == "status":
+                        sid = data.get("sid")
+                        if isinstance(sid, str) and sid and sid != client_id:
+                            return sid, "fork"
+                        return client_id, "upstream"
+        # No greeting in time (or the socket closed): keep what we have; /history polling covers it.
+        return client_id, ""
 
     async def _upload_images(self, job: Job, view: InstanceView) -> None:
         session = self._session
@@ -910,16 +1035,30 @@ class JobManager:
         return await self._follow_poll(job, view)
 
     async def _follow_ws(self, job: Job, view: InstanceView, ws: aiohttp.ClientWebSocketResponse) -> _Outcome | None:
-        """Events until a final one; None when the socket dropped."""
+        """Events until a final one; None when the socket dropped.
+
+        The socket alone is never trusted: whenever ``poll_interval`` passes without an event
+        of our prompt (events sent to another client id, a proxy that drops frames, a fork
+        variant), ``/history`` is read, so a finished prompt is seen within about that time.
+        """
+        last_news = self._clock()
         while True:
-            remaining = job.deadline - self._clock()
+            now = self._clock()
+            remaining = job.deadline - now
             if remaining <= 0:
                 return _Outcome("timeout")
             gone = self._gone(view)
             if gone:
                 raise _Down(gone, started=job.started_mono is not None)
+            poll_in = last_news + self.poll_interval - now
+            if poll_in <= 0:
+                last_news = self._clock()
+                outcome = await self._peek_history(job, view)
+                if outcome is not None:
+                    return outcome
+                continue
             try:
-                msg = await ws.receive(timeout=min(remaining, self.check_interval))
+                msg = await ws.receive(timeout=min(remaining, self.check_interval, poll_in))
             except TimeoutError:
                 continue
             if msg.type == aiohttp.WSMsgType.TEXT:
@@ -929,7 +1068,13 @@ class JobManager:
                     continue
                 if not isinstance(message, dict):
                     continue
+                if message.get("type") == "client_id":
+                    self._dialect[view.index] = "fork"  # it changed since we learned it: greet next time
                 event = classify_event(message, job.prompt_id)
+                if event.kind != "other":
+                    last_news = self._clock()
+                if job.progress is not None:
+                    job.progress.update(message, job.prompt_id)
                 if event.kind == "started":
                     self._mark_started(job)
                 elif event.kind == "done":
@@ -938,13 +1083,26 @@ class JobManager:
                 elif event.kind in {"error", "interrupted"}:
                     job.ended_mono = self._clock()
                     return _Outcome(event.kind, event.error)
-            elif msg.type in {
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            }:
+            elif msg.type in _WS_CLOSED:
                 return None
+
+    async def _peek_history(self, job: Job, view: InstanceView) -> _Outcome | None:
+        """One /history read while following the socket: the outcome when the prompt is done."""
+        try:
+            limit = min(POLL_CALL_TIMEOUT, max(0.1, job.deadline - self._clock()))
+            entry = await self._history(view, job.prompt_id or "", limit)
+        except _HTTP_ERRORS as exc:
+            log.debug("job %s: /history of %s failed: %s", job.id, view.name, exc)
+            return None
+        if entry is None:
+            return None
+        job.ended_mono = self._clock()
+        if job.started_mono is None:
+            job.execution_time = history_times(entry)
+        event = history_outcome(entry)
+        if event.kind in {"error", "interrupted"}:
+            return _Outcome(event.kind, event.error)
+        return _Outcome("done")
 
     async def _follow_poll(self, job: Job, view: InstanceView) -> _Outcome:
         """Poll /history (and /queue to learn whether it started) until final."""
@@ -1097,6 +1255,8 @@ class JobManager:
             job.execution_time = (job.ended_mono or now) - job.started_mono
         job.status = status
         job.error = error
+        if status == "success" and job.progress is not None:
+            job.progress.finish()
         job.images = []  # inputs are not needed any more; the store keeps results only
         job.workflow = {}
         job.finished_mono = now
@@ -1111,6 +1271,11 @@ class JobManager:
         job.done.set()
         where = f" on GPU {job.instance.index}" if job.instance else ""
         log.info("job %s%s: %s%s", job.id, where, status, f" ({error.message})" if error else "")
+
+
+_WS_CLOSED = frozenset(
+    {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1130,6 +1295,11 @@ class _ApiError(Exception):  # noqa: N818 - carries an HTTP answer
 
 def _error_json(status: int, body: ErrorResponse, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=dict(headers or {}))
+
+
+def _too_large(limit: int) -> JSONResponse:
+    message = f"request body is larger than MAX_REQUEST_BYTES ({limit} bytes)"
+    return _error_json(413, ErrorResponse(error="too_large", message=message))
 
 
 def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None, str | None]:
@@ -1170,10 +1340,12 @@ class _JobsRoute(APIRoute):
     before reading a mutating request, and answers every error with an ErrorResponse."""
 
     orchestrator_token = ""
+    max_request_bytes = 64 * 1024 * 1024
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         original = super().get_route_handler()
         token = self.orchestrator_token
+        max_bytes = self.max_request_bytes
 
         async def handler(request: Request) -> Response:
             if request.method in {"POST", "PUT", "PATCH", "DELETE"}:
@@ -1186,7 +1358,17 @@ class _JobsRoute(APIRoute):
                         ),
                         {"WWW-Authenticate": "Bearer"},
                     )
-                raw = await request.body()
+                declared = request.headers.get("content-length", "").strip()
+                if declared.isdigit() and int(declared) > max_bytes:
+                    return _too_large(max_bytes)
+                chunks: list[bytes] = []
+                received = 0
+                async for chunk in request.stream():  # counted too: a chunked body declares no length
+                    received += len(chunk)
+                    if received > max_bytes:
+                        return _too_large(max_bytes)
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -1215,6 +1397,7 @@ class _JobsRoute(APIRoute):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid workflow, override or gpu (names node and field)"},
     401: {"model": ErrorResponse, "description": "ORCHESTRATOR_TOKEN is set and the bearer token is wrong"},
+    413: {"model": ErrorResponse, "description": "The body is larger than MAX_REQUEST_BYTES"},
     503: {
         "model": ErrorResponse,
         "description": "No READY instance, or all have MAX_QUEUE_DEPTH jobs (Retry-After)",
@@ -1227,6 +1410,7 @@ def jobs_router(manager: JobManager) -> APIRouter:
 
     class _Route(_JobsRoute):
         orchestrator_token = manager.settings.orchestrator_token
+        max_request_bytes = manager.settings.max_request_bytes
 
     router = APIRouter(route_class=_Route, tags=["jobs"])
     retry_after = str(max(1, math.ceil(manager.settings.probe_interval)))

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +20,7 @@ from typing import Any
 import psutil
 
 from orchestrator import gpu as gpu_mod
+from orchestrator import oplock, subproc
 from orchestrator.cli import print_json
 from orchestrator.errors import OrchestratorError, PlanError, SupervisorError
 from orchestrator.fsutil import atomic_write, read_json, write_json
@@ -150,11 +150,11 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
             status["comfy"] = comfy.to_dict()
             if comfy.fallback:
                 log.error(
-                    "COMFY_REPO_URL could not be cloned: running the FALLBACK %s at %s",
-                    comfy.url, comfy.commit,
+                    "ComfyUI: running the FALLBACK %s %s at %s, not the configured %s",
+                    comfy.url, comfy.ref, comfy.commit, comfy.wanted,
                 )
             status["shared"] = repos.sync_shared(settings, layout).to_dict()
-    elif not layout.shared_dir.exists() and not settings.shared_repo_url:
+    elif not settings.shared_repo_url and not repos.has_shared_config(layout.shared_dir):
         status["shared"] = repos.sync_shared(settings, layout).to_dict()
     if not (layout.comfy_dir / "main.py").exists():
         raise PlanError(
@@ -203,6 +203,26 @@ def up(
         d.mkdir(parents=True, exist_ok=True)
     layout.state_dir.chmod(0o700)
     _private_dir(layout.socket.parent)
+    # One up/nodes sync per ROOT; released when provisioning and the reconcile are done (and
+    # before an exec of a foreground supervisord, which must not hold it for its whole life).
+    with oplock.hold(layout) as lock:
+        return _up_locked(
+            settings, layout, timer, lock,
+            overrides=overrides, foreground=foreground, skip_provision=skip_provision, execve=execve,
+        )
+
+
+def _up_locked(
+    settings: Settings,
+    layout: Layout,
+    timer: StageTimer,
+    lock: oplock.RootLock,
+    *,
+    overrides: Mapping[str, str] | None,
+    foreground: bool,
+    skip_provision: bool,
+    execve: Callable[[str, list[str], dict[str, str]], None],
+) -> UpReport:
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
     status = provision(settings, layout, timer, skip=skip_provision)
@@ -235,6 +255,7 @@ def up(
             _write_status(layout, timer, status)
             argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(layout.supervisord_conf)]
             log.info("exec supervisord in the foreground")
+            lock.release()
             execve(sys.executable, argv, env)
             return report  # only reached with a fake execve in tests
         else:
@@ -259,10 +280,16 @@ def _write_status(layout: Layout, timer: StageTimer, status: dict[str, Any]) -> 
 
 def _start_supervisord(layout: Layout, env: dict[str, str]) -> None:
     argv = [sys.executable, "-m", "supervisor.supervisord", "-c", str(layout.supervisord_conf)]
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    # supervisord daemonizes and must outlive us: no PR_SET_PDEATHSIG here. Output through temp
+    # files, so a daemon that kept the launcher's stdout could not hold us past the deadline.
+    try:
+        result = subproc.run(argv, cwd=None, env=env, timeout=30, merge_stderr=False, die_with_parent=False)
+    except OSError as exc:
+        raise SupervisorError(f"supervisord did not start: {exc}") from None
     sup = Supervisor(layout)
-    if result.returncode != 0 or not wait_for(sup.is_running, 15):
-        detail = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+    if result.timed_out or result.returncode != 0 or not wait_for(sup.is_running, 15):
+        text = (result.stderr + result.stdout).decode(errors="replace")
+        detail = [ln for ln in text.splitlines() if ln.strip()]
         errors = [ln for ln in detail if ln.startswith("Error")]
         hint = (errors or detail or [f"see {layout.supervisord_log}"])[0]
         raise SupervisorError(f"supervisord did not start: {hint}")
@@ -334,16 +361,15 @@ def down(settings: Settings) -> list[str]:
     problems: list[str] = []
     if sup.is_running():
         pid = sup.pid()
-        tree = family([pid])
+        # Captured as psutil.Process objects (pid + create time) BEFORE the long wait: a pid that
+        # exited and was reused meanwhile is someone else's process and must not be killed.
+        supervisord, tree = _process_tree(pid)
         sup.stop_all()
         with contextlib.suppress(SupervisorError):
             sup.shutdown()
-        if not wait_for(lambda: not psutil.pid_exists(pid) or _zombie(pid), settings.stop_timeout + 15):
+        if not wait_for(lambda: not _alive(supervisord), settings.stop_timeout + 15):
             problems.append(f"supervisord (pid {pid}) did not exit")
-        survivors = [p for p in tree if p != pid and psutil.pid_exists(p) and not _zombie(p)]
-        for p in survivors:
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(p).kill()
+        survivors = kill_leftovers(tree)
         if survivors:
             log.warning("killed %d leftover process(es): %s", len(survivors), survivors)
     with contextlib.suppress(FileNotFoundError):
@@ -355,11 +381,43 @@ def down(settings: Settings) -> list[str]:
     return problems
 
 
-def _zombie(pid: int) -> bool:
+def _process_tree(pid: int) -> tuple[psutil.Process | None, list[psutil.Process]]:
+    """The process ``pid`` and its descendants, identified by pid and create time."""
     try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        root = psutil.Process(pid)
     except psutil.Error:
-        return True
+        return None, []
+    try:
+        return root, root.children(recursive=True)
+    except psutil.Error:
+        return root, []
+
+
+def _alive(proc: psutil.Process | None) -> bool:
+    """Still the same process (``is_running`` checks the create time) and not a zombie."""
+    if proc is None:
+        return False
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_leftovers(procs: list[psutil.Process]) -> list[int]:
+    """SIGKILL those of ``procs`` still running as the same process; returns their pids.
+
+    ``Process.kill`` itself refuses a pid that was reused by another process.
+    """
+    killed: list[int] = []
+    for proc in procs:
+        if not _alive(proc):
+            continue
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+        killed.append(proc.pid)
+    return killed
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -394,6 +452,8 @@ def _monitor_instances(settings: Settings) -> dict[int, dict[str, Any]]:
 
 
 def status(settings: Settings) -> dict[str, Any]:
+    from orchestrator.repos import code_report
+
     layout = Layout(settings.root)
     plan = applied_plan(layout)
     if plan is None:
@@ -424,6 +484,7 @@ def status(settings: Settings) -> dict[str, Any]:
                 "health": mon.get("state"),
                 "reason": mon.get("reason") or "",
                 "failed_custom_nodes": mon.get("failed_custom_nodes") or [],
+                "comfyui_version": mon.get("comfyui_version"),
                 "last_error": last_error or mon.get("reason") or "",
             }
         )
@@ -431,7 +492,7 @@ def status(settings: Settings) -> dict[str, Any]:
     return {
         "supervisord": {"running": running, "pid": sup.pid() if running else 0},
         "monitor_answering": bool(health),
-        "comfy": prov.get("comfy", {}),
+        "comfy": code_report(layout.comfy_dir, prov.get("comfy", {})),
         "nodes": prov.get("nodes", {}),
         "stages": prov.get("stages", {}),
         "instances": instances,
@@ -451,18 +512,25 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if not data["supervisord"]["running"]:
         print("supervisord is not running: run `orchestrator up`")
-    if data["comfy"].get("fallback"):
-        print(f"WARNING: FALLBACK ComfyUI in use: {data['comfy'].get('url')} @ {data['comfy'].get('commit')}")
-    header = f"{'GPU':<4}{'PORT':<7}{'PID':<9}{'STATE':<10}{'HEALTH':<12}{'UPTIME':<10}{'RESTARTS':<9}DETAIL"
+    comfy = data["comfy"]
+    code = f"{comfy.get('url') or '?'} {comfy.get('ref') or '?'} @ {(comfy.get('commit') or '?')[:12]}"
+    if comfy.get("fallback"):
+        print(f"WARNING: FALLBACK ComfyUI in use: {code} (configured: {comfy.get('wanted') or '?'})")
+    else:
+        print(f"ComfyUI code: {code}")
+    header = (
+        f"{'GPU':<4}{'PORT':<7}{'PID':<9}{'STATE':<10}{'HEALTH':<12}{'UPTIME':<10}{'RESTARTS':<9}"
+        f"{'VERSION':<10}DETAIL"
+    )
     print(header)
     for i in data["instances"]:
-        detail = i["last_error"] or (
-            "failed nodes: " + ", ".join(i["failed_custom_nodes"]) if i["failed_custom_nodes"] else ""
-        )
+        # A READY instance whose custom nodes failed at import still says which ones.
+        failed_nodes = "failed nodes: " + ", ".join(i["failed_custom_nodes"]) if i["failed_custom_nodes"] else ""
+        detail = "; ".join(part for part in (i["last_error"], failed_nodes) if part)
         restarts = "-" if i["restarts"] is None else str(i["restarts"])
         print(
             f"{i['gpu']:<4}{i['port']:<7}{i['pid'] or '-':<9}{i['state']:<10}{i['health'] or '-':<12}"
-            f"{_fmt_uptime(i['uptime_seconds']):<10}{restarts:<9}{detail}"
+            f"{_fmt_uptime(i['uptime_seconds']):<10}{restarts:<9}{i.get('comfyui_version') or '-':<10}{detail}"
         )
     failed = data["nodes"].get("failed")
     if failed:

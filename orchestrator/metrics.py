@@ -120,6 +120,11 @@ class InstanceCollector(Collector):
             "1 per custom node whose import failed in the instance's latest start",
             labels=(*INSTANCE_LABELS, "node"),
         )
+        version = GaugeMetricFamily(
+            "comfyui_instance_version_info",
+            "The ComfyUI version the instance's process reports in /system_stats (value 1)",
+            labels=(*INSTANCE_LABELS, "comfyui_version"),
+        )
         for s in statuses:
             values = _labels(s)
             up.add_metric(values, 1.0 if s.up else 0.0)
@@ -136,7 +141,9 @@ class InstanceCollector(Collector):
                 start.add_metric(values, s.start_time)
             for node in s.failed_custom_nodes:
                 failed.add_metric([*values, node], 1.0)
-        yield from (up, ready, state, restarts, probe, pending, running, start, failed)
+            if s.comfyui_version:
+                version.add_metric([*values, s.comfyui_version], 1.0)
+        yield from (up, ready, state, restarts, probe, pending, running, start, failed, version)
 
 
 # (metric name, help, GpuSample field, scale)
@@ -225,6 +232,7 @@ class ProvisioningCollector(Collector):
 
     def __init__(self, layout: Layout, redact: Callable[[str], str] = lambda s: s) -> None:
         self.path = layout.status_file
+        self.comfy_dir = layout.comfy_dir
         self.redact = redact
         self._stamp: tuple[int, int] | None = None
         self._status: dict[str, Any] = {}
@@ -246,7 +254,14 @@ class ProvisioningCollector(Collector):
         return list(self._families({}))
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._families(self._read())
+        status = self._read()
+        if self.comfy_dir.is_dir():
+            from orchestrator.repos import code_report
+
+            # What is checked out now, read from the tree: a failed branch switch never shows
+            # the branch that was asked for while the old code runs.
+            status = {**status, "comfy": code_report(self.comfy_dir, status.get("comfy"))}
+        yield from self._families(status)
 
     def _families(self, status: dict[str, Any]) -> Iterator[Metric]:
         stages = GaugeMetricFamily(
@@ -267,7 +282,7 @@ class ProvisioningCollector(Collector):
         comfy = status.get("comfy") or {}
         fallback = GaugeMetricFamily(
             "orchestrator_comfy_fallback",
-            "1 when ComfyUI runs from the fallback repository (COMFY_REPO_URL could not be cloned)",
+            "1 when the ComfyUI tree is not what was configured (fallback repository, or another branch)",
         )
         fallback.add_metric([], 1.0 if comfy.get("fallback") else 0.0)
         info = GaugeMetricFamily(

@@ -445,7 +445,9 @@ def _dry_run_items(
 # ---------------------------------------------------------------- CLI
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """``orchestrator models sync [--dry-run] [--tier T] [--json]``: exit 1 when a required model failed."""
-    layout = Layout(settings.root)
+    from orchestrator.repos import resolve_shared
+
+    layout = resolve_shared(settings, Layout(settings.root), install=not args.dry_run)
     report = sync_models(settings, layout, tier=args.tier, dry_run=args.dry_run, progress=not args.json)
     if args.json:
         print_json(report.to_dict())

@@ -4,10 +4,13 @@ One asyncio loop ticks every ``min(PROBE_INTERVAL, 0.25 s)``: it reads superviso
 (in a thread, with a timeout) and starts a probe task for each instance that is due. READY
 instances are probed every ``PROBE_INTERVAL``; starting ones and any instance whose process
 changed are probed at once, so a crash is noticed within a tick and a restarted instance is
-READY as soon as it answers. Each instance has at most one task in flight, so a hung instance
-never delays the others, nor a scrape. Decisions come from the pure :func:`health.decide`;
-actions go through supervisord (:class:`~orchestrator.procs.Supervisor`) in threads. GPU
-telemetry is sampled by :class:`GpuSampler` in its own thread; readers get the latest sample.
+READY as soon as it answers. After a failed probe the next one starts a tick later, and a
+process stopped by a signal (state T, e.g. SIGSTOP) fails its probes at once without waiting for
+PROBE_TIMEOUT, so a hung instance is restarted within seconds. Each instance has at most one
+task in flight, so a hung instance never delays the others, nor a scrape. Decisions come from
+the pure :func:`health.decide`; actions go through supervisord
+(:class:`~orchestrator.procs.Supervisor`) in threads. GPU telemetry is sampled by
+:class:`GpuSampler` in its own thread; readers get the latest sample.
 """
 
 from __future__ import annotations
@@ -66,6 +69,23 @@ _FAST_STATES = frozenset(
 )
 _LOUD_STATES = frozenset({InstanceState.UNHEALTHY, InstanceState.FATAL, InstanceState.BACKOFF})
 MAX_TICK = 0.25  # seconds between supervisord polls (and probes of starting instances)
+
+
+def process_stopped(pid: int) -> bool:
+    """True when ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP: state ``T`` in /proc): it cannot answer.
+
+    Read every tick for running instances (one small read each), so a stopped instance is restarted
+    within a second instead of after UNHEALTHY_THRESHOLD probes that each wait PROBE_TIMEOUT.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    fields = data.rsplit(b")", 1)[-1].split()
+    return bool(fields) and fields[0] == b"T"
 
 
 class SupervisorLike(Protocol):
@@ -159,7 +179,8 @@ class GpuSampler:
 # ---------------------------------------------------------------- the monitor
 @dataclasses.dataclass
 class _Slot:
-    """Mutable per-instance bookkeeping; only the monitor's event loop touches it."""
+    """Mutable per-instance bookkeeping; only the monitor's event loop touches it, except the
+    two request fields (see ``requests_lock``)."""
 
     instance: Instance
     record: Record
@@ -171,6 +192,16 @@ class _Slot:
     hung: str = ""
     restart_requested: str = ""
     action_done_at: float = 0.0
+    # hung and restart_requested are also written from other threads (report_hung from a job
+    # thread, request_restart from the API): set and read-and-clear them under this lock only.
+    requests_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def take_requests(self) -> tuple[str, str]:
+        """(hung, restart_requested), cleared atomically: a report arriving meanwhile is kept."""
+        with self.requests_lock:
+            hung, self.hung = self.hung, ""
+            requested, self.restart_requested = self.restart_requested, ""
+        return hung, requested
 
 
 class Monitor:
@@ -339,6 +370,8 @@ class Monitor:
             identity = (proc.pid, proc.start, proc.state)
             if identity != slot.seen_identity:
                 return True  # crashed, restarted or stopped since the last look: decide now
+            if proc.state is ProcessState.RUNNING and process_stopped(proc.pid):
+                return True  # SIGSTOPped: each probe fails at once, no need to wait PROBE_INTERVAL
         return False
 
     async def _poll_supervisor(self) -> dict[str, ProcessInfo] | None:
@@ -383,8 +416,7 @@ class Monitor:
             return  # this process table predates our last action: wait for a fresh one
         started = self._clock()
         probe = await self._probe(slot, proc)
-        hung, slot.hung = slot.hung, ""
-        requested, slot.restart_requested = slot.restart_requested, ""
+        hung, requested = slot.take_requests()
         now = self._clock()
         decision = health.decide(
             slot.record, proc, probe, now, self.cfg, hung=hung, restart_requested=requested
@@ -397,7 +429,9 @@ class Monitor:
             self._apply(slot, health.after_action(slot.record, action, error, self._clock()))
             slot.action_done_at = self._clock()
         # Probes start every PROBE_INTERVAL, however long a (timed-out) probe took.
-        fast = slot.record.state in _FAST_STATES or bool(decision.actions)
+        # After a failed probe the next comes at once (a tick later): a hung instance is restarted
+        # after UNHEALTHY_THRESHOLD probe timeouts, not that many PROBE_INTERVALs.
+        fast = slot.record.state in _FAST_STATES or bool(decision.actions) or slot.record.failures > 0
         slot.next_due = started + (self.tick if fast else self.settings.probe_interval)
 
     async def _probe(self, slot: _Slot, proc: ProcessInfo | None) -> ProbeResult:
@@ -406,6 +440,8 @@ class Monitor:
         logs = await asyncio.get_running_loop().run_in_executor(self._scan_pool, slot.scanner.scan)
         if proc is not None and proc.state not in _PROBING:
             return ProbeResult(ok=False, error=f"supervisord reports {proc.state.name}", logs=logs)
+        if proc is not None and process_stopped(proc.pid):
+            return ProbeResult(ok=False, error=f"process {proc.pid} is stopped (SIGSTOP): it cannot answer", logs=logs)
         assert self._client is not None
         result = await probe_http(
             self._client, slot.instance.port, slot.instance.gpu,
@@ -463,14 +499,16 @@ class Monitor:
         """A job found the instance stuck: it becomes UNHEALTHY and is restarted (thread-safe)."""
         slot = self._slot(index)
         log.warning("%s reported hung: %s", slot.instance.name, reason)
-        slot.hung = reason or "reported hung"
+        with slot.requests_lock:
+            slot.hung = reason or "reported hung"
         self._wake_up()
 
     def request_restart(self, gpu: int, reason: str) -> InstanceStatus:
         """Restart the instance on ``gpu`` at the next tick. Raises KeyError for an unknown GPU."""
         slot = self._slot(gpu)
         log.info("%s: restart requested (%s)", slot.instance.name, reason)
-        slot.restart_requested = reason
+        with slot.requests_lock:
+            slot.restart_requested = reason
         self._wake_up()
         return self._status(slot)
 
@@ -506,6 +544,7 @@ class Monitor:
             last_probe=epoch(rec.last_probe),
             probe_duration=rec.probe_duration,
             device=rec.device,
+            comfyui_version=rec.comfyui_version,
         )
 
     def instance_statuses(self) -> list[InstanceStatus]:

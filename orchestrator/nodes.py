@@ -29,8 +29,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +37,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
+from orchestrator import oplock, subproc
 from orchestrator.configfile import join_problems, load_json, read_config
 from orchestrator.errors import ConfigError, ProvisionError
 from orchestrator.fsutil import atomic_write, read_json, write_json
@@ -60,7 +59,7 @@ from orchestrator.gitops import (
     url_problem,
 )
 from orchestrator.paths import Layout
-from orchestrator.repos import git_client, shipped_shared_dir
+from orchestrator.repos import git_client, resolve_shared, shipped_shared_dir
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -519,37 +518,21 @@ class CommandRunner(Protocol):
 def run_command(
     argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
 ) -> CmdResult:
-    """Run a command in its own process group; on timeout the whole group is killed."""
+    """Run a command in its own session; on timeout its whole tree is killed.
+
+    Output is collected through a temporary file, so a background helper the command leaves
+    behind (``sleep 300 &``) cannot hold us past the command's own exit; the command dies with
+    this process (PR_SET_PDEATHSIG) so a killed ``up`` leaves no pip running (see subproc).
+    """
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        done = subproc.run(argv, cwd=cwd, env=env, timeout=timeout)
     except OSError as exc:
         return CmdResult(
             127, f"cannot run {argv[0]}: {exc.strerror or exc}", seconds=time.monotonic() - start
         )
-    timed_out = False
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    finally:
-        if proc.poll() is None:  # interrupted (KeyboardInterrupt): leave nothing behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = out.decode(errors="replace") if out else ""
-    return CmdResult(proc.returncode, text, timed_out, time.monotonic() - start)
+    text = done.stdout.decode(errors="replace")
+    return CmdResult(done.returncode, text, done.timed_out, done.seconds)
 
 
 _TORCH_QUERY = (
@@ -1171,7 +1154,13 @@ def format_report(report: NodesReport) -> str:
 def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """``orchestrator nodes sync [--dry-run] [--prune] [--file F] [--json]``: exit 1 if any node failed."""
     layout = Layout(settings.root)
-    report = sync_nodes(settings, layout, dry_run=args.dry_run, prune=args.prune, config_file=args.file)
+    if args.file is not None:
+        load_config(args.file)  # validate before acting: a bad file writes nothing, not even the lock
+    # One up/nodes sync per ROOT (a dry run writes nothing and needs no lock).
+    with contextlib.nullcontext(None) if args.dry_run else oplock.hold(Layout(settings.root)):
+        if args.file is None:
+            layout = resolve_shared(settings, layout, install=not args.dry_run)
+        report = sync_nodes(settings, layout, dry_run=args.dry_run, prune=args.prune, config_file=args.file)
     if args.json:
         print(settings.redact(json.dumps(report.to_dict(), indent=2)))
     else:

@@ -234,9 +234,12 @@ async def probe_http(
             ok=False, tcp=True, status_code=200, duration=duration, error="GET /system_stats: not JSON"
         )
     device, device_error = check_device(stats, gpu, mock)
+    system = stats.get("system") if isinstance(stats, dict) else None
+    version = system.get("comfyui_version") if isinstance(system, dict) else None
     return ProbeResult(
         ok=not device_error, tcp=True, status_code=200, duration=duration, device=device,
         device_error=device_error, queue_pending=pending, queue_running=running,
+        comfyui_version=str(version) if isinstance(version, str | int | float) and str(version) else None,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import http.client
 import socket
 import time
 import xmlrpc.client
@@ -59,6 +60,41 @@ def read_credentials(layout: Layout) -> tuple[str, str]:
         raise SupervisorError(f"cannot read {layout.supervisord_conf}: run `orchestrator up`") from None
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over supervisord's unix socket, with the timeout set on this connection's own socket.
+
+    The process-wide ``socket.setdefaulttimeout`` is never touched: a short probe in one thread must
+    not shorten (or lengthen) a long restart call in another.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class TimeoutTransport(SupervisorTransport):
+    """supervisor's XML-RPC transport whose unix-socket connections carry their own timeout."""
+
+    def __init__(self, username: str, password: str, path: str, timeout: float) -> None:
+        super().__init__(username, password, f"unix://{path}")
+        self.timeout = timeout
+
+        def get_connection() -> http.client.HTTPConnection:
+            return _UnixConnection(path, self.timeout)
+
+        self._get_connection = get_connection
+
+
 class Supervisor:
     """A thin client. Every call raises :class:`SupervisorError` with a one-line message."""
 
@@ -72,13 +108,11 @@ class Supervisor:
             if not self.layout.socket.exists():
                 raise SupervisorError(NOT_RUNNING)
             user, password = read_credentials(self.layout)
-            transport = SupervisorTransport(user, password, f"unix://{self.layout.socket}")
+            transport = TimeoutTransport(user, password, str(self.layout.socket), self.timeout)
             self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         return self._proxy
 
     def _call(self, method: str, *args: Any) -> Any:
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(self.timeout)
         try:
             target = self._server()
             for part in method.split("."):
@@ -91,8 +125,6 @@ class Supervisor:
             if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
                 raise SupervisorError(NOT_RUNNING) from None
             raise SupervisorError(f"supervisord did not answer: {exc}") from None
-        finally:
-            socket.setdefaulttimeout(old)
 
     def is_running(self) -> bool:
         try:

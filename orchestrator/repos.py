@@ -2,7 +2,9 @@
 
 ComfyUI, one tree for every instance at ``$ROOT/ComfyUI``:
 
-* The fork follows ``COMFY_BRANCH`` (fetched and fast-forwarded on every sync). A URL counts as
+* The fork follows ``COMFY_BRANCH`` (fetched and fast-forwarded when ``COMFY_UPDATE`` says an
+  update is due: ``always``, ``never`` once cloned, or ``interval``, the default, once per
+  ``COMFY_UPDATE_INTERVAL``; a changed URL, branch or commit is applied at once). A URL counts as
   the fork when it is :data:`~orchestrator.settings.FORK_URL` (ignoring case of the host, a
   trailing ``/`` or ``.git``) **or** when ``COMFY_BRANCH`` was set explicitly (flag, env or
   file): setting a branch means "follow it", whatever the URL.
@@ -11,10 +13,15 @@ ComfyUI, one tree for every instance at ``$ROOT/ComfyUI``:
 * When the configured repo cannot be cloned, ``COMFY_FALLBACK_URL`` at ``COMFY_COMMIT`` is
   used and said loudly: an error log line, ``RepoResult.fallback`` and ``repos.json`` in the
   state directory (read by ``status`` and the metrics).
+* When ``COMFY_BRANCH`` does not exist in the fork, one line names the branches that do;
+  ``COMFY_ON_MISSING_BRANCH=fail`` (default) stops there (:class:`MissingBranchError`),
+  ``fallback`` keeps an existing tree as it is, or clones the fallback on a first boot.
+  Whatever happens, the result reports what is checked out (branch and HEAD read from the
+  tree), never the branch that was asked for.
 
 The shared config repo at ``$ROOT/shared`` follows ``SHARED_BRANCH`` (default: the remote's
-default branch) or is pinned to ``SHARED_COMMIT``; it only ever fast-forwards and never
-discards local changes. Without a configured or reachable repo on first boot, the shipped
+default branch; the same ``COMFY_UPDATE`` policy) or is pinned to ``SHARED_COMMIT``; it only
+ever fast-forwards and never discards local changes. Without a configured or reachable repo on first boot, the shipped
 defaults (:func:`shipped_shared_dir`) are copied in.
 
 Every clone goes into a temp sibling that is renamed into place, so a killed clone is never
@@ -28,6 +35,8 @@ import dataclasses
 import hashlib
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +87,13 @@ class RepoResult:
 
     path: Path
     url: str  # credentials stripped; "shipped-defaults" when the shipped shared/ was used
-    ref: str  # the branch followed or the commit pinned
+    ref: str  # what is checked out: the branch, or the commit when detached (never just the wish)
     commit: str  # the commit checked out ("" for shipped defaults)
-    fallback: bool  # True: not what was configured (fallback repo, or shipped defaults)
+    fallback: bool  # True: not what was configured (fallback repo, other branch, shipped defaults)
     changed: bool  # the checked-out files changed during this sync
     warnings: tuple[str, ...] = ()
+    wanted: str = ""  # the configured branch or commit
+    fetched_at: float | None = None  # unix time the remote last answered (COMFY_UPDATE=interval)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +104,48 @@ class RepoResult:
             "fallback": self.fallback,
             "changed": self.changed,
             "warnings": list(self.warnings),
+            "wanted": self.wanted,
+            "fetched_at": self.fetched_at,
         }
+
+
+class MissingBranchError(ProvisionError):
+    """The configured branch is not in the repository; ``available`` lists the ones that are."""
+
+    def __init__(self, message: str, *, branch: str, available: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.branch = branch
+        self.available = available
+
+
+class _BranchMissing(Exception):  # noqa: N818 - internal signal from _follow to the sync
+    def __init__(self, branch: str, available: list[str]) -> None:
+        super().__init__(branch)
+        self.branch = branch
+        self.available = available
+
+
+def missing_branch_line(label: str, url: str, branch: str, available: list[str] | tuple[str, ...]) -> str:
+    """One line: the branch that is missing and the ones that exist."""
+    shown = ", ".join(available) if available else "none"
+    return f"{label}: branch {branch!r} does not exist in {redact_url(url)}; branches there: {shown}"
+
+
+def update_due(policy: str, interval: float, fetched_at: Any, now: float) -> bool:
+    """COMFY_UPDATE: whether a warm ``up`` may fetch (``always``, ``never``, ``interval``)."""
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if not isinstance(fetched_at, int | float) or isinstance(fetched_at, bool):
+        return True
+    return now - float(fetched_at) >= interval or now < float(fetched_at)
+
+
+def checked_out(path: Path) -> dict[str, str]:
+    """What the tree at ``path`` has checked out, read from its .git (no subprocess)."""
+    head = read_head(path) or ""
+    return {"branch": current_branch(path) or "", "commit": head, "url": redact_url(origin_url(path) or "")}
 
 
 # ---------------------------------------------------------------- settings → targets (pure)
@@ -152,6 +204,36 @@ def shipped_shared_dir() -> Path:
     if installed.is_dir():
         return installed
     return Path(__file__).resolve().parents[1] / "shared"
+
+
+def has_shared_config(path: Path) -> bool:
+    """True when ``path`` is a shared checkout or holds any of the shared config files."""
+    if read_head(path):
+        return True
+    try:
+        names = [p.name for p in shipped_shared_dir().iterdir() if p.is_file()]
+    except OSError:
+        names = []
+    return any((path / name).is_file() for name in names)
+
+
+def resolve_shared(settings: Settings, layout: Layout, *, install: bool) -> Layout:
+    """The one answer to "where is the shared config?" for every command that reads it
+    (comfy_dir_config.yaml, static-models.json, models.yaml, config_nodes.json).
+
+    ``$ROOT/shared`` when it is a checkout or holds the config. Otherwise, as ``up`` does:
+    with ``install`` (commands that change the machine) :func:`sync_shared` clones
+    SHARED_REPO_URL, or copies the shipped defaults into ``$ROOT/shared``; without it
+    (dry runs, read-only commands) the shipped defaults are read where they are and nothing
+    is written. Returns the layout whose ``shared_dir`` to read.
+    """
+    home = dataclasses.replace(layout, shared=None)
+    if has_shared_config(home.shared_dir):
+        return home
+    if install:
+        sync_shared(settings, home)
+        return home
+    return dataclasses.replace(layout, shared=shipped_shared_dir())
 
 
 # ---------------------------------------------------------------- shipped defaults
@@ -244,6 +326,8 @@ def _follow(git: GitClient, path: Path, target: Target, label: str, kind: str) -
         remote_ref = f"refs/remotes/origin/{branch}"
         git.fetch(path, target.url, f"+refs/heads/{branch}:{remote_ref}")
     except GitError as exc:
+        if target.branch and (available := _missing(git, target.url, target.branch)) is not None:
+            raise _BranchMissing(target.branch, available) from None
         return False, [f"{label}: cannot fetch ({exc}); keeping {_short(head)}"]
     git.set_origin(path, target.url)
     remote = git.rev_parse(path, remote_ref)
@@ -279,6 +363,15 @@ def _follow(git: GitClient, path: Path, target: Target, label: str, kind: str) -
     return False, [
         f"{label}: branch {branch} has diverged from origin; keeping local {_short(head)} (fast-forward only)"
     ]
+
+
+def _missing(git: GitClient, url: str, branch: str) -> list[str] | None:
+    """The branches ``url`` has when ``branch`` is not among them; None when it is, or unknown."""
+    try:
+        available = git.remote_branches(url)
+    except GitError:
+        return None
+    return None if branch in available else available
 
 
 def _apply(git: GitClient, path: Path, target: Target, label: str, kind: str) -> tuple[bool, list[str]]:
@@ -343,25 +436,68 @@ def _fresh(git: GitClient, path: Path, target: Target, kind: str, record: dict[s
     return warnings
 
 
-def _result(path: Path, target: Target, fallback: bool, changed: bool, warnings: list[str]) -> RepoResult:
-    ref = target.ref or current_branch(path) or ""
+def _result(
+    path: Path,
+    target: Target,
+    fallback: bool,
+    changed: bool,
+    warnings: list[str],
+    *,
+    wanted: Target | None = None,
+    fetched_at: float | None = None,
+) -> RepoResult:
+    """The result as the tree has it: the branch (or detached commit) and HEAD read from disk."""
+    head = read_head(path) or ""
+    branch = current_branch(path)
+    wish = wanted or target
+    if target.branch and branch != target.branch:
+        fallback = True  # asked for a branch, running another one (a failed switch)
     return RepoResult(
         path=path,
-        url=redact_url(target.url),
-        ref=ref,
-        commit=read_head(path) or "",
+        url=redact_url(origin_url(path) or target.url),
+        ref=branch or head,
+        commit=head,
         fallback=fallback,
         changed=changed,
         warnings=tuple(warnings),
+        wanted=wish.ref,
+        fetched_at=fetched_at,
     )
 
 
 # ---------------------------------------------------------------- public
-def sync_comfy(settings: Settings, layout: Layout, *, git: GitClient | None = None) -> RepoResult:
+def _previous(state: dict[str, Any], key: str) -> dict[str, Any]:
+    entry = state.get(key)
+    return entry if isinstance(entry, dict) else {}
+
+
+def _quiet(settings: Settings, previous: dict[str, Any], target: Target, now: float) -> bool:
+    """True when a warm ``up`` must not touch the network: the same URL and ref as the last sync,
+    and COMFY_UPDATE says no update is due yet."""
+    same_config = previous.get("wanted") == target.ref and previous.get("wanted_url") == redact_url(target.url)
+    return same_config and not update_due(
+        settings.comfy_update, settings.comfy_update_interval, previous.get("fetched_at"), now
+    )
+
+
+def _record(layout: Layout, key: str, result: RepoResult, target: Target, state: dict[str, Any]) -> None:
+    _save_state(layout, key, result, state)
+    state[key]["wanted_url"] = redact_url(target.url)
+    write_json(layout.state_dir / STATE_FILE, state)
+
+
+def sync_comfy(
+    settings: Settings,
+    layout: Layout,
+    *,
+    git: GitClient | None = None,
+    clock: Callable[[], float] = time.time,
+) -> RepoResult:
     """Bring ``$ROOT/ComfyUI`` to the configured fork branch or commit (see the module doc).
 
     Raises:
         ConfigError: COMFY_REPO_URL / COMFY_BRANCH / COMFY_COMMIT / COMFY_FALLBACK_URL is unsafe.
+        MissingBranchError: COMFY_BRANCH is not in the fork and COMFY_ON_MISSING_BRANCH=fail.
         ProvisionError: there is no checkout and neither the repo nor the fallback can be cloned.
     """
     target = comfy_target(settings)
@@ -371,31 +507,71 @@ def sync_comfy(settings: Settings, layout: Layout, *, git: GitClient | None = No
     git = git or git_client(settings, layout)
     path = layout.comfy_dir
     state = _state(layout)
+    previous = _previous(state, "comfy")
+    now = clock()
+    fetched_at = previous.get("fetched_at") if isinstance(previous.get("fetched_at"), int | float) else None
     remove_partials(path.parent)
     warnings: list[str] = []
+    fail = settings.comfy_on_missing_branch == "fail"
     if read_head(path):
-        changed, warnings = _apply_safely(git, path, target, "ComfyUI", "code")
+        if _quiet(settings, previous, target, now):
+            log.info("ComfyUI: no update due (COMFY_UPDATE=%s); no fetch", settings.comfy_update)
+            changed = False
+        else:
+            try:
+                changed, warnings = _apply_safely(git, path, target, "ComfyUI", "code")
+            except _BranchMissing as missing:
+                line = missing_branch_line("ComfyUI", target.url, missing.branch, missing.available)
+                kept = f"{current_branch(path) or 'detached'} @ {_short(read_head(path))}"
+                if fail:
+                    raise MissingBranchError(
+                        f"{line}. Still checked out: {kept}. Set COMFY_BRANCH to an existing branch, "
+                        "or COMFY_ON_MISSING_BRANCH=fallback to keep running it",
+                        branch=missing.branch,
+                        available=tuple(missing.available),
+                    ) from None
+                changed, warnings = False, [f"{line}; COMFY_ON_MISSING_BRANCH=fallback: keeping {kept}"]
+                fetched_at = now  # the remote answered
+            else:
+                if not any(w.startswith("ComfyUI: cannot") for w in warnings):
+                    fetched_at = now
         origin = origin_url(path)
-        fallback = not same_url(origin, target.url) and same_url(origin, fb.url)
-        result = _result(path, fb if fallback else target, fallback, changed, warnings)
-        if fallback:
+        on_fallback_repo = not same_url(origin, target.url) and same_url(origin, fb.url)
+        result = _result(
+            path, fb if on_fallback_repo else target, on_fallback_repo, changed, warnings,
+            wanted=target, fetched_at=fetched_at,
+        )
+        if result.fallback:
             log.error(
-                "ComfyUI: still running the FALLBACK %s at %s: %s is unreachable",
+                "ComfyUI: running %s%s %s at %s, not the configured %s %s",
+                "the FALLBACK " if on_fallback_repo else "",
                 result.url,
+                result.ref,
                 _short(result.commit),
                 redact_url(target.url),
+                target.ref,
             )
     else:
         try:
             warnings += _fresh(git, path, target, "code", {})
-            result = _result(path, target, False, True, warnings)
+            result = _result(path, target, False, True, warnings, fetched_at=now)
         except GitError as exc:
-            if same_url(target.url, fb.url) and target.commit == fb.commit:
-                raise ProvisionError(f"ComfyUI: cannot clone {redact_url(target.url)}: {exc}") from None
-            message = (
-                f"ComfyUI: cannot clone {redact_url(target.url)} ({exc}); "
-                f"FALLING BACK to {redact_url(fb.url)} at {fb.commit}"
-            )
+            available = _missing(git, target.url, target.branch) if target.branch else None
+            if available is not None:
+                line = missing_branch_line("ComfyUI", target.url, target.branch or "", available)
+                if fail:
+                    raise MissingBranchError(
+                        f"{line}. Set COMFY_BRANCH to one of them, or COMFY_ON_MISSING_BRANCH=fallback "
+                        f"to run {redact_url(fb.url)} at {fb.commit} instead",
+                        branch=target.branch or "",
+                        available=tuple(available),
+                    ) from None
+                reason = f"{line}; COMFY_ON_MISSING_BRANCH=fallback"
+            else:
+                reason = f"ComfyUI: cannot clone {redact_url(target.url)} ({exc})"
+                if same_url(target.url, fb.url) and target.commit == fb.commit:
+                    raise ProvisionError(reason) from None
+            message = f"{reason}; FALLING BACK to {redact_url(fb.url)} at {fb.commit}"
             log.error("%s", message)
             try:
                 warnings += _fresh(git, path, fb, "code", {})
@@ -404,14 +580,20 @@ def sync_comfy(settings: Settings, layout: Layout, *, git: GitClient | None = No
                     f"ComfyUI: cannot clone {redact_url(target.url)} ({exc}) nor the fallback "
                     f"{redact_url(fb.url)} ({exc2}): check COMFY_REPO_URL, COMFY_FALLBACK_URL and the network"
                 ) from None
-            result = _result(path, fb, True, True, [message, *warnings])
+            result = _result(path, fb, True, True, [message, *warnings], wanted=target, fetched_at=now)
     for w in result.warnings:
         log.warning("%s", w)
-    _save_state(layout, "comfy", result, state)
+    _record(layout, "comfy", result, target, state)
     return result
 
 
-def sync_shared(settings: Settings, layout: Layout, *, git: GitClient | None = None) -> RepoResult:
+def sync_shared(
+    settings: Settings,
+    layout: Layout,
+    *,
+    git: GitClient | None = None,
+    clock: Callable[[], float] = time.time,
+) -> RepoResult:
     """Bring ``$ROOT/shared`` to SHARED_REPO_URL (fast-forward only), else the shipped defaults.
 
     Raises:
@@ -438,13 +620,26 @@ def sync_shared(settings: Settings, layout: Layout, *, git: GitClient | None = N
         return result
     check_target(target, "SHARED_REPO_URL", "SHARED_BRANCH", "SHARED_COMMIT")
     git = git or git_client(settings, layout)
+    previous = _previous(state, "shared")
+    now = clock()
+    fetched_at = previous.get("fetched_at") if isinstance(previous.get("fetched_at"), int | float) else None
     if read_head(path):
-        changed, warnings = _apply_safely(git, path, target, "shared", "config")
-        result = _result(path, target, False, changed, warnings)
+        if _quiet(settings, previous, target, now):
+            log.info("shared: no update due (COMFY_UPDATE=%s); no fetch", settings.comfy_update)
+            changed, warnings = False, list[str]()
+        else:
+            try:
+                changed, warnings = _apply_safely(git, path, target, "shared", "config")
+            except _BranchMissing as missing:
+                line = missing_branch_line("shared", target.url, missing.branch, missing.available)
+                changed, warnings = False, [f"{line}; keeping {_short(read_head(path))}"]
+            if not any(w.startswith("shared: cannot") for w in warnings):
+                fetched_at = now
+        result = _result(path, target, False, changed, warnings, fetched_at=fetched_at)
     else:
         try:
             warnings = _fresh(git, path, target, "config", record)
-            result = _result(path, target, False, True, warnings)
+            result = _result(path, target, False, True, warnings, fetched_at=now)
         except GitError as exc:
             written = install_shipped_defaults(path, record)
             w = (
@@ -452,13 +647,39 @@ def sync_shared(settings: Settings, layout: Layout, *, git: GitClient | None = N
                 f"from {shipped_shared_dir()}"
             )
             log.error("%s", w)
-            result = RepoResult(path, SHIPPED, target.ref, "", True, bool(written), (w,))
+            result = RepoResult(path, SHIPPED, target.ref, "", True, bool(written), (w,), wanted=target.ref)
     for w in result.warnings:
         if result.url != SHIPPED:
             log.warning("%s", w)
     state["shipped"] = record
-    _save_state(layout, "shared", result, state)
+    _record(layout, "shared", result, target, state)
     return result
+
+
+def code_report(path: Path, recorded: Any) -> dict[str, Any]:
+    """The ComfyUI code that runs, read from the tree at ``path`` (never only from a record).
+
+    ``recorded`` is the last sync's :meth:`RepoResult.to_dict` (``{}`` when the tree was put
+    there by hand and ``up --skip-provision`` started it); it supplies what was wanted.
+    """
+    rec = recorded if isinstance(recorded, dict) else {}
+    tree = checked_out(path)
+    wanted = str(rec.get("wanted") or "")
+    fallback = bool(rec.get("fallback"))
+    if wanted and tree["commit"]:
+        if commit_problem(wanted) is None:  # a pinned commit
+            fallback = fallback or not same_commit(tree["commit"], wanted)
+        else:
+            fallback = fallback or tree["branch"] != wanted
+    return {
+        "path": str(path),
+        "url": tree["url"] or str(rec.get("url") or ""),
+        "ref": tree["branch"] or tree["commit"],
+        "branch": tree["branch"],
+        "commit": tree["commit"],
+        "wanted": wanted,
+        "fallback": fallback,
+    }
 
 
 def load_status(layout: Layout) -> dict[str, Any]:

@@ -171,6 +171,9 @@ FIELDS: tuple[Field, ...] = (
     Field("COMFY_BRANCH", "forward", to_str, "Branch of the fork to follow"),
     Field("COMFY_COMMIT", PINNED_COMMIT, to_str, "Commit for non-fork repositories and the fallback"),
     Field("COMFY_FALLBACK_URL", UPSTREAM_URL, to_str, "Repository used at COMFY_COMMIT when COMFY_REPO_URL cannot be cloned"),
+    Field("COMFY_ON_MISSING_BRANCH", "fail", _choice("fail", "fallback"), "COMFY_BRANCH not in the fork: fail (exit 1), or fallback (keep the tree, or COMFY_FALLBACK_URL on a first boot)"),
+    Field("COMFY_UPDATE", "interval", _choice("always", "never", "interval"), "When `up` fetches the ComfyUI branch and the shared repo: every boot, never once cloned, or after COMFY_UPDATE_INTERVAL"),
+    Field("COMFY_UPDATE_INTERVAL", "1h", to_duration, "With COMFY_UPDATE=interval: seconds since the last fetch before `up` fetches again"),
     Field("COMFY_ARGS", "", to_args, "Extra ComfyUI flags for every instance", ("COMFY_FLAGS",)),
     Field("COMFY_PYTHON", "", to_str, "Interpreter that runs ComfyUI's main.py (default: the orchestrator's)"),
     Field("WORKER_BASE_COMFYUI_PORT", "8188", to_port, "Instance N listens on this port + N"),
@@ -216,6 +219,7 @@ FIELDS: tuple[Field, ...] = (
     Field("JOB_TIMEOUT", "600s", to_positive_duration, "Default job deadline"),
     Field("JOB_RESULTS_MAX", "1000", _int_in(1), "Finished jobs kept for GET /jobs/{id}"),
     Field("JOB_RESULTS_TTL", "1h", to_positive_duration, "How long finished jobs are kept"),
+    Field("MAX_REQUEST_BYTES", "67108864", _int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)"),
     Field("STOP_TIMEOUT", "10s", to_positive_duration, "Graceful stop time per instance before SIGKILL"),
     Field("LOG_FORMAT", "text", _choice("text", "json"), "Log format"),
     Field("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level"),
@@ -250,6 +254,9 @@ class Settings:
     comfy_branch: str
     comfy_commit: str
     comfy_fallback_url: str
+    comfy_on_missing_branch: str
+    comfy_update: str
+    comfy_update_interval: float
     comfy_args: tuple[str, ...]
     comfy_python: str
     worker_base_comfyui_port: int
@@ -295,6 +302,7 @@ class Settings:
     job_timeout: float
     job_results_max: int
     job_results_ttl: float
+    max_request_bytes: int
     stop_timeout: float
     log_format: str
     log_level: str

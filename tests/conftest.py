@@ -161,3 +161,24 @@ def machine(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
     yield make
     for m in made:
         m.down()
+
+
+# ---------------------------------------------------------------- the real tier (tests/real, tests/conformance)
+def pytest_configure(config: pytest.Config) -> None:
+    # `-n 2` distributes test by test; real-ComfyUI tests carry xdist_group so that they all run on
+    # one worker, one machine at a time (each real instance is ~0.8 GB and a core while starting).
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    """One visible line when the real tier skipped (never silently), whatever -r says."""
+    reasons: dict[str, int] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(rep, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if "real tier:" in reason:
+            reason = reason[reason.index("real tier:"):]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"SKIPPED {count} real-ComfyUI tests: {reason}", yellow=True)

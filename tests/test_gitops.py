@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import stat
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -210,10 +209,8 @@ def test_a_hanging_git_is_killed_after_its_timeout(tmp_path: Path, monkeypatch: 
     (fake / "git").write_text("#!/bin/sh\nsleep 30\n")
     (fake / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-    start = time.monotonic()
-    with pytest.raises(GitError) as info:
+    with pytest.raises(GitError) as info:  # the fake would exit 0 after 30 s had it not been killed
         gitops.gitpython_runner(["fetch"], cwd=tmp_path, timeout=1, env={})
-    assert time.monotonic() - start < 10
     assert info.value.timed_out
     assert gitops.is_transient(info.value.detail, timed_out=info.value.timed_out)
 

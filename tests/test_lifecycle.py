@@ -24,6 +24,8 @@ def test_up_runs_every_instance_on_base_plus_index_and_status_shows_real_pids(
     m = machine(3)
     m.up()
     assert m.wait_all_answer(60)
+    # supervisord says STARTING until an instance has lived ``startsecs``, even once its port answers.
+    assert wait_until(lambda: all(i["state"] == "RUNNING" for i in m.status()["instances"]), 60, 0.2)
     st = m.status()
     assert st["supervisord"]["running"]
     for inst in st["instances"]:
@@ -85,7 +87,7 @@ def test_control_verbs_and_clear_errors(machine: Callable[..., Machine]) -> None
     assert m.wait_all_answer(60)
     m.run("stop", "1", check=True)
     assert wait_until(lambda: not answers(m.ports[1]), 15)
-    assert m.status()["instances"][1]["state"] == "STOPPED"
+    assert wait_until(lambda: m.status()["instances"][1]["state"] == "STOPPED", 15, 0.2)
     m.run("start", "1", check=True)
     assert wait_until(lambda: answers(m.ports[1]), 30, 0.2)
     r = m.run("restart", "7")

@@ -309,6 +309,19 @@ def test_no_comfy_dir_config_and_no_models_is_an_empty_report(root: Path) -> Non
     assert report.tree.warnings
 
 
+def test_models_sync_on_a_fresh_root_uses_the_shipped_defaults_as_up_does(root: Path) -> None:
+    shipped = Path(__file__).resolve().parents[1] / "shared"
+    dry = run_cli(["models", "sync", "--dry-run", "--json"], env_for(root, None, SHARED_REPO_URL=""))
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["dry_run"] is True
+    assert not (root / "shared").exists()  # a dry run reads the shipped defaults in place
+    proc = run_cli(["models", "sync", "--json"], env_for(root, None, SHARED_REPO_URL=""))
+    assert proc.returncode == 0, proc.stderr
+    config = root / "shared" / "comfy_dir_config.yaml"
+    assert config.read_bytes() == (shipped / "comfy_dir_config.yaml").read_bytes()
+    assert (models_dir(root) / "checkpoints").is_dir()
+
+
 def test_status_reports_progress_as_text_and_json(
     root: Path, server: RangeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

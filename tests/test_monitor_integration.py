@@ -9,11 +9,11 @@ custom-node imports, token rules and /metrics latency while an instance hangs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -45,10 +45,15 @@ from orchestrator.states import InstanceState, ProcessState
 class FakeComfy:
     def __init__(self) -> None:
         self.mode = "ok"
+        self.hanging = 0  # requests held by the hang right now
 
     async def system_stats(self, request: web.Request) -> web.StreamResponse:
         if self.mode == "hang":
-            await asyncio.sleep(30)
+            self.hanging += 1
+            try:
+                await asyncio.sleep(30)
+            finally:
+                self.hanging -= 1
         return web.json_response({"system": {}, "devices": [{"name": "cpu", "type": "cpu", "vram_total": 1}]})
 
     async def queue(self, request: web.Request) -> web.StreamResponse:
@@ -123,7 +128,8 @@ class Rig:
     def state(self, gpu: int) -> InstanceState:
         return self.monitor.instance_status(gpu).state
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def until(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        """Poll ``predicate``; the deadline only ends a failing test, it measures nothing."""
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
@@ -168,7 +174,7 @@ def test_the_monitor_restarts_a_hung_instance_through_supervisord_and_it_is_read
     async def main(tmp: Path) -> None:
         async with rig(tmp) as r:
             r.comfies[1].mode = "hang"
-            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls, timeout=5)
+            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls)
             assert r.sup.calls == [("signal", "comfyui_gpu1", "CONT"), ("stop", "comfyui_gpu1"),
                                    ("start", "comfyui_gpu1")]
             await r.until(lambda: r.state(1) is InstanceState.READY)
@@ -182,12 +188,11 @@ def test_a_crash_restarted_by_supervisord_is_noticed_at_the_next_tick_and_counte
     tmp_path: Path,
 ) -> None:
     async def main(tmp: Path) -> None:
-        async with rig(tmp, PROBE_INTERVAL="5") as r:  # long interval: only the tick can notice it
+        # An interval far past every deadline here: only the supervisord tick can notice the crash.
+        async with rig(tmp, PROBE_INTERVAL="300") as r:
             r.sup.crash("comfyui_gpu0")
-            start = time.monotonic()
-            await r.until(lambda: r.monitor.instance_status(0).restarts == 1, timeout=3)
-            assert time.monotonic() - start < 1.5
-            await r.until(lambda: r.state(0) is InstanceState.READY)
+            await r.until(lambda: r.monitor.instance_status(0).restarts == 1, timeout=60)
+            await r.until(lambda: r.state(0) is InstanceState.READY, timeout=60)
             assert r.sup.calls == []
             assert r.monitor.instance_status(0).restarts == 1
 
@@ -196,12 +201,13 @@ def test_a_crash_restarted_by_supervisord_is_noticed_at_the_next_tick_and_counte
 
 def test_a_hung_report_and_a_restart_request_restart_at_once(tmp_path: Path) -> None:
     async def main(tmp: Path) -> None:
-        async with rig(tmp, PROBE_INTERVAL="5") as r:
+        # An interval far past every deadline here: "at once" means before any probe could act.
+        async with rig(tmp, PROBE_INTERVAL="300") as r:
             await asyncio.to_thread(r.monitor.report_hung, 0, "prompt p1 past its deadline")
-            await r.until(lambda: ("start", "comfyui_gpu0") in r.sup.calls, timeout=2)
+            await r.until(lambda: ("start", "comfyui_gpu0") in r.sup.calls, timeout=60)
             r.monitor.request_restart(1, "restart requested over HTTP")
-            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls, timeout=2)
-            await r.until(lambda: all(s.ready for s in r.monitor.instance_statuses()))
+            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls, timeout=60)
+            await r.until(lambda: all(s.ready for s in r.monitor.instance_statuses()), timeout=60)
             with pytest.raises(KeyError, match="no instance on GPU 9"):
                 r.monitor.request_restart(9, "x")
 
@@ -214,8 +220,8 @@ def test_without_supervisord_the_monitor_is_not_alive_and_restarts_nothing(tmp_p
             assert r.monitor.liveness().alive
             r.sup.down = True
             r.comfies[0].mode = "hang"
-            await r.until(lambda: not r.monitor.liveness().alive, timeout=3)
-            await r.until(lambda: r.state(0) is InstanceState.UNHEALTHY, timeout=5)
+            await r.until(lambda: not r.monitor.liveness().alive)
+            await r.until(lambda: r.state(0) is InstanceState.UNHEALTHY)
             assert r.sup.calls == []
             assert "supervisord" in r.monitor.liveness().reason
 
@@ -232,7 +238,7 @@ def test_a_dead_probe_loop_asks_to_stop_the_monitor_so_supervisord_restarts_it(t
                 raise KeyError("state")  # not an expected error: the loop dies
 
             r.sup.processes = broken  # type: ignore[method-assign]
-            await asyncio.wait_for(stopped.wait(), 5)
+            await asyncio.wait_for(stopped.wait(), 20)
             assert not r.monitor.liveness().alive
 
     run(main, tmp_path)
@@ -242,9 +248,9 @@ def test_a_fatal_program_is_started_again_with_backoff(tmp_path: Path) -> None:
     async def main(tmp: Path) -> None:
         async with rig(tmp) as r:
             r.sup.set_state("comfyui_gpu1", ProcessState.FATAL)
-            await r.until(lambda: r.state(1) is InstanceState.FATAL, timeout=2)
-            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls, timeout=3)
-            await r.until(lambda: r.state(1) is InstanceState.READY, timeout=3)
+            await r.until(lambda: r.state(1) is InstanceState.FATAL)
+            await r.until(lambda: ("start", "comfyui_gpu1") in r.sup.calls)
+            await r.until(lambda: r.state(1) is InstanceState.READY)
 
     run(main, tmp_path)
 
@@ -261,19 +267,18 @@ def test_the_snapshot_gives_the_job_router_states_and_queue_depths(tmp_path: Pat
     run(main, tmp_path)
 
 
-def test_a_scrape_is_fast_while_an_instance_hangs(tmp_path: Path) -> None:
+def test_a_scrape_never_waits_on_a_hung_instance(tmp_path: Path) -> None:
+    # How fast /metrics is with one instance hung (p99) is measured by bench/bench_monitor.py.
     async def main(tmp: Path) -> None:
-        async with rig(tmp, UNHEALTHY_THRESHOLD="100") as r:
+        # GPU 0's probe is held 30 s by the fake (the probe timeout is longer still): a scrape
+        # that waited on it could not finish within the 10 s deadline below.
+        async with rig(tmp, UNHEALTHY_THRESHOLD="100", PROBE_TIMEOUT="120") as r:
             registry = build_registry(r.monitor, r.monitor.settings, Layout(tmp), hostname="h")
             r.comfies[0].mode = "hang"
-            await asyncio.sleep(0.5)  # probes of GPU 0 are now waiting on their timeout
-            took = []
-            for _ in range(20):
-                start = time.perf_counter()
-                text = generate_latest(registry).decode()
-                took.append(time.perf_counter() - start)
-                await asyncio.sleep(0.01)
-            assert max(took) < 0.05
+            await r.until(lambda: r.comfies[0].hanging > 0)  # a probe of GPU 0 is in flight, held
+            for _ in range(5):
+                text = (await asyncio.wait_for(asyncio.to_thread(generate_latest, registry), 10)).decode()
+                assert r.comfies[0].hanging > 0  # still held while we scraped
             assert 'comfyui_instance_ready{gpu="0",instance="comfyui_gpu0"' in text
             assert "DCGM_FI_DEV_FB_USED{" in text
 
@@ -299,32 +304,49 @@ def _all_ready(m: Machine) -> bool:
         return False
 
 
-def _watch_until_restarted(m: Machine, gpu: int, old_pid: int, timeout: float) -> tuple[float, list[str]]:
-    """Seconds until the monitor shows the instance no longer READY with its old process; states seen."""
-    start = time.monotonic()
+def _watch_until_restarted(m: Machine, gpu: int, old_pid: int, timeout: float = 60) -> list[str]:
+    """Poll until the monitor shows the instance no longer READY with its old process; states seen.
+
+    The deadline only ends a failing test: how fast a hang or crash is noticed is measured by
+    bench/bench_monitor.py.
+    """
     seen: list[str] = []
-    while time.monotonic() - start < timeout:
+
+    def restarted() -> bool:
         info = _instance(m, gpu)
         state = info.get("state", "?")
         if not seen or seen[-1] != state:
             seen.append(state)
-        if state != "READY" or (info.get("pid") and info.get("pid") != old_pid):
-            return time.monotonic() - start, seen
-        time.sleep(0.05)
-    raise AssertionError(f"GPU {gpu} was not declared unhealthy within {timeout}s (states {seen})")
+        return state != "READY" or bool(info.get("pid") and info.get("pid") != old_pid)
+
+    if not wait_until(restarted, timeout, 0.05):
+        raise AssertionError(f"GPU {gpu} was not declared unhealthy within {timeout}s (states {seen})")
+    return seen
+
+
+# What each simulator's fault file holds on a healthy box: GPU 1 reports two custom nodes whose
+# import failed (read by the simulator at start).
+BOX_FAULTS = {0: None, 1: {"import_failed": ["BrokenNode", "ComfyUI-Bad"]}}
+
+
+def _reset_faults(root: Path) -> None:
+    for gpu, faults in BOX_FAULTS.items():
+        path = root / f"comfyui_gpu{gpu}" / "user" / "simulator_faults.json"
+        if faults is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(faults))
 
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    """One 2-GPU machine shared by the tier-2 tests (each leaves it READY)."""
+    """One 2-GPU machine shared by the tier-2 tests; ``ready_box`` puts it back in shape for each."""
     from orchestrator.simulator.tree import write_code_tree
 
     root = tmp_path_factory.mktemp("box")
     write_code_tree(root / "ComfyUI")
-    # GPU 1 reports two custom nodes whose import failed (read by the simulator at start).
-    user1 = root / "comfyui_gpu1" / "user"
-    user1.mkdir(parents=True)
-    (user1 / "simulator_faults.json").write_text(json.dumps({"import_failed": ["BrokenNode", "ComfyUI-Bad"]}))
+    _reset_faults(root)
     base = free_port_block(3)
     env = clean_env(
         ROOT=str(root), MOCK_GPU="1", NUM_GPUS="2", WORKER_BASE_COMFYUI_PORT=str(base),
@@ -343,7 +365,19 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 
 @pytest.fixture
 def ready_box(box: Machine) -> Machine:
-    assert wait_until(lambda: _all_ready(box), 60, 0.2), box.run("status").stdout
+    """The shared box, healthy: whatever an earlier (maybe failed) test left behind is undone first,
+    so one failure does not cascade into every test after it."""
+    _reset_faults(box.root)
+    for gpu in range(box.num_gpus):  # a SIGSTOPped instance left by a failed test
+        pid = _instance(box, gpu).get("pid")
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGCONT)
+    if not wait_until(lambda: _all_ready(box), 30, 0.2):
+        box.up()  # supervisord or the monitor gone: `up` reconciles; then restart every instance
+        for gpu in range(box.num_gpus):
+            box.run("restart", str(gpu))
+        assert wait_until(lambda: _all_ready(box), 60, 0.2), box.run("status").stdout
     return box
 
 
@@ -359,11 +393,10 @@ def test_readyz_is_200_and_metrics_pass_promtool_with_every_instance_and_gpu(rea
         assert f'comfyui_instance_ready{{gpu="{gpu}",instance="comfyui_gpu{gpu}"' in text
         assert f'device="nvidia{gpu}"' in text
     assert text.count("DCGM_FI_DEV_FB_USED{") == 2
-    if shutil.which("promtool"):
-        r = subprocess.run(
-            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.integration
@@ -380,13 +413,10 @@ def test_a_killed_instance_is_ready_again_and_counted_once(ready_box: Machine) -
     m = ready_box
     before = _instance(m, 0)["restarts"]
     pid = _pid(m, 0)
-    start = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: _instance(m, 0).get("pid") not in (None, pid), 10, 0.05)
-    assert wait_until(lambda: _instance(m, 0).get("state") == "READY", 30, 0.1)
-    took = time.monotonic() - start
+    os.kill(pid, signal.SIGKILL)  # crash → READY time: bench/bench_monitor.py
+    assert wait_until(lambda: _instance(m, 0).get("pid") not in (None, pid), 30, 0.05)
+    assert wait_until(lambda: _instance(m, 0).get("state") == "READY", 60, 0.1)
     assert _instance(m, 0)["restarts"] == before + 1
-    assert took < 20
 
 
 @pytest.mark.integration
@@ -396,36 +426,34 @@ def test_the_simulators_hang_is_unhealthy_within_three_intervals_then_restarted_
     m = ready_box
     faults = m.root / "comfyui_gpu0" / "user" / "simulator_faults.json"
     pid = _pid(m, 0)
-    latencies: list[float] = []
+    scrapes: list[int | str] = []  # status codes, or the error
     stop = threading.Event()
 
     def scrape() -> None:
         with httpx.Client() as client:
             while not stop.is_set():
-                t = time.perf_counter()
-                client.get(f"{m.monitor_url}/metrics", timeout=5)
-                latencies.append(time.perf_counter() - t)
-                time.sleep(0.05)
+                try:
+                    scrapes.append(client.get(f"{m.monitor_url}/metrics", timeout=10).status_code)
+                except httpx.HTTPError as exc:
+                    scrapes.append(repr(exc))
+                stop.wait(0.05)
 
     scraper = threading.Thread(target=scrape)
     scraper.start()
     try:
-        faults.write_text(json.dumps({"hang_after": 0}))
-        time.sleep(0.6)  # the simulator re-reads its fault file every 0.5 s
-        # 3 failed probes, each started at most one interval apart and ending at the timeout
-        took, seen = _watch_until_restarted(m, 0, pid, timeout=3 * 0.5 + 0.5 + 3.0)
-        faults.unlink()
+        faults.write_text(json.dumps({"hang_after": 0}))  # re-read by the simulator every 0.5 s
+        # Hang → UNHEALTHY → restarted time (3 intervals + a timeout + startup): bench/bench_monitor.py.
+        seen = _watch_until_restarted(m, 0, pid)
     finally:
+        faults.unlink(missing_ok=True)  # before the restarted simulator reads it
         stop.set()
         scraper.join()
-    assert took <= 3 * 0.5 + 0.5 + 3.0, (took, seen)
-    assert wait_until(lambda: _instance(m, 0).get("state") == "READY", 30, 0.1)
+    assert wait_until(lambda: _instance(m, 0).get("state") == "READY", 60, 0.1), seen
     assert _pid(m, 0) != pid
     log = (m.root / "logs" / "monitor.log").read_text()
     assert "comfyui_gpu0: READY -> UNHEALTHY: 3 consecutive failed probes" in log
-    # /metrics stayed fast while the instance hung
-    assert statistics.median(latencies) < 0.1, latencies
-    assert max(latencies) < 1.0, latencies
+    # /metrics kept answering while the instance hung (its latency then: bench/bench_monitor.py)
+    assert scrapes and all(code == 200 for code in scrapes), scrapes
 
 
 @pytest.mark.integration
@@ -436,14 +464,13 @@ def test_a_sigstopped_instance_is_unhealthy_within_three_intervals_then_restarte
     pid = _pid(m, 1)
     os.kill(pid, signal.SIGSTOP)
     try:
-        took, seen = _watch_until_restarted(m, 1, pid, timeout=3 * 0.5 + 0.5 + 3.0)
+        seen = _watch_until_restarted(m, 1, pid)
     finally:
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
-    assert took <= 3 * 0.5 + 0.5 + 3.0, (took, seen)
-    assert wait_until(lambda: _instance(m, 1).get("state") == "READY", 30, 0.1)
+    assert wait_until(lambda: _instance(m, 1).get("state") == "READY", 60, 0.1), seen
     assert _pid(m, 1) != pid
     readyz = httpx.get(f"{m.monitor_url}/readyz", timeout=2)
     assert readyz.status_code == 200
@@ -498,12 +525,12 @@ def test_a_slow_start_is_not_killed(ready_box: Machine) -> None:
         auth = {"Authorization": "Bearer t0ken-for-tests"}
         r = httpx.post(f"{m.monitor_url}/instances/1/restart", headers=auth)
         assert r.status_code == 202
-        assert wait_until(lambda: _instance(m, 1).get("pid") not in (None, pid), 10, 0.05)
-        start = time.monotonic()
-        assert wait_until(lambda: _instance(m, 1).get("state") == "READY", 30, 0.1)
-        assert time.monotonic() - start >= 2.5
+        assert wait_until(lambda: _instance(m, 1).get("pid") not in (None, pid), 30, 0.05)
+        slow_pid = _pid(m, 1)
+        assert wait_until(lambda: _instance(m, 1).get("state") == "READY", 60, 0.1)
     finally:
         faults.write_text(json.dumps(kept))
+    assert _pid(m, 1) == slow_pid  # the slow start itself became READY: it was not killed
     assert _instance(m, 1)["restarts"] == before + 1  # our restart only, nothing killed the slow start
 
 
@@ -543,9 +570,7 @@ def test_serve_without_an_applied_plan_says_to_run_up(tmp_path: Path) -> None:
 
 def test_health_exits_1_fast_when_no_monitor_answers(tmp_path: Path) -> None:
     env = clean_env(ROOT=str(tmp_path), ORCHESTRATOR_PORT=str(free_port_block(1)))
-    start = time.monotonic()
-    r = _cli(env, "health")
+    r = _cli(env, "health")  # its probe has a 0.9 s timeout; how fast it exits is not measured here
     assert r.returncode == 1
     assert r.stdout.startswith("monitor not answering")
-    assert time.monotonic() - start < 5  # process start included; the probe itself has a 0.9 s timeout
     assert _cli(env, "health", "--live").returncode == 1

@@ -515,9 +515,8 @@ def test_a_cold_sync_installs_everything_and_a_warm_sync_starts_nothing(
     env_mtime = dotenv.stat().st_mtime_ns
 
     warm_commands, warm_git = Commands(), GitCalls()
-    start = time.monotonic()
     warm = sync(root, venv, world, config, commands=warm_commands, git_runner=warm_git, env=env)
-    assert time.monotonic() - start < 3.0  # the target (≤ 1 s) is measured by bench/bench_nodes.py
+    # How fast a warm sync is (target ≤ 1 s) is measured by bench/bench_nodes.py, not here.
     assert warm.counts["unchanged"] == 5
     assert warm.failed == ()
     assert warm_commands.calls == []
@@ -656,9 +655,7 @@ def test_a_hanging_custom_script_is_killed_at_the_node_timeout(
             {"name": "plain", "url": url(world, "plain"), "custom_script": "sleep 60 & sleep 60"},
         ],
     )
-    start = time.monotonic()
-    report = sync(root, None, world, config, NODE_TIMEOUT="1")
-    assert time.monotonic() - start < 15
+    report = sync(root, None, world, config, NODE_TIMEOUT="1")  # unkilled, the script would succeed at 60 s
     assert report.failed == ("plain",)
     assert "timed out" in report.results[0].error
 

@@ -38,7 +38,8 @@ def fork(tmp_path: Path) -> Path:
 
 
 def settings_for(root: Path, **env: str) -> Settings:
-    return load_settings({"ROOT": str(root), "GIT_TIMEOUT": "30", **env})
+    """COMFY_UPDATE=always unless a test says otherwise: most tests here follow every fetch."""
+    return load_settings({"ROOT": str(root), "GIT_TIMEOUT": "30", "COMFY_UPDATE": "always", **env})
 
 
 def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner, attempts: int = 2) -> GitClient:
@@ -208,6 +209,107 @@ def test_a_failed_fetch_keeps_the_checkout_and_warns(
     assert any("cannot fetch" in w and "keeping" in w for w in offline.warnings)
 
 
+def test_a_missing_branch_fails_with_one_line_naming_the_branches_that_exist(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    s = comfy_settings(root, fork, upstream, COMFY_BRANCH="nope")
+    with pytest.raises(repos.MissingBranchError) as info:
+        repos.sync_comfy(s, Layout(root), git=quick_git())
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"ComfyUI: branch 'nope' does not exist in file://{fork}; branches there: forward, main" in message
+    assert "COMFY_ON_MISSING_BRANCH=fallback" in message
+    assert info.value.available == ("forward", "main")
+    assert not (root / "ComfyUI").exists()  # not silently replaced by upstream
+
+
+def test_a_failed_branch_switch_fails_and_leaves_the_running_code_alone(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    first = repos.sync_comfy(comfy_settings(root, fork, upstream), Layout(root), git=quick_git())
+    with pytest.raises(repos.MissingBranchError, match=r"branches there: forward, main\. Still checked out: forward @ "):
+        repos.sync_comfy(comfy_settings(root, fork, upstream, COMFY_BRANCH="nope"), Layout(root), git=quick_git())
+    assert repos.code_report(root / "ComfyUI", {"wanted": "forward"})["commit"] == first.commit
+    recorded = json.loads((root / ".orchestrator" / "repos.json").read_text())["comfy"]
+    assert (recorded["ref"], recorded["wanted"]) == ("forward", "forward")
+
+
+def test_with_fallback_allowed_a_missing_branch_keeps_the_tree_and_reports_what_runs(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    first = repos.sync_comfy(comfy_settings(root, fork, upstream), Layout(root), git=quick_git())
+    s = comfy_settings(root, fork, upstream, COMFY_BRANCH="nope", COMFY_ON_MISSING_BRANCH="fallback")
+    result = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert (result.ref, result.wanted, result.commit, result.fallback) == ("forward", "nope", first.commit, True)
+    assert any("branch 'nope' does not exist" in w and "keeping forward" in w for w in result.warnings)
+    report = repos.code_report(root / "ComfyUI", result.to_dict())
+    assert (report["ref"], report["commit"], report["wanted"], report["fallback"]) == (
+        "forward", first.commit, "nope", True,
+    )
+
+
+def test_with_fallback_allowed_a_first_boot_on_a_missing_branch_runs_the_fallback_at_the_pin(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    s = comfy_settings(root, fork, upstream, COMFY_BRANCH="nope", COMFY_ON_MISSING_BRANCH="fallback")
+    result = repos.sync_comfy(s, Layout(root), git=quick_git())
+    assert result.fallback
+    assert (result.ref, result.commit, result.wanted) == (upstream[1], upstream[1], "nope")
+    assert "branches there: forward, main" in result.warnings[0]
+
+
+def test_a_warm_sync_within_the_update_interval_runs_no_fetch(
+    root: Path, fork: Path, upstream: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-src"
+    make_repo(shared, {"config_nodes.json": "{}\n"})
+    env = {"COMFY_UPDATE": "interval", "COMFY_UPDATE_INTERVAL": "1h", "SHARED_REPO_URL": f"file://{shared}"}
+    s = comfy_settings(root, fork, upstream, **env)
+    layout = Layout(root)
+    first = repos.sync_comfy(s, layout, git=quick_git(), clock=lambda: 1000.0)
+    first_shared = repos.sync_shared(s, layout, git=quick_git(), clock=lambda: 1000.0)
+    git(fork, "checkout", "-q", "forward")
+    newer = commit_file(fork, "main.py", "print('fork forward 2')\n")
+    newer_shared = commit_file(shared, "config_nodes.json", '{"custom_nodes": []}\n')
+
+    counting = Counting()
+    warm = repos.sync_comfy(s, layout, git=quick_git(counting), clock=lambda: 1000.0 + 3599)
+    warm_shared = repos.sync_shared(s, layout, git=quick_git(counting), clock=lambda: 1000.0 + 3599)
+    assert counting.calls == []  # no fetch, no git subprocess at all
+    assert (warm.commit, warm_shared.commit) == (first.commit, first_shared.commit)
+
+    due = repos.sync_comfy(s, layout, git=quick_git(), clock=lambda: 1000.0 + 3600)
+    due_shared = repos.sync_shared(s, layout, git=quick_git(), clock=lambda: 1000.0 + 3600)
+    assert (due.commit, due_shared.commit) == (newer, newer_shared)
+    assert due.fetched_at == 1000.0 + 3600
+
+    never = comfy_settings(root, fork, upstream, **{**env, "COMFY_UPDATE": "never"})
+    commit_file(fork, "main.py", "print('fork forward 3')\n")
+    assert repos.sync_comfy(never, layout, git=quick_git(no_git), clock=lambda: 1e12).commit == newer
+    always = comfy_settings(root, fork, upstream, **{**env, "COMFY_UPDATE": "always"})
+    assert repos.sync_comfy(always, layout, git=quick_git(), clock=lambda: 1000.0 + 3601).commit != newer
+
+
+def test_a_changed_branch_is_applied_at_once_whatever_the_update_policy(
+    root: Path, fork: Path, upstream: tuple[Path, str, str]
+) -> None:
+    layout = Layout(root)
+    repos.sync_comfy(comfy_settings(root, fork, upstream, COMFY_UPDATE="never"), layout, git=quick_git())
+    main = repos.sync_comfy(
+        comfy_settings(root, fork, upstream, COMFY_UPDATE="never", COMFY_BRANCH="main"), layout, git=quick_git()
+    )
+    assert (main.ref, main.commit, main.fallback) == ("main", git(fork, "rev-parse", "main"), False)
+
+
+def test_update_policy_is_a_pure_decision() -> None:
+    assert repos.update_due("always", 3600, 100.0, 101.0)
+    assert not repos.update_due("never", 3600, None, 1e9)
+    assert repos.update_due("interval", 3600, None, 0.0)
+    assert not repos.update_due("interval", 3600, 100.0, 3699.0)
+    assert repos.update_due("interval", 3600, 100.0, 3700.0)
+    assert repos.update_due("interval", 3600, 5000.0, 100.0)  # the clock went backwards
+
+
 def test_a_folder_without_a_valid_head_is_redone_and_keeps_its_custom_nodes(
     root: Path, fork: Path, upstream: tuple[Path, str, str]
 ) -> None:
@@ -301,6 +403,18 @@ def test_an_unreachable_shared_repo_uses_the_shipped_defaults_then_adopts_the_re
     assert (root / "shared" / "static-models.json").read_text() == '{"edited": true}\n'  # local edit kept
     assert any("locally edited" in w for w in adopted.warnings)
     assert (root / "shared" / "models").is_dir()
+
+
+def test_one_function_resolves_the_shared_dir_for_every_command(root: Path) -> None:
+    s = settings_for(root, SHARED_REPO_URL="")
+    read_only = repos.resolve_shared(s, Layout(root), install=False)
+    assert read_only.shared_dir == repos.shipped_shared_dir()
+    assert list(root.iterdir()) == []  # nothing written
+    installed = repos.resolve_shared(s, Layout(root), install=True)
+    assert installed.shared_dir == root / "shared"
+    assert (root / "shared" / "comfy_dir_config.yaml").is_file()
+    (root / "shared" / "models.yaml").write_text("models: []\n")
+    assert repos.resolve_shared(s, Layout(root), install=False).shared_dir == root / "shared"
 
 
 def test_the_shipped_defaults_are_found_in_the_source_checkout() -> None:

@@ -262,6 +262,7 @@ class Executor:
         self.prompt_id: str | None = None  # the prompt executing now
         self.client_id: str | None = None
         self.last_node_id: str | None = None
+        self.node_progress = False  # the fork's per-node node_executing messages (SIM_PROTOCOL=fork)
         self.loaded: dict[str, int] = {}  # model signature -> simulated VRAM bytes
         self._png_text: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -331,6 +332,21 @@ class Executor:
                     self._node_event(
                         "executing", {"node": node_id, "display_node": node_id, "prompt_id": pid}
                     )
+                    if self.node_progress:
+                        current = len(executed) + 1
+                        self._node_event(
+                            "node_executing",
+                            {
+                                "node": node_id,
+                                "prompt_id": pid,
+                                "class_type": cls.name,
+                                "progress": {
+                                    "current": current,
+                                    "total": len(to_run),
+                                    "percentage": round(100.0 * current / max(len(to_run), 1), 1),
+                                },
+                            },
+                        )
                     self.last_node_id = node_id
                     states[node_id] = self._state(node_id, pid, "running", 0, 1)
                     self._node_event("progress_state", {"prompt_id": pid, "nodes": dict(states)})
@@ -501,9 +517,28 @@ class Executor:
                 _int_input(node, "height", 512),
                 _int_input(node, "batch_size", 1),
             )
+        if cls.name == "EmptyImage":
+            return (
+                _int_input(node, "width", 512),
+                _int_input(node, "height", 512),
+                _int_input(node, "batch_size", 1),
+            )
         if cls.name in ("LatentUpscale", "ImageScale"):
             w, h = _int_input(node, "width", 0), _int_input(node, "height", 0)
+            if cls.name == "ImageScale" and bool(w) != bool(h):  # one side 0: keep the aspect ratio
+                w = w or max(1, round(up[0] * h / max(up[1], 1)))
+                h = h or max(1, round(up[1] * w / max(up[0], 1)))
             return (w or up[0], h or up[1], up[2])
+        if cls.name == "ImageScaleBy":
+            try:
+                scale = float(node_inputs(node).get("scale_by", 1.0))
+            except (TypeError, ValueError):
+                scale = 1.0
+            return (max(1, round(up[0] * scale)), max(1, round(up[1] * scale)), up[2])
+        if cls.name == "ImageBatch":
+            second = node_inputs(node).get("image2")
+            extra = results[str(second[0])].dims[2] if is_link(second) and str(second[0]) in results else 1
+            return (up[0], up[1], up[2] + extra)
         if cls.name == "ImageUpscaleWithModel":
             return (up[0] * 4, up[1] * 4, up[2])
         if cls.name == "LoadImage":

@@ -44,10 +44,18 @@ def is_link(value: Any) -> TypeGuard[list[Any]]:
     return isinstance(value, list)
 
 
+def _input_config(spec: Input) -> list[Any] | None:
+    """The input's declaration as ComfyUI echoes it in errors: ``[type, options]`` (options when any)."""
+    if isinstance(spec.type, Files):
+        return None
+    kind: Any = list(spec.type) if isinstance(spec.type, tuple) else spec.type
+    return [kind, dict(spec.options)] if spec.options else [kind]
+
+
 def _check_constant(spec: Input, value: Any, input_images: list[str] | None) -> list[dict[str, Any]]:
     extra = {
         "input_name": spec.name,
-        "input_config": [spec.type] if isinstance(spec.type, str) else None,
+        "input_config": _input_config(spec),
         "received_value": value,
     }
     kind = spec.type

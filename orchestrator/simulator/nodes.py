@@ -106,8 +106,8 @@ class NodeDef:
         def render(spec: Input) -> list[Any]:
             if isinstance(spec.type, Files):
                 return [list_files(spec.type.folder), dict(spec.options)]
-            if isinstance(spec.type, tuple):
-                return [list(spec.type), dict(spec.options)]
+            if isinstance(spec.type, tuple):  # a combo: ComfyUI omits an empty options dict
+                return [list(spec.type), dict(spec.options)] if spec.options else [list(spec.type)]
             return [spec.type, dict(spec.options)] if spec.options else [spec.type]
 
         inp: dict[str, Any] = {"required": {s.name: render(s) for s in self.required}}
@@ -272,6 +272,58 @@ CORE_NODES: tuple[NodeDef, ...] = (
         outputs=("IMAGE",),
     ),
     NodeDef(
+        "ImageScaleBy",
+        "Upscale Image By",
+        "image/upscaling",
+        required=(
+            Input("image", "IMAGE"),
+            Input("upscale_method", ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")),
+            _float("scale_by", 1.0, 0.01, 8.0),
+        ),
+        outputs=("IMAGE",),
+    ),
+    NodeDef(
+        "EmptyImage",
+        "EmptyImage",
+        "image",
+        required=(
+            _int("width", 512, 1, 16384),
+            _int("height", 512, 1, 16384),
+            Input("batch_size", "INT", {"default": 1, "min": 1, "max": 4096}),
+            _int("color", 0, 0, 0xFFFFFF, display="color"),
+        ),
+        outputs=("IMAGE",),
+    ),
+    NodeDef("ImageInvert", "Invert Image", "image", required=(Input("image", "IMAGE"),), outputs=("IMAGE",)),
+    NodeDef(
+        "ImageBatch",
+        "Batch Images",
+        "image",
+        required=(Input("image1", "IMAGE"), Input("image2", "IMAGE")),
+        outputs=("IMAGE",),
+    ),
+    NodeDef(
+        "ImageBlur",
+        "ImageBlur",
+        "image/postprocessing",
+        required=(Input("image", "IMAGE"), _int("blur_radius", 1, 1, 31), _float("sigma", 1.0, 0.1, 10.0, 0.1)),
+        outputs=("IMAGE",),
+        python_module="comfy_extras.nodes_post_processing",
+    ),
+    NodeDef(
+        "ImageSharpen",
+        "ImageSharpen",
+        "image/postprocessing",
+        required=(
+            Input("image", "IMAGE"),
+            _int("sharpen_radius", 1, 1, 31),
+            _float("sigma", 1.0, 0.1, 10.0),
+            _float("alpha", 1.0, 0.0, 5.0),
+        ),
+        outputs=("IMAGE",),
+        python_module="comfy_extras.nodes_post_processing",
+    ),
+    NodeDef(
         "UpscaleModelLoader",
         "Load Upscale Model",
         "loaders",
@@ -334,7 +386,7 @@ CORE_NODES: tuple[NodeDef, ...] = (
         "PreviewImage",
         "Preview Image",
         "image",
-        "Saves the input images to your ComfyUI temp directory.",
+        "Saves the input images to your ComfyUI output directory.",  # sic: inherited from SaveImage
         required=(Input("images", "IMAGE"),),
         hidden=_HIDDEN_SAVE,
         output_node=True,

@@ -1,8 +1,9 @@
 """The ComfyUI API simulator: an aiohttp server started exactly as ComfyUI is (``python main.py``).
 
-It serves ComfyUI's HTTP and WebSocket API (COMFYUI_API.md) plus the fleet fork's WebSocket
-messages, writes real PNGs to the output folder, and can be told to start slowly, crash, hang
-or print CUDA out-of-memory errors (see ``faults.py``). It stands in for ComfyUI in tests and
+It serves ComfyUI's HTTP and WebSocket API (COMFYUI_API.md); with ``SIM_PROTOCOL=fork`` its
+/ws behaves as the fleet fork's does (own client ids, ping, prompt messages, node_executing).
+It writes real PNGs to the output folder, and can be told to start slowly, crash, hang or
+print CUDA out-of-memory errors (see ``faults.py``). It stands in for ComfyUI in tests and
 in ``orchestrator demo`` only.
 """
 
@@ -47,6 +48,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SEND_ERRORS = (aiohttp.ClientError, ConnectionError, RuntimeError)
 FAULT_POLL_SECONDS = 0.5
 BASELINE_VRAM = 300 * 1024**2  # bytes the CUDA context takes before any model is loaded
+PROTOCOLS = ("upstream", "fork")  # SIM_PROTOCOL: whose /ws dialect to speak (COMFYUI_API.md)
 
 
 class Console:
@@ -137,8 +139,13 @@ class Simulator:
         log: Console,
         stopper: Stopper,
         version: str,
+        protocol: str = "upstream",
     ) -> None:
         self.args = args
+        # "upstream": /ws honours ?clientId= and ignores client messages but feature_flags.
+        # "fork" (stakeordie/ComfyUI master): /ws assigns its own id (client_id message first),
+        # answers ping and prompt messages, and sends node_executing per node.
+        self.protocol = protocol
         self.folders = folders
         self.env_faults = env_faults
         self.faults = env_faults
@@ -154,6 +161,7 @@ class Simulator:
         self.outbox: asyncio.Queue[tuple[str, Any, str | None]] = asyncio.Queue()
         self.queue = PromptQueue(self._queue_updated)
         self.executor = Executor(folders, defs, self.send, log, lambda: self.faults.gpu_vram)
+        self.executor.node_progress = protocol == "fork"
         self.free_requests: list[dict[str, Any]] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -409,7 +417,7 @@ class Simulator:
         return web.json_response(
             {
                 "system": {
-                    "os": sys.platform,
+                    "os": os.name,  # ComfyUI reports os.name ("posix")
                     "ram_total": ram_total,
                     "ram_free": ram_free,
                     "comfyui_version": self.version,
@@ -439,18 +447,10 @@ class Simulator:
     async def post_prompt(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         if body is None:
+            # ComfyUI's handler lets the JSONDecodeError escape: aiohttp answers its plain 500 page.
             self.log("got prompt")
-            return web.json_response(
-                {
-                    "error": {
-                        "type": "invalid_json",
-                        "message": "Request body is not JSON",
-                        "details": "",
-                        "extra_info": {},
-                    },
-                    "node_errors": {},
-                },
-                status=400,
+            return web.Response(
+                status=500, text="500 Internal Server Error\n\nServer got itself in trouble", content_type="text/plain"
             )
         status, payload = self.queue_prompt(body)
         return web.json_response(payload, status=status)
@@ -634,14 +634,17 @@ class Simulator:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        sid = request.rel_url.query.get("clientId", "") or uuid.uuid4().hex
+        fork = self.protocol == "fork"
+        # The fork ignores ?clientId= and always assigns its own id.
+        sid = uuid.uuid4().hex if fork else request.rel_url.query.get("clientId", "") or uuid.uuid4().hex
         old = self.sockets.pop(sid, None)
         if old is not None:
             await old.close()
         self.sockets[sid] = ws
         try:
+            if fork:
+                await ws.send_json({"type": "client_id", "data": {"client_id": sid}})
             await ws.send_json({"type": "status", "data": {"status": self.queue.queue_info(), "sid": sid}})
-            await ws.send_json({"type": "client_id", "data": {"client_id": sid}})
             if self.executor.client_id == sid and self.executor.last_node_id is not None:
                 await ws.send_json({"type": "executing", "data": {"node": self.executor.last_node_id}})
             first = True
@@ -667,10 +670,12 @@ class Simulator:
         if not isinstance(data, Mapping):
             return
         kind = data.get("type")
-        if kind == "ping":
-            self.send_raw({"type": "pong"}, sid)
-        elif kind == "feature_flags" and first:
+        if kind == "feature_flags" and first:
             self.send("feature_flags", self.server_features(), sid)
+        elif self.protocol != "fork":
+            return  # upstream ignores every other client message
+        elif kind == "ping":
+            self.send_raw({"type": "pong"}, sid)
         elif kind == "prompt":
             raw = data.get("data")
             payload: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
@@ -802,11 +807,13 @@ def run(
     env_faults, warnings = faultlib.from_env(environ)
     for w in warnings:
         log(w)
-    # Python leaves SIGINT ignored when it starts with it ignored (a background child of a
-    # non-interactive shell): ComfyUI then only stops on SIGTERM, and so does the simulator.
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, stopper)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if env_faults.ignore_sigterm else stopper)
+    # Install both handlers unconditionally: a parent that ignored SIGINT (a background job of a
+    # non-interactive shell, ``make test </dev/null &``) passes SIG_IGN on through exec, and
+    # Python would then leave SIGINT ignored, so only SIGKILL could stop an ignore_sigterm run.
+    signal.signal(signal.SIGINT, stopper)
+    # ComfyUI installs no SIGTERM handler: the default action ends it at once (exit -15, temp folder
+    # left behind), hung or not. Only SIGINT is a graceful stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if env_faults.ignore_sigterm else signal.SIG_DFL)
 
     try:
         extra = load_extra_paths(list(itertools.chain(*(args.extra_model_paths_config or []))), root, log)
@@ -876,7 +883,11 @@ def run(
     for line in startup.import_times(results):
         log(line)
 
-    sim = Simulator(args, folders, env_faults, catalogue(extra_nodes), log, stopper, version)
+    protocol = environ.get("SIM_PROTOCOL", "").strip().lower() or "upstream"
+    if protocol not in PROTOCOLS:
+        log(f"simulator: ignoring SIM_PROTOCOL={protocol!r} (expected one of {', '.join(PROTOCOLS)}); using upstream")
+        protocol = "upstream"
+    sim = Simulator(args, folders, env_faults, catalogue(extra_nodes), log, stopper, version, protocol)
     sim.faults = faults
     addresses = [a.strip() for a in str(args.listen).split(",") if a.strip()]
     return asyncio.run(_serve(sim, addresses, args.port))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -49,6 +50,37 @@ def _failed(
     return NodeImport(path, False, tuple(tb))
 
 
+def _raises_at_import(text: str, init: Path) -> tuple[str, str, list[str]] | None:
+    """A module that cannot run: a syntax error, or a ``raise`` among its top-level statements.
+
+    Returns (exception line, message, traceback frames) as ComfyUI would print them, else None.
+    The code is parsed, never executed.
+    """
+    try:
+        tree = ast.parse(text, filename=str(init))
+    except (SyntaxError, ValueError) as err:
+        message = f"{getattr(err, 'msg', err)} ({init.name}, line {getattr(err, 'lineno', 0) or 0})"
+        return f"{type(err).__name__}: {message}", message, []
+    for stmt in tree.body:
+        if not isinstance(stmt, ast.Raise):
+            continue
+        kind, message = "RuntimeError", "No active exception to reraise"
+        exc = stmt.exc
+        if isinstance(exc, ast.Call):
+            exc = exc.func if not exc.args else exc
+            if isinstance(exc, ast.Call):
+                if isinstance(exc.func, ast.Name):
+                    kind = exc.func.id
+                arg = exc.args[0]
+                message = str(arg.value) if isinstance(arg, ast.Constant) else ast.unparse(arg)
+        if isinstance(exc, ast.Name):
+            kind, message = exc.id, ""
+        line = text.splitlines()[stmt.lineno - 1].strip() if stmt.lineno else "raise"
+        frames = [f'  File "{init}", line {stmt.lineno}, in <module>', f"    {line}"]
+        return (f"{kind}: {message}" if message else kind), message, frames
+    return None
+
+
 def import_node(path: Path, comfy_dir: Path, fail: bool) -> NodeImport:
     """Decide, without executing it, whether ComfyUI would import the custom node at ``path``.
 
@@ -74,6 +106,10 @@ def import_node(path: Path, comfy_dir: Path, fail: bool) -> NodeImport:
     except OSError as exc:
         message = f"[Errno {exc.errno}] {exc.strerror}: '{init}'"
         return _failed(path, comfy_dir, f"OSError: {message}", message)
+    raised = _raises_at_import(text, init)
+    if raised is not None:
+        exc_line, message, frames = raised
+        return _failed(path, comfy_dir, exc_line, message, frames)
     if "NODE_CLASS_MAPPINGS" not in text and "comfy_entrypoint" not in text:
         return NodeImport(
             path,

@@ -331,6 +331,23 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str], timeout
         time.sleep(0.05)
 
 
+def holds_a_lock_in(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` holds an flock on a file in ``folder`` (the state dir's lock files),
+    read from /proc/locks: taking a lock ourselves to find out could make the orchestrator's own
+    non-blocking attempt fail."""
+    try:
+        inodes = {str(p.stat().st_ino) for p in folder.iterdir() if p.is_file()}
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2a:123456 0 EOF"; a waiter has "->" after the index
+        fields = line.split()
+        if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid)
+                and fields[5].rsplit(":", 1)[-1] in inodes):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- invariants checked after every kill
 def assert_state_parses(root: Path) -> None:
     """Every JSON state file the orchestrator keeps (state dir, download metadata) parses."""
@@ -484,13 +501,19 @@ def test_random_sigkills_during_nodes_sync_never_leave_a_torn_state_file_or_a_ha
     root = tmp_path / "root"
     env = clean_env(ROOT=str(root), GIT_TIMEOUT="30", NODE_TIMEOUT="60", LOG_LEVEL="warning")
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "11")))
+    state_dir = Layout(root).state_dir
     kills = 0
-    rounds = 5
-    for i in range(rounds):
+    wanted = 5
+    for i in range(3 * wanted):  # a sync that finishes before its kill lands is a round with no kill
+        if kills == wanted:
+            break
         # Every round asks for different work: installs, removals, new .env values, new scripts.
         config.write_text(sync_config(urls, sorted(rng.sample(sorted(urls), rng.randint(3, 8))), f"round{i}"))
         proc = orchestrators.start(env, "nodes", "sync", "--file", str(config))
-        time.sleep(rng.uniform(0.4, 2.0))  # python start-up takes ~0.5 s of that
+        # Strike only once the sync holds its lock (past Python's start-up, into the work), at a
+        # random moment of a run whose node scripts alone take 0.3 s each.
+        assert wait_until(lambda: proc.poll() is not None or holds_a_lock_in(proc.pid, state_dir), 120, 0.01)
+        time.sleep(rng.uniform(0.0, 1.0))  # the random kill point, not a wait for a state
         if proc.poll() is None:
             kills += 1
         orchestrators.kill(proc)
@@ -499,7 +522,7 @@ def test_random_sigkills_during_nodes_sync_never_leave_a_torn_state_file_or_a_ha
         for name, rec in nodes.load_state(Layout(root)).items():
             # whatever the state says was checked out really is there
             assert gitops.read_head(Layout(root).custom_nodes_dir / name) == rec.resolved
-    assert kills >= rounds // 2, f"only {kills} of {rounds} syncs were still running when killed"
+    assert kills == wanted, f"only {kills} syncs were still running when killed"
     config.write_text(sync_config(urls, sorted(urls), "final"))
     r = run(env, "nodes", "sync", "--file", str(config), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -577,8 +600,12 @@ def test_atomic_write_killed_at_any_moment_leaves_the_old_or_the_new_file(tmp_pa
     )
     rng = random.Random(5)
     for _ in range(4):
+        before = json.loads(target.read_text())["v"]
         proc = subprocess.Popen([sys.executable, "-c", script, str(target)])
-        time.sleep(rng.uniform(0.3, 0.8))
+        # Strike only once the writer has replaced the file at least once (past Python's start-up)...
+        assert wait_until(lambda: json.loads(target.read_text())["v"] != before, 60, 0.01)
+        assert proc.poll() is None
+        time.sleep(rng.uniform(0.0, 0.5))  # ...at a random moment of its writes (not a wait for a state)
         proc.kill()
         proc.wait()
         data = json.loads(target.read_text())  # never torn

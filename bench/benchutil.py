@@ -1,0 +1,30 @@
+"""Small helpers shared by the bench scripts: medians with their spread, machine notes."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+
+def spread(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min, max and the raw values of repeated measurements."""
+    vals = [float(v) for v in values]
+    return {
+        "median": round(statistics.median(vals), digits),
+        "min": round(min(vals), digits),
+        "max": round(max(vals), digits),
+        "n": len(vals),
+        "values": [round(v, digits) for v in vals],
+    }
+
+
+def fmt(s: dict[str, Any], unit: str = "s", digits: int = 2) -> str:
+    """'1.23 s (1.10–1.40, n=3)'."""
+    return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f}, n={s['n']})"
+
+
+def machine_note() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (shared machine)"

@@ -1,0 +1,63 @@
+"""A SIGSTOPped or hung instance is restarted within seconds, not after PROBE_INTERVAL x threshold."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from conftest import Machine, wait_until
+
+from orchestrator.monitor import process_stopped
+
+
+def test_process_stopped_reads_the_state_from_proc() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not process_stopped(child.pid)
+        os.kill(child.pid, signal.SIGSTOP)
+        assert wait_until(lambda: process_stopped(child.pid), 5, 0.02)
+        os.kill(child.pid, signal.SIGCONT)
+        assert wait_until(lambda: not process_stopped(child.pid), 5, 0.02)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_stopped(child.pid)  # gone
+    assert not process_stopped(0) and not process_stopped(-1)
+
+
+@pytest.mark.integration
+def test_a_sigstopped_instance_is_restarted_without_waiting_for_probe_timeouts(
+    machine: Callable[..., Machine],
+) -> None:
+    # Production-like pace: one probe every 5 s that may wait 3 s. Counting three timed-out probes
+    # at that pace would take 15 s or more before the restart even began.
+    m = machine(1, PROBE_INTERVAL="5", PROBE_TIMEOUT="3", UNHEALTHY_THRESHOLD="3")
+    m.up()
+
+    def instance() -> dict:  # type: ignore[type-arg]
+        try:
+            return dict(httpx.get(f"{m.monitor_url}/instances/0", timeout=2).json())
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    assert wait_until(lambda: instance().get("state") == "READY", 60, 0.1)
+    old = instance()["pid"]
+    started = time.monotonic()
+    os.kill(old, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: instance().get("pid") not in (None, old) and instance().get("state") == "READY",
+                          30, 0.1), instance()
+    finally:
+        try:
+            os.kill(old, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    took = time.monotonic() - started
+    assert took < 15, f"SIGSTOP -> READY took {took:.1f}s"  # counting 3 timed-out probes: 20 s or more
+    assert instance()["restarts"] == 1
