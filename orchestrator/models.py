@@ -28,7 +28,7 @@ from orchestrator.downloads import DownloadOptions, DownloadResult, DownloadTask
 from orchestrator.errors import ConfigError, ModelError
 from orchestrator.fsutil import read_json
 from orchestrator.manifest import ModelEntry
-from orchestrator.paths import Layout
+from orchestrator.paths import Layout, pid_alive
 from orchestrator.settings import Settings
 
 TIER_CHOICES = ("before_start", "background", "all")
@@ -476,23 +476,11 @@ def read_status(layout: Layout) -> dict[str, Any] | None:
     data = read_json(layout.models_status_file)
     if not isinstance(data, dict):
         return None
-    if data.get("running") and not _alive(data.get("pid")):
+    if data.get("running") and not pid_alive(data.get("pid")):
         data["running"] = False
         data["interrupted"] = True
         data["throughput_bytes_per_second"] = 0.0
     return data
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

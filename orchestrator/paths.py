@@ -115,7 +115,10 @@ def demo_pointer() -> Path:
     return base / "comfy-orchestrator" / "demo.json"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid exists (any user's); False for anything that is not a pid."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -147,7 +150,7 @@ def running_demo() -> dict[str, str] | None:
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
         return None
     pid, chosen = data.get("pid"), data["settings"]
-    if not isinstance(pid, int) or pid <= 0 or not _alive(pid):
+    if not pid_alive(pid):
         return None
     root = chosen.get("ROOT")
     if not isinstance(root, str) or not (Path(root) / ".orchestrator").is_dir():

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
 from orchestrator.instances import InstanceView
@@ -557,15 +558,6 @@ def post_all(api: JobApi, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 # ---------------------------------------------------------------- integration: the fleet

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import httpx
@@ -35,9 +34,9 @@ def test_process_stopped_reads_the_state_from_proc() -> None:
 def test_a_sigstopped_instance_is_restarted_without_waiting_for_probe_timeouts(
     machine: Callable[..., Machine],
 ) -> None:
-    # Production-like pace: one probe every 5 s that may wait 3 s. Counting three timed-out probes
-    # at that pace would take 15 s or more before the restart even began.
-    m = machine(1, PROBE_INTERVAL="5", PROBE_TIMEOUT="3", UNHEALTHY_THRESHOLD="3")
+    # Probes so slow that counting timed-out probes could never restart it within the deadline
+    # below (3 x (300 s + 120 s)): only seeing the stopped process can.
+    m = machine(1, PROBE_INTERVAL="300", PROBE_TIMEOUT="120", UNHEALTHY_THRESHOLD="3")
     m.up()
 
     def instance() -> dict:  # type: ignore[type-arg]
@@ -48,16 +47,13 @@ def test_a_sigstopped_instance_is_restarted_without_waiting_for_probe_timeouts(
 
     assert wait_until(lambda: instance().get("state") == "READY", 60, 0.1)
     old = instance()["pid"]
-    started = time.monotonic()
     os.kill(old, signal.SIGSTOP)
     try:
         assert wait_until(lambda: instance().get("pid") not in (None, old) and instance().get("state") == "READY",
-                          30, 0.1), instance()
+                          90, 0.1), instance()
     finally:
         try:
             os.kill(old, signal.SIGCONT)
         except ProcessLookupError:
             pass
-    took = time.monotonic() - started
-    assert took < 15, f"SIGSTOP -> READY took {took:.1f}s"  # counting 3 timed-out probes: 20 s or more
     assert instance()["restarts"] == 1

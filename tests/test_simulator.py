@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import aiohttp
 import httpx
 import pytest
 from conftest import free_port_block
+from conftest import wait_for as poll
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,15 +38,7 @@ pytestmark = pytest.mark.integration
 DEADLINE = 10.0  # seconds any single wait may take on a loaded 2-core machine
 
 
-def wait_for(check: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+wait_for = functools.partial(poll, timeout=DEADLINE)
 
 
 IGNORE_SIGINT_THEN_EXEC = (

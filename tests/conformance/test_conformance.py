@@ -7,18 +7,18 @@ it there (orchestrator/simulator/), never by loosening the assertion for one ser
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import re
 import signal
 import socket
-import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import httpx
 import pytest
+from conftest import wait_for as poll
 from real.comfy_env import READY_LINE, Server
 
 from orchestrator.probes import parse_lines
@@ -35,15 +35,7 @@ def client(server: Server) -> httpx.Client:
     return httpx.Client(base_url=server.url, timeout=30)
 
 
-def wait_for(check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+wait_for = functools.partial(poll, timeout=WAIT, interval=0.1)
 
 
 def image_graph(prefix: str, color: int | None = None, width: int = 64, height: int = 48) -> dict[str, Any]:

@@ -158,17 +158,10 @@ def unpack_comfy(dest: Path, tarball: Path = TARBALL) -> Path:
     return dest / "ComfyUI"
 
 
-def git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "init.defaultBranch=main",
-         "-c", "protocol.file.allow=always", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
-    )
-    return out.stdout.strip()
-
-
 def comfy_repo(dest: Path, branch: str = "main") -> str:
     """ComfyUI unpacked under ``dest`` and committed into a local git repo; returns its file:// URL."""
+    from conftest import git  # tests/conftest.py: only the tests make repos
+
     src = unpack_comfy(dest)
     git(src, "init", "-q", "-b", branch)
     git(src, "add", "-A")

@@ -45,6 +45,17 @@ def graph(prefix: str) -> dict[str, Any]:
     }
 
 
+def slow_graph(prefix: str) -> dict[str, Any]:
+    """A model-free job that keeps a CPU busy for a second or more (a wide Gaussian blur), so that
+    jobs posted back to back overlap and the router sees the first instance busy."""
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": random.randint(0, 0xFFFFFF)}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 31, "sigma": 10.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
 def instances(m: Machine) -> list[dict[str, Any]]:
     try:
         r = httpx.get(f"{m.monitor_url}/instances", timeout=5)
@@ -178,8 +189,8 @@ def test_jobs_spread_over_both_real_instances(machine: Machine) -> None:
     ensure_ready(m)
     with httpx.Client(base_url=m.monitor_url, timeout=150) as c:
         ids = []
-        for n in range(6):
-            r = c.post("/jobs", json={"workflow": graph(f"spread_{n}_{random.randint(0, 10**9)}"), "wait": False})
+        for n in range(4):
+            r = c.post("/jobs", json={"workflow": slow_graph(f"spread_{n}_{random.randint(0, 10**9)}"), "wait": False})
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         done = [c.get(f"/jobs/{i}", params={"wait": 120}).json() for i in ids]
