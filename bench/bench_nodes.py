@@ -168,7 +168,7 @@ class GitCalls:
         self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
     ) -> str:
         self.calls += 1
-        return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def ours(root: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:

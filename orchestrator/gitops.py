@@ -1,10 +1,10 @@
-"""Git through GitPython: a timeout on every command, retries on transient network errors only.
+"""Git through the one command runner (subproc): a timeout on every command, retries on transient network errors only.
 
     ProvisionError               (orchestrator.errors)
     └── GitError                 a git command failed: op, url, detail, transient, timed_out
         └── SshKeyError          an ssh URL needs a key and CUT_PK_1..3 / SSH_PRIVATE_KEY is missing or bad
 
-Every git command goes through one seam, a :class:`GitRunner` (``gitpython_runner`` in
+Every git command goes through one seam, a :class:`GitRunner` (``git_runner`` in
 production: git run through :mod:`orchestrator.subproc`, killed with its tree at the deadline). Tests pass a runner that
 records calls or injects failures. :class:`GitClient` adds what every caller needs: the
 environment (``GIT_TERMINAL_PROMPT=0``, ``GIT_SSH_COMMAND`` for ssh URLs), timeouts, the retry
@@ -448,16 +448,16 @@ class GitRunner(Protocol):
         ...
 
 
-def gitpython_runner(
+def git_runner(
     args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
 ) -> str:
-    """Run git (the production :class:`GitRunner`; the name predates it).
+    """Run git (the production :class:`GitRunner`).
 
     Through :func:`orchestrator.subproc.run`, not GitPython's ``execute``: git runs in its own
     session and at the deadline its whole tree is killed; output goes through temporary files,
     so an ssh ControlPersist master or a hook's background helper holding git's stdout cannot
     keep us waiting; and git dies with us (PR_SET_PDEATHSIG) when ``up`` is killed.
-    Environment as GitPython gave it: ours, with ``LC_ALL=C``, plus ``env``.
+    Environment: ours, with ``LC_ALL=C`` (parsable messages), plus ``env``.
     """
     from orchestrator import subproc
 
@@ -504,7 +504,7 @@ class GitClient:
         self,
         *,
         timeout: float = 300.0,
-        runner: GitRunner = gitpython_runner,
+        runner: GitRunner = git_runner,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         ssh: SshKey | None = None,

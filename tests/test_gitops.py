@@ -35,7 +35,7 @@ class Recorder:
             raise self.failures.pop(0)
         if not self.real:
             return ""
-        return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def transient() -> GitError:
@@ -210,7 +210,7 @@ def test_a_hanging_git_is_killed_after_its_timeout(tmp_path: Path, monkeypatch: 
     (fake / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(GitError) as info:  # the fake would exit 0 after 30 s had it not been killed
-        gitops.gitpython_runner(["fetch"], cwd=tmp_path, timeout=1, env={})
+        gitops.git_runner(["fetch"], cwd=tmp_path, timeout=1, env={})
     assert info.value.timed_out
     assert gitops.is_transient(info.value.detail, timed_out=info.value.timed_out)
 

@@ -81,7 +81,7 @@ class GitCalls:
         self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
     ) -> str:
         self.calls.append(list(args))
-        return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
-def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner) -> GitClient:
+def quick_git(runner: gitops.GitRunner = gitops.git_runner) -> GitClient:
     return GitClient(
         timeout=30, runner=runner, retry=RetryPolicy(attempts=2, initial=0, maximum=0), sleep=lambda s: None
     )
@@ -176,7 +176,7 @@ def sync(
     config: Path,
     *,
     commands: Commands | None = None,
-    git_runner: gitops.GitRunner = gitops.gitpython_runner,
+    git_runner: gitops.GitRunner = gitops.git_runner,
     prune: bool = False,
     env: Mapping[str, str] | None = None,
     **settings_env: str,

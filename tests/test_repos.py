@@ -42,7 +42,7 @@ def settings_for(root: Path, **env: str) -> Settings:
     return load_settings({"ROOT": str(root), "GIT_TIMEOUT": "30", "COMFY_UPDATE": "always", **env})
 
 
-def quick_git(runner: gitops.GitRunner = gitops.gitpython_runner, attempts: int = 2) -> GitClient:
+def quick_git(runner: gitops.GitRunner = gitops.git_runner, attempts: int = 2) -> GitClient:
     return GitClient(
         timeout=30,
         runner=runner,
@@ -59,7 +59,7 @@ class Counting:
         self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
     ) -> str:
         self.calls.append(list(args))
-        return gitops.gitpython_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def no_git(args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
