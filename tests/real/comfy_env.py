@@ -25,7 +25,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TARBALL = Path(os.environ.get("COMFY_REAL_TARBALL", str(REPO.parent / "shared" / "comfyui" / "ComfyUI-0.3.64.tar.gz")))
+_TARBALL_NAME = "ComfyUI-0.3.64.tar.gz"
+
+
+def _find_tarball() -> Path:
+    """COMFY_REAL_TARBALL, else ``../shared/comfyui/`` beside the checkout (or beside the checkout
+    it was cloned from: CI clones elsewhere), else the workplace's ``/work/shared/comfyui/``."""
+    if os.environ.get("COMFY_REAL_TARBALL"):
+        return Path(os.environ["COMFY_REAL_TARBALL"])
+    candidates = [REPO.parent / "shared" / "comfyui" / _TARBALL_NAME]
+    try:
+        origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin.startswith("/") or origin.startswith("file://"):
+        candidates.append(Path(origin.removeprefix("file://")).parent / "shared" / "comfyui" / _TARBALL_NAME)
+    candidates.append(Path("/work/shared/comfyui") / _TARBALL_NAME)
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+TARBALL = _find_tarball()
 TORCH_PINS = ("torch==2.11.0", "torchvision==0.26.0", "torchaudio==2.11.0")
 EXTRA_PINS = ("requests",)  # imported by ComfyUI, missing from its requirements.txt
 BUILD_TIMEOUT = float(os.environ.get("COMFY_REAL_BUILD_TIMEOUT", "1800"))
