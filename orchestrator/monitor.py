@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
+import psutil
+
 from orchestrator import health
 from orchestrator.errors import GpuError, OrchestratorError, SupervisorError
 from orchestrator.health import (
@@ -80,12 +82,9 @@ def process_stopped(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+    except psutil.Error:
         return False
-    fields = data.rsplit(b")", 1)[-1].split()
-    return bool(fields) and fields[0] == b"T"
 
 
 class SupervisorLike(Protocol):

@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -31,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +38,7 @@ import jsonschema
 
 from orchestrator import oplock, subproc
 from orchestrator.configfile import join_problems, load_json, read_config
-from orchestrator.errors import ConfigError, ProvisionError
+from orchestrator.errors import ConfigError
 from orchestrator.fsutil import atomic_write, read_json, write_json
 from orchestrator.gitops import (
     GitClient,
@@ -649,23 +648,6 @@ class _Deadline:
         return remaining
 
 
-@contextlib.contextmanager
-def _lock(layout: Layout) -> Iterator[None]:
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
-    path = layout.state_dir / "nodes.lock"
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ProvisionError(
-                f"another `nodes sync` is running (lock {path}): wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @dataclasses.dataclass
 class _Outcome:
     status: str = "ok"
@@ -1062,7 +1044,9 @@ def sync_nodes(
 
     Raises:
         ConfigError: the config is invalid (before anything on disk changes).
-        ProvisionError: another sync holds the lock.
+
+    Callers that write hold the ROOT lock (:mod:`orchestrator.oplock`), as ``up`` and
+    ``nodes sync`` do: two syncs at once would run two pips into one venv.
     """
     start = time.monotonic()
     path = config_file or default_config_file(settings, layout)
@@ -1085,16 +1069,16 @@ def sync_nodes(
             for p in plan
         )
         return NodesReport(path, results, True, tuple(warnings), {}, time.monotonic() - start)
-    with _lock(layout):
-        run = _Run(
-            settings,
-            layout,
-            dict(state),
-            git or git_client(settings, layout),
-            runner,
-            os.environ if environ is None else environ,
-        )
-        run.execute(plan)
+    # The caller holds the ROOT lock (orchestrator.oplock): `up` and `nodes sync` take it.
+    run = _Run(
+        settings,
+        layout,
+        dict(state),
+        git or git_client(settings, layout),
+        runner,
+        os.environ if environ is None else environ,
+    )
+    run.execute(plan)
     done: list[NodeResult] = []
     for p in plan:
         outcome = run.outcomes.get(p.name, _Outcome())
@@ -1157,7 +1141,7 @@ def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     if args.file is not None:
         load_config(args.file)  # validate before acting: a bad file writes nothing, not even the lock
     # One up/nodes sync per ROOT (a dry run writes nothing and needs no lock).
-    with contextlib.nullcontext(None) if args.dry_run else oplock.hold(Layout(settings.root)):
+    with contextlib.nullcontext(None) if args.dry_run else oplock.hold(layout):
         if args.file is None:
             layout = resolve_shared(settings, layout, install=not args.dry_run)
         report = sync_nodes(settings, layout, dry_run=args.dry_run, prune=args.prune, config_file=args.file)

@@ -131,15 +131,15 @@ def missing_branch_line(label: str, url: str, branch: str, available: list[str] 
     return f"{label}: branch {branch!r} does not exist in {redact_url(url)}; branches there: {shown}"
 
 
-def update_due(policy: str, interval: float, fetched_at: Any, now: float) -> bool:
+def update_due(policy: str, interval: float, fetched_at: float | None, now: float) -> bool:
     """COMFY_UPDATE: whether a warm ``up`` may fetch (``always``, ``never``, ``interval``)."""
     if policy == "always":
         return True
     if policy == "never":
         return False
-    if not isinstance(fetched_at, int | float) or isinstance(fetched_at, bool):
+    if fetched_at is None:
         return True
-    return now - float(fetched_at) >= interval or now < float(fetched_at)
+    return now - fetched_at >= interval or now < fetched_at
 
 
 def checked_out(path: Path) -> dict[str, str]:
@@ -471,12 +471,18 @@ def _previous(state: dict[str, Any], key: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) else {}
 
 
+def _last_fetch(previous: dict[str, Any]) -> float | None:
+    """When the remote last answered, from the previous sync's record (None: never, or unreadable)."""
+    value = previous.get("fetched_at")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _quiet(settings: Settings, previous: dict[str, Any], target: Target, now: float) -> bool:
     """True when a warm ``up`` must not touch the network: the same URL and ref as the last sync,
     and COMFY_UPDATE says no update is due yet."""
     same_config = previous.get("wanted") == target.ref and previous.get("wanted_url") == redact_url(target.url)
     return same_config and not update_due(
-        settings.comfy_update, settings.comfy_update_interval, previous.get("fetched_at"), now
+        settings.comfy_update, settings.comfy_update_interval, _last_fetch(previous), now
     )
 
 
@@ -509,7 +515,7 @@ def sync_comfy(
     state = _state(layout)
     previous = _previous(state, "comfy")
     now = clock()
-    fetched_at = previous.get("fetched_at") if isinstance(previous.get("fetched_at"), int | float) else None
+    fetched_at = _last_fetch(previous)
     remove_partials(path.parent)
     warnings: list[str] = []
     fail = settings.comfy_on_missing_branch == "fail"
@@ -622,7 +628,7 @@ def sync_shared(
     git = git or git_client(settings, layout)
     previous = _previous(state, "shared")
     now = clock()
-    fetched_at = previous.get("fetched_at") if isinstance(previous.get("fetched_at"), int | float) else None
+    fetched_at = _last_fetch(previous)
     if read_head(path):
         if _quiet(settings, previous, target, now):
             log.info("shared: no update due (COMFY_UPDATE=%s); no fetch", settings.comfy_update)

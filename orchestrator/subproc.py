@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -30,7 +31,9 @@ import psutil
 _PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
 def _load_prctl() -> Any:
+    """libc's prctl, loaded once on first use (in the parent: nothing is loaded between fork and exec)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -43,13 +46,9 @@ def _load_prctl() -> Any:
     return prctl
 
 
-# Resolved once in the parent: nothing is loaded or imported between fork and exec.
-_PRCTL = _load_prctl()
-
-
 def die_with_parent_hook() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux; else None)."""
-    prctl = _PRCTL
+    prctl = _load_prctl()
     if prctl is None:
         return None
     parent = os.getpid()
@@ -83,9 +82,7 @@ def kill_tree(pid: int) -> None:
             child.kill()  # psutil checks the create time: a reused pid is left alone
 
 
-def _read(f: IO[bytes] | None) -> bytes:
-    if f is None:
-        return b""
+def _read(f: IO[bytes]) -> bytes:
     f.seek(0)
     return f.read()
 
@@ -104,16 +101,14 @@ def run(
     Raises ``OSError`` when the program cannot be started.
     """
     start = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(tempfile.TemporaryFile())
-        err = None if merge_stderr else stack.enter_context(tempfile.TemporaryFile())
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # err stays empty when merged
         proc = subprocess.Popen(
             list(argv),
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=out,
-            stderr=subprocess.STDOUT if err is None else err,
+            stderr=subprocess.STDOUT if merge_stderr else err,
             start_new_session=True,
             preexec_fn=die_with_parent_hook() if die_with_parent else None,
         )
@@ -129,4 +124,3 @@ def run(
             proc.wait()
             raise
         return Completed(proc.returncode, _read(out), _read(err), timed_out, time.monotonic() - start)
-    raise AssertionError("unreachable")  # pragma: no cover - for type checkers

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import commit_file, git, make_repo
 
-from orchestrator import gitops, nodes
+from orchestrator import gitops, nodes, oplock
 from orchestrator.errors import ConfigError, ProvisionError
 from orchestrator.gitops import GitClient, RetryPolicy
 from orchestrator.nodes import NodeRecord, NodeSpec, Observed, plan_actions
@@ -662,8 +662,11 @@ def test_a_hanging_custom_script_is_killed_at_the_node_timeout(
 
 def test_a_second_sync_at_the_same_time_is_refused(root: Path, world: dict[str, Any], tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.json", [{"name": "plain", "url": url(world, "plain")}])
-    with nodes._lock(Layout(root)), pytest.raises(ProvisionError, match="another `nodes sync` is running"):
-        sync(root, None, world, config)
+    settings = load_settings({"ROOT": str(root)}, {})
+    args = argparse.Namespace(file=config, dry_run=False, prune=False, json=False)
+    with oplock.hold(Layout(root)), pytest.raises(ProvisionError, match="another orchestrator up/nodes sync is running"):
+        nodes.cmd_sync(settings, args)
+    assert not (root / "ComfyUI" / "custom_nodes" / "plain").exists()
 
 
 def test_an_invalid_config_changes_nothing_on_disk(root: Path, world: dict[str, Any], tmp_path: Path) -> None:
