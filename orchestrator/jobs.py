@@ -1094,8 +1094,10 @@ class JobManager:
         except _HTTP_ERRORS as exc:
             log.debug("job %s: /history of %s failed: %s", job.id, view.name, exc)
             return None
-        if entry is None:
-            return None
+        return None if entry is None else self._ended(job, entry)
+
+    def _ended(self, job: Job, entry: Mapping[str, Any]) -> _Outcome:
+        """The outcome of a prompt that is in /history (it has ended)."""
         job.ended_mono = self._clock()
         if job.started_mono is None:
             job.execution_time = history_times(entry)
@@ -1117,13 +1119,7 @@ class JobManager:
                 limit = min(POLL_CALL_TIMEOUT, job.deadline - self._clock())
                 entry = await self._history(view, job.prompt_id or "", limit)
                 if entry is not None:
-                    event = history_outcome(entry)
-                    job.ended_mono = self._clock()
-                    if job.started_mono is None:
-                        job.execution_time = history_times(entry)
-                    if event.kind == "error" or event.kind == "interrupted":
-                        return _Outcome(event.kind, event.error)
-                    return _Outcome("done")
+                    return self._ended(job, entry)
                 where = await self._queue_position(view, job.prompt_id or "", limit)
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
                 started = job.started_mono is not None
