@@ -511,13 +511,7 @@ class Executor:
         self, node: Mapping[str, Any], cls: NodeDef, results: Mapping[str, NodeResult]
     ) -> tuple[int, int, int]:
         up = self._upstream_dims(node, cls, results)
-        if cls.name == "EmptyLatentImage":
-            return (
-                _int_input(node, "width", 512),
-                _int_input(node, "height", 512),
-                _int_input(node, "batch_size", 1),
-            )
-        if cls.name == "EmptyImage":
+        if cls.name in ("EmptyLatentImage", "EmptyImage"):
             return (
                 _int_input(node, "width", 512),
                 _int_input(node, "height", 512),
