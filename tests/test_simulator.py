@@ -902,6 +902,18 @@ def test_an_oom_fault_prints_a_comfyui_style_cuda_oom(launcher: Launcher) -> Non
     assert log.count("torch.OutOfMemoryError") == 1
 
 
+def test_each_write_of_a_once_oom_fault_prints_again_even_if_its_removal_went_unseen(launcher: Launcher) -> None:
+    # The chaos test removes an oom fault and may set it again before the simulator's next read
+    # (every 0.5 s): that second fault must still print.
+    sim = launcher.start(faults={"exec_time": 0.01})
+    sim.set_faults(oom=0)
+    wait_for(lambda: sim.log().count("torch.OutOfMemoryError") == 1)
+    sim.set_faults()
+    sim.set_faults(oom=0)  # removed and set again at once: no read sees the file without it
+    wait_for(lambda: sim.log().count("torch.OutOfMemoryError") == 2)
+    assert sim.ready()
+
+
 def test_faults_injected_through_the_file_change_a_running_instance(launcher: Launcher) -> None:
     sim = launcher.start(faults={"exec_time": 0.01})
     sim.set_faults(crash_after=0)

@@ -4,7 +4,7 @@ Environment (read once at start)        File ``<user-directory>/simulator_faults
 SIM_START_DELAY   seconds of "init"     start_delay    (read at start only)
 SIM_CRASH_AFTER   exit 1 N s after ready crash_after
 SIM_HANG_AFTER    block the event loop  hang_after     (remove it from the file to un-hang)
-SIM_OOM           print a CUDA OOM       oom            (value: repeat interval, 0 = once)
+SIM_OOM           print a CUDA OOM       oom            (repeat interval; 0 = once per write of the file)
 SIM_IMPORT_FAILED custom nodes that fail import_failed  (comma string or list; start only)
 SIM_EXEC_TIME     seconds per prompt    exec_time
 SIM_GPU_NAME      device name           gpu_name

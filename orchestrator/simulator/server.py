@@ -155,6 +155,7 @@ class Simulator:
         self.version = version
         self.fault_file = folders.user / faultlib.FAULTS_FILE
         self._fault_warnings: list[str] = []
+        self.fault_file_stamp: tuple[int, int, int] | None = None  # (inode, mtime, size) at the last read
         self.ready_at: float | None = None
         self.stop = asyncio.Event()
         self.sockets: dict[str, web.WebSocketResponse] = {}
@@ -167,6 +168,11 @@ class Simulator:
 
     # ---- faults -------------------------------------------------------------------------
     def reload_faults(self) -> None:
+        try:
+            st = os.stat(self.fault_file)
+            self.fault_file_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            self.fault_file_stamp = None
         values, warnings = faultlib.read_file(self.fault_file)
         faults, more = faultlib.overlay(self.env_faults, values, str(self.fault_file))
         warnings += more
@@ -212,10 +218,16 @@ class Simulator:
     async def fault_monitor(self) -> None:
         last_read = time.monotonic()
         last_oom: float | None = None
+        seen_stamp: tuple[int, int, int] | None = None
         while not self.stop.is_set():
             if time.monotonic() - last_read >= FAULT_POLL_SECONDS:
                 last_read = time.monotonic()
                 self.reload_faults()
+            if self.fault_file_stamp != seen_stamp:
+                # A new write of the fault file re-arms "once" faults (oom: 0), even when the
+                # write that removed it in between came and went before this loop read the file.
+                seen_stamp = self.fault_file_stamp
+                last_oom = None
             since = self.since_ready()
             due = faultlib.due(self.faults, since, last_oom)
             if due.crash:
