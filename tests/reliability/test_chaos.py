@@ -240,6 +240,7 @@ class Chaos:
         self.faults: dict[int, dict[str, Any]] = {g: {} for g in range(m.num_gpus)}
         self.cleanups: list[tuple[float, int, str]] = []  # (due, gpu, fault key to remove)
         self.stopped: list[tuple[int, float]] = []  # SIGSTOPped processes (pid, create_time)
+        self.oom_printed: dict[int, int] = {}  # per GPU: OOM errors in its log before the latest oom fault
         self.deferred = 0
         self.bag: list[str] = []
         # restarts the monitor counted before the chaos: ours are counted on top of these
@@ -247,6 +248,13 @@ class Chaos:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def ooms_printed(self, gpu: int) -> int:
+        """CUDA OOM errors in the instance's log so far (all its processes: one file)."""
+        try:
+            return self.m.layout.instance_log(gpu).read_text(errors="replace").count("torch.OutOfMemoryError")
+        except OSError:
+            return 0
 
     def fault_file(self, gpu: int) -> Path:
         return self.m.layout.instance_dir(gpu) / "user" / "simulator_faults.json"
@@ -303,9 +311,11 @@ class Chaos:
                 self.write_faults(gpu)
                 os.kill(pid, signal.SIGKILL)
             else:  # oom: printed once when the simulator re-reads its fault file (every 0.5 s)
+                self.oom_printed[gpu] = self.ooms_printed(gpu)
                 self.faults[gpu]["oom"] = 0
                 self.write_faults(gpu)
-                self.cleanups.append((self.now() + 2.5, gpu, "oom"))  # read, printed and probed by then
+                # removed once the instance printed it (or, failing that, after 60 s)
+                self.cleanups.append((self.now() + 60, gpu, "oom"))
         except ProcessLookupError:
             self.faults[gpu].pop("start_delay", None)
             self.write_faults(gpu)
@@ -321,7 +331,7 @@ class Chaos:
     def housekeeping(self) -> None:
         now = self.now()
         for due, gpu, key in list(self.cleanups):
-            if now >= due:
+            if now >= due or (key == "oom" and self.ooms_printed(gpu) > self.oom_printed[gpu]):
                 self.faults[gpu].pop(key, None)
                 self.write_faults(gpu)
                 self.cleanups.remove((due, gpu, key))
