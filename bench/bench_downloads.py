@@ -44,7 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from orchestrator.downloads import DownloadOptions, DownloadTask, Engine  # noqa: E402
+from orchestrator.provision.models.downloads import DownloadOptions, DownloadTask, Engine  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -283,7 +283,7 @@ def kill_and_resume(url: str, path: str, sha: str, size: int, outs: Path, server
     cli = [
         sys.executable,
         "-c",
-        "import sys; from orchestrator.cli import main; sys.exit(main())",
+        "import sys; from orchestrator.cli.main import main; sys.exit(main())",
         "models",
         "sync",
     ]

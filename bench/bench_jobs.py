@@ -125,10 +125,10 @@ def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
     from fastapi import FastAPI
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.instances import InstanceView
-    from orchestrator.jobs import JobManager, jobs_router
-    from orchestrator.settings import load_settings
-    from orchestrator.states import InstanceState
+    from orchestrator.core.instances import InstanceView
+    from orchestrator.core.settings import load_settings
+    from orchestrator.core.states import InstanceState
+    from orchestrator.jobs.service import JobManager, jobs_router
 
     class Directory:
         def __init__(self) -> None:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
 
-from orchestrator.ports import free_port_block  # noqa: E402
+from orchestrator.machine.ports import free_port_block  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_monitor.json"
 
@@ -240,7 +240,7 @@ def main() -> int:
         tmp_path = Path(tmp)
         # 1. recovery with the default probe settings (2 instances keep the box responsive)
         with machine(tmp_path, "recovery", 2, STOP_TIMEOUT="10") as m:
-            from orchestrator.settings import load_settings
+            from orchestrator.core.settings import load_settings
 
             settings = load_settings(m.env)
             interval, timeout = settings.probe_interval, settings.probe_timeout

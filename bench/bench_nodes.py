@@ -50,9 +50,10 @@ sys.path.insert(0, str(REPO))
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
 
-from orchestrator import gitops, nodes  # noqa: E402
-from orchestrator.paths import Layout  # noqa: E402
-from orchestrator.settings import load_settings  # noqa: E402
+from orchestrator import nodes  # noqa: E402
+from orchestrator.core.layout import Layout  # noqa: E402
+from orchestrator.core.settings import load_settings  # noqa: E402
+from orchestrator.provision import git as gitops  # noqa: E402
 
 FIXTURE = REPO / "shared" / "config_nodes.json"
 # Installed in this interpreter already: pip resolves them offline and changes nothing.

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from benchutil import fmt, machine_note, spread  # noqa: E402
 from real.comfy_env import RealUnavailable, Server, ensure_python, existing_python, unpack_comfy  # noqa: E402
 
-from orchestrator.ports import free_port_block  # noqa: E402
+from orchestrator.machine.ports import free_port_block  # noqa: E402
 
 SCRUB = {"MOCK_GPU", "NUM_GPUS", "ROOT", "ORCHESTRATOR_TOKEN", "ORCHESTRATOR_CONFIG", "COMFY_ARGS", "COMFY_FLAGS",
          "SHARED_REPO_URL", "COMFY_REPO_URL", "WORKER_BASE_COMFYUI_PORT", "ORCHESTRATOR_PORT", "GPUS", "TEST_GPUS"}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
 
-from orchestrator.ports import free_port_block  # noqa: E402
+from orchestrator.machine.ports import free_port_block  # noqa: E402
 from orchestrator.simulator.tree import write_code_tree  # noqa: E402
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def ours_skip(root: Path, n: int) -> float:
 
 
 def demo_env(root: Path, n: int, urls: dict[str, str]) -> tuple[dict[str, str], int]:
-    from orchestrator.demo import demo_settings
+    from orchestrator.lifecycle.demo import demo_settings
 
     return machine_env(root, n, **demo_settings(root, n, urls))
 
@@ -166,7 +166,7 @@ def ours_full_warm(root: Path, n: int, urls: dict[str, str]) -> tuple[float, flo
         cli(env, "up")
         wait_ports([base + i for i in range(n)])
         to_answer = time.monotonic() - start
-        from orchestrator.paths import Layout
+        from orchestrator.core.layout import Layout
 
         status = json.loads(Layout(root).status_file.read_text())  # what that `up` did, stage by stage
         t = time.monotonic()
@@ -192,7 +192,7 @@ def main() -> None:
         write_code_tree(root / "ComfyUI")
         # Warm-up: the first `up` creates state dirs and the shipped shared config.
         retried("warm-up up", lambda: ours_skip(root, 1))
-        from orchestrator.demo import build_sources
+        from orchestrator.lifecycle.demo import build_sources
 
         demo_root = Path(tmp) / "demo"
         urls = build_sources(demo_root / "demo-src")

@@ -1,4 +1,4 @@
-from orchestrator.cli import entrypoint
+from orchestrator.cli.main import entrypoint
 
 if __name__ == "__main__":
     entrypoint()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ports import free_port_block
+from orchestrator.machine.ports import free_port_block
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ class Machine:
 
     @property
     def layout(self):  # type: ignore[no-untyped-def]
-        from orchestrator.paths import Layout
+        from orchestrator.core.layout import Layout
 
         return Layout(self.root)
 

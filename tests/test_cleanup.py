@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from orchestrator import cleanup
-from orchestrator.fsutil import write_json
-from orchestrator.gpu import Gpu
-from orchestrator.paths import Layout
-from orchestrator.plan import build_plan
-from orchestrator.settings import Settings, load_settings
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import build_plan
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.machine.fs import write_json
+from orchestrator.machine.gpu import Gpu
+from orchestrator.provision import cleanup
 
 NOW = 1_700_000_000.0
 HOUR = 3600.0
@@ -181,7 +181,7 @@ def test_the_loop_runs_every_interval_and_stops_on_sigterm(
         [
             sys.executable,
             "-c",
-            "import sys; from orchestrator.cli import main; sys.exit(main())",
+            "import sys; from orchestrator.cli.main import main; sys.exit(main())",
             "cleanup",
             "--json",
         ],

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import clean_env
 
-from orchestrator import paths
+from orchestrator.core import layout as paths
 
-CLI = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from orchestrator.cli.main import main; sys.exit(main())"]
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.fsutil import write_json
-from orchestrator.gpu import Gpu, GpuSample
-from orchestrator.health import GpuStatus, InstanceStatus
-from orchestrator.metrics import build_registry
-from orchestrator.paths import Layout
-from orchestrator.settings import load_settings
-from orchestrator.states import InstanceState
+from orchestrator.core.health import GpuStatus, InstanceStatus
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import load_settings
+from orchestrator.core.states import InstanceState
+from orchestrator.machine.fs import write_json
+from orchestrator.machine.gpu import Gpu, GpuSample
+from orchestrator.monitor.metrics import build_registry
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"

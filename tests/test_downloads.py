@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from conftest import free_port_block
 
-from orchestrator import downloads
-from orchestrator.downloads import DownloadOptions, DownloadTask, Engine
+from orchestrator.provision.models import downloads
+from orchestrator.provision.models.downloads import DownloadOptions, DownloadTask, Engine
 
 
 # ---------------------------------------------------------------- the test server

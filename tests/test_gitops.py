@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import commit_file, git, make_repo
 
-from orchestrator import gitops
-from orchestrator.gitops import GitClient, GitError, RetryPolicy, SshKey, SshKeyError
+from orchestrator.provision import git as gitops
+from orchestrator.provision.git import GitClient, GitError, RetryPolicy, SshKey, SshKeyError
 
 FAKE_KEY = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.errors import ConfigError, GpuError
-from orchestrator.gpu import MockBackend, NvmlBackend, detect, open_backend, select_gpus
-from orchestrator.settings import load_settings
+from orchestrator.core.errors import ConfigError, GpuError
+from orchestrator.core.settings import load_settings
+from orchestrator.machine.gpu import MockBackend, NvmlBackend, detect, open_backend, select_gpus
 
 
 class NVMLError(Exception):

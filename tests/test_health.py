@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from orchestrator.health import (
+from orchestrator.core.health import (
     Action,
     HealthConfig,
     InstanceStatus,
@@ -18,9 +18,9 @@ from orchestrator.health import (
     decide,
     readiness,
 )
-from orchestrator.procs import ProcessInfo
-from orchestrator.states import InstanceState as S
-from orchestrator.states import ProcessState as P
+from orchestrator.core.states import InstanceState as S
+from orchestrator.core.states import ProcessState as P
+from orchestrator.machine.supervisor import ProcessInfo
 
 CFG = HealthConfig(startup_timeout=600, unhealthy_threshold=3)
 OK = ProbeResult(ok=True, tcp=True, status_code=200, device="cpu", queue_pending=2, queue_running=1)

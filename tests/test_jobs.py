@@ -20,8 +20,11 @@ import pytest
 from conftest import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
-from orchestrator.instances import InstanceView
-from orchestrator.jobs import (
+from orchestrator.core.instances import InstanceView
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.core.states import InstanceState
+from orchestrator.core.workflow import WorkflowError
+from orchestrator.jobs.service import (
     InputImage,
     JobManager,
     NodeProgress,
@@ -39,9 +42,6 @@ from orchestrator.jobs import (
     route,
     validation_message,
 )
-from orchestrator.settings import Settings, load_settings
-from orchestrator.states import InstanceState
-from orchestrator.workflow import WorkflowError
 
 READY = InstanceState.READY
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "workflow.json"
@@ -301,7 +301,7 @@ class FakeClock:
 
 
 def _job(store: ResultStore, job_id: str) -> Any:
-    from orchestrator.jobs import Job
+    from orchestrator.jobs.service import Job
 
     job = Job(
         id=job_id,

@@ -8,11 +8,11 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator import manifest
-from orchestrator.errors import ConfigError
-from orchestrator.manifest import ModelEntry, parse_manifest
-from orchestrator.paths import Layout
-from orchestrator.settings import load_settings
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import load_settings
+from orchestrator.provision.models import manifest
+from orchestrator.provision.models.manifest import ModelEntry, parse_manifest
 
 SHA = "a" * 64
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from orchestrator.errors import ConfigError
-from orchestrator.fsutil import write_json
-from orchestrator.gpu import Gpu, GpuSample
-from orchestrator.health import GpuStatus, InstanceStatus
-from orchestrator.metrics import build_registry
-from orchestrator.monitor import GpuSampler
-from orchestrator.paths import Layout
-from orchestrator.settings import Settings, load_settings
-from orchestrator.states import InstanceState
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.health import GpuStatus, InstanceStatus
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.core.states import InstanceState
+from orchestrator.machine.fs import write_json
+from orchestrator.machine.gpu import Gpu, GpuSample
+from orchestrator.monitor.metrics import build_registry
+from orchestrator.monitor.service import GpuSampler
 
 GPUS = [
     Gpu(0, "GPU-aaaa", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 80 * 2**30, "550.54"),
@@ -247,7 +247,7 @@ def test_a_scrape_never_waits_on_a_stuck_gpu_sample(tmp_path: Path) -> None:
 def test_the_fast_renderer_is_byte_identical_to_generate_latest(tmp_path: Path) -> None:
     from prometheus_client import Counter, Histogram, Info
 
-    from orchestrator.metrics import TextRenderer
+    from orchestrator.monitor.metrics import TextRenderer
 
     src = full_source()
     src.statuses[0] = status(0, failed_custom_nodes=('odd "node"\\name', "multi\nline"))

@@ -21,15 +21,16 @@ from conftest import free_port_block
 from prometheus_client import CollectorRegistry, generate_latest
 from test_downloads import FileSpec, RangeServer, blob
 
-from orchestrator import downloads, models
-from orchestrator.downloads import DownloadOptions
-from orchestrator.errors import ConfigError
-from orchestrator.paths import Layout
-from orchestrator.settings import Settings, load_settings
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.provision.models import downloads
+from orchestrator.provision.models import sync as models
+from orchestrator.provision.models.downloads import DownloadOptions
 
 CONFIG = Path(__file__).resolve().parents[1] / "shared" / "comfy_dir_config.yaml"
 FIXTURE_CONFIG = Path("/work/shared/fixtures/emprops_shared/comfy_dir_config.yaml")
-CLI = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from orchestrator.cli.main import main; sys.exit(main())"]
 FAST = DownloadOptions(
     connect_timeout=2,
     read_timeout=5,
@@ -433,7 +434,7 @@ def test_download_metrics_come_from_the_status_file_and_pass_promtool(root: Path
     collector = models.DownloadsCollector(layout, clock=lambda: 1000.0)
     registry.register(collector)
     assert registry.get_sample_value("orchestrator_download_files", {"state": "total"}) == 0
-    from orchestrator.fsutil import write_json
+    from orchestrator.machine.fs import write_json
 
     write_json(
         layout.models_status_file,

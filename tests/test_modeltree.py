@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import modeltree
-from orchestrator.errors import ConfigError
-from orchestrator.paths import Layout
-from orchestrator.settings import Settings, load_settings
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.provision.models import tree as modeltree
 
 FIXTURES = Path("/work/shared/fixtures/emprops_shared")
 PRODUCTION_CONFIG = (

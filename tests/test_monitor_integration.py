@@ -29,16 +29,16 @@ from aiohttp import web
 from conftest import Machine, clean_env, free_port_block, wait_until
 from prometheus_client import generate_latest
 
-from orchestrator.errors import SupervisorError
-from orchestrator.gpu import MockBackend
-from orchestrator.health import HealthConfig
-from orchestrator.metrics import build_registry
-from orchestrator.monitor import Monitor
-from orchestrator.paths import Layout
-from orchestrator.plan import build_plan, create_instance_dirs
-from orchestrator.procs import ProcessInfo
-from orchestrator.settings import load_settings
-from orchestrator.states import InstanceState, ProcessState
+from orchestrator.core.errors import SupervisorError
+from orchestrator.core.health import HealthConfig
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import build_plan, create_instance_dirs
+from orchestrator.core.settings import load_settings
+from orchestrator.core.states import InstanceState, ProcessState
+from orchestrator.machine.gpu import MockBackend
+from orchestrator.machine.supervisor import ProcessInfo
+from orchestrator.monitor.metrics import build_registry
+from orchestrator.monitor.service import Monitor
 
 
 # ================================================================ tier 1: fake supervisord
@@ -492,7 +492,7 @@ def test_restarting_over_http_needs_the_token(ready_box: Machine) -> None:
 
 @pytest.mark.integration
 def test_a_restarted_monitor_answers_right_from_its_first_request(ready_box: Machine) -> None:
-    from orchestrator.procs import Supervisor
+    from orchestrator.machine.supervisor import Supervisor
 
     m = ready_box
     sup = Supervisor(m.layout, timeout=30)

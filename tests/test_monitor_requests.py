@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from orchestrator import monitor as monitor_mod
-from orchestrator.gpu import MockBackend
-from orchestrator.health import Action, ProbeResult
-from orchestrator.monitor import Monitor
-from orchestrator.plan import build_plan, create_instance_dirs
-from orchestrator.settings import load_settings
+from orchestrator.core.health import Action, ProbeResult
+from orchestrator.core.plan import build_plan, create_instance_dirs
+from orchestrator.core.settings import load_settings
+from orchestrator.machine.gpu import MockBackend
+from orchestrator.monitor.service import Monitor
+from orchestrator.monitor import service as monitor_mod
 
 
 def _monitor(tmp_path: Path) -> Monitor:

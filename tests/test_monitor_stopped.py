@@ -12,7 +12,7 @@ import httpx
 import pytest
 from conftest import Machine, wait_until
 
-from orchestrator.monitor import process_stopped
+from orchestrator.monitor.service import process_stopped
 
 
 def test_process_stopped_reads_the_state_from_proc() -> None:

@@ -24,12 +24,14 @@ from typing import Any
 import pytest
 from conftest import commit_file, git, make_repo
 
-from orchestrator import gitops, nodes, oplock
-from orchestrator.errors import ConfigError, ProvisionError
-from orchestrator.gitops import GitClient, RetryPolicy
-from orchestrator.nodes import NodeRecord, NodeSpec, Observed, plan_actions
-from orchestrator.paths import Layout
-from orchestrator.settings import Settings, load_settings
+from orchestrator.core.errors import ConfigError, ProvisionError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.machine import lock as oplock
+from orchestrator.provision import git as gitops
+from orchestrator.provision import nodes
+from orchestrator.provision.git import GitClient, RetryPolicy
+from orchestrator.provision.nodes import NodeRecord, NodeSpec, Observed, plan_actions
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "emprops_shared" / "config_nodes.json"
 if not FIXTURE.exists():  # the copy shipped in the repo holds the same production file
@@ -693,9 +695,9 @@ def killer() -> Iterator[list[subprocess.Popen[bytes]]]:
 SYNC_SCRIPT = """
 import os, sys
 from pathlib import Path
-from orchestrator import nodes
-from orchestrator.paths import Layout
-from orchestrator.settings import load_settings
+from orchestrator.provision import nodes
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import load_settings
 s = load_settings(os.environ)
 nodes.sync_nodes(s, Layout(s.root), config_file=Path(sys.argv[1]))
 """

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import PlanError
-from orchestrator.gpu import Gpu, MockBackend
-from orchestrator.plan import build_plan, create_instance_dirs, supported_flags
-from orchestrator.ports import check_ports
-from orchestrator.settings import load_settings
+from orchestrator.core.errors import PlanError
+from orchestrator.core.plan import build_plan, create_instance_dirs, supported_flags
+from orchestrator.core.settings import load_settings
+from orchestrator.machine.gpu import Gpu, MockBackend
+from orchestrator.machine.ports import check_ports
 
 
 def gpus(n: int, mock: bool = True) -> list[Gpu]:
@@ -38,7 +38,7 @@ def test_mock_plan_has_one_instance_per_gpu_on_base_plus_index() -> None:
 
 def test_subset_keeps_the_port_arithmetic() -> None:
     s = load_settings({"GPUS": "0,2", "WORKER_BASE_COMFYUI_PORT": "9000"})
-    from orchestrator.gpu import select_gpus
+    from orchestrator.machine.gpu import select_gpus
 
     plan = build_plan(s, select_gpus(gpus(4, mock=False), s))
     assert [(i.index, i.port) for i in plan.instances] == [(0, 9000), (2, 9002)]
@@ -86,7 +86,7 @@ def test_comfy_python_is_the_interpreter() -> None:
 
 
 def test_plan_round_trips_through_json(tmp_path: Path) -> None:
-    from orchestrator.plan import MachinePlan
+    from orchestrator.core.plan import MachinePlan
 
     plan = build_plan(load_settings({"MOCK_GPU": "1", "ROOT": str(tmp_path)}), gpus(2))
     assert MachinePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan

@@ -14,8 +14,8 @@ import httpx
 from aiohttp import web
 from conftest import free_port_block
 
-from orchestrator.gpu import Gpu
-from orchestrator.probes import LogScanner, check_device, free_memory, node_name, parse_lines, probe_http
+from orchestrator.machine.gpu import Gpu
+from orchestrator.monitor.probes import LogScanner, check_device, free_memory, node_name, parse_lines, probe_http
 
 H100 = Gpu(0, "GPU-1234", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 85520809984, "550.54")
 MOCK = Gpu(1, "GPU-mock", "00000000:02:00.0", "Mock GPU (CPU)", 24 * 2**30, "mock", mock=True)

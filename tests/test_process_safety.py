@@ -17,10 +17,12 @@ import psutil
 import pytest
 from conftest import clean_env, wait_until
 
-from orchestrator import lifecycle, nodes, oplock
-from orchestrator.errors import ProvisionError
-from orchestrator.paths import Layout
-from orchestrator.settings import load_settings
+from orchestrator.core.errors import ProvisionError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import load_settings
+from orchestrator.lifecycle import service as lifecycle
+from orchestrator.machine import lock as oplock
+from orchestrator.provision import nodes
 
 DEADLINE = 30.0  # generous: it only ends a failing test, it measures nothing
 
@@ -106,7 +108,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: P
 RUNNER_SCRIPT = """
 import os, sys
 from pathlib import Path
-from orchestrator import nodes
+from orchestrator.provision import nodes
 nodes.run_command(["sh", "-c", 'echo $$ > "$CHILD_PID"; exec sleep 300'], cwd=None, env=dict(os.environ), timeout=600)
 """
 
@@ -135,8 +137,8 @@ def test_a_sigkilled_parent_takes_its_running_command_with_it(tmp_path: Path, re
 LOCK_SCRIPT = """
 import sys
 from pathlib import Path
-from orchestrator import oplock
-from orchestrator.paths import Layout
+from orchestrator.machine import lock as oplock
+from orchestrator.core.layout import Layout
 lock = oplock.acquire(Layout(Path(sys.argv[1])))
 print("locked", flush=True)
 sys.stdin.read()

@@ -14,9 +14,9 @@ from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 import pytest
 from conftest import wait_until
 
-from orchestrator.errors import SupervisorError
-from orchestrator.paths import Layout
-from orchestrator.procs import Supervisor
+from orchestrator.core.errors import SupervisorError
+from orchestrator.core.layout import Layout
+from orchestrator.machine.supervisor import Supervisor
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, SimpleXMLRPCDispatcher):

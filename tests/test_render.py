@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from supervisor.datatypes import dict_of_key_value_pairs
 
-from orchestrator.errors import PlanError
-from orchestrator.gpu import MockBackend
-from orchestrator.paths import Layout
-from orchestrator.plan import build_plan
-from orchestrator.render import Program, RenderOptions, render_environment, render_supervisord_conf
-from orchestrator.settings import load_settings
+from orchestrator.core.errors import PlanError
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import build_plan
+from orchestrator.core.render import Program, RenderOptions, render_environment, render_supervisord_conf
+from orchestrator.core.settings import load_settings
+from orchestrator.machine.gpu import MockBackend
 
 GOLDEN = Path(__file__).parent / "golden" / "supervisord_2gpu.conf"
 
@@ -67,7 +67,7 @@ def test_unrepresentable_environment_values_are_refused_by_name(value: str) -> N
 def test_command_with_spaces_and_percent_round_trips() -> None:
     import shlex
 
-    from orchestrator.render import render_command
+    from orchestrator.core.render import render_command
 
     argv = ["/opt/my python/bin/python", "main.py", "--x", "50%", "a'b"]
     assert shlex.split(render_command(argv) % {}) == argv

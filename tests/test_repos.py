@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import commit_file, free_port_block, git, make_repo
 
-from orchestrator import gitops, repos
-from orchestrator.errors import ConfigError
-from orchestrator.gitops import GitClient, RetryPolicy
-from orchestrator.paths import Layout
-from orchestrator.settings import FORK_URL, Settings, load_settings
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import FORK_URL, Settings, load_settings
+from orchestrator.provision import git as gitops
+from orchestrator.provision import repos
+from orchestrator.provision.git import GitClient, RetryPolicy
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_an_unreachable_repo_falls_back_to_the_official_one_at_the_pin_loudly(
     root: Path, upstream: tuple[Path, str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = comfy_settings(root, tmp_path / "no-such-fork", upstream)
-    with caplog.at_level(logging.ERROR, logger="orchestrator.repos"):
+    with caplog.at_level(logging.ERROR, logger="orchestrator.provision.repos"):
         result = repos.sync_comfy(s, Layout(root), git=quick_git())
     assert result.fallback
     assert result.commit == upstream[1]

@@ -21,10 +21,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from orchestrator.errors import ConfigError
-from orchestrator.instances import InstanceView
-from orchestrator.jobs import JobManager, jobs_router
-from orchestrator.runpod_worker import (
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.instances import InstanceView
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.core.states import InstanceState
+from orchestrator.jobs.runpod import (
     InputError,
     cmd_runpod_worker,
     instance_count,
@@ -33,8 +34,7 @@ from orchestrator.runpod_worker import (
     to_job_request,
     to_output,
 )
-from orchestrator.settings import Settings, load_settings
-from orchestrator.states import InstanceState
+from orchestrator.jobs.service import JobManager, jobs_router
 
 REPO = Path(__file__).resolve().parents[1]
 needs_runpod = pytest.mark.skipif(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ConfigError
-from orchestrator.settings import FIELDS, Settings, load_settings
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.settings import FIELDS, Settings, load_settings
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,7 +131,7 @@ def test_set_flag_overrides_and_unknown_names_are_refused() -> None:
 
 
 def test_every_command_has_help() -> None:
-    from orchestrator.cli import HANDLERS
+    from orchestrator.cli.main import HANDLERS
 
     for key in HANDLERS:
         r = run_cli(*key.split(), "--help")

@@ -25,7 +25,7 @@ from conftest import wait_for as poll
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.plan import supported_flags
+from orchestrator.core.plan import supported_flags
 from orchestrator.simulator import faults as faultlib
 from orchestrator.simulator import folders as fp
 from orchestrator.simulator.graph import execution_order, signatures, validate

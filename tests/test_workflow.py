@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.workflow import (
+from orchestrator.core.workflow import (
     Override,
     Shorthand,
     WorkflowError,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.fsutil import atomic_write
+from orchestrator.machine.fs import atomic_write
 from orchestrator.simulator import folders as fp
 from orchestrator.simulator.graph import execution_order, is_link, node_inputs, signatures
 from orchestrator.simulator.nodes import NodeDef

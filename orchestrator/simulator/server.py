@@ -29,7 +29,7 @@ from typing import IO, Any
 import aiohttp
 from aiohttp import web
 
-from orchestrator.fsutil import atomic_write
+from orchestrator.machine.fs import atomic_write
 from orchestrator.simulator import cli_args, startup
 from orchestrator.simulator import faults as faultlib
 from orchestrator.simulator import folders as fp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.fsutil import atomic_write
+from orchestrator.machine.fs import atomic_write
 from orchestrator.simulator.startup import DEFAULT_VERSION
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds `orchestrator/`

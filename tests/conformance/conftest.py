@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from real.comfy_env import REAL_GROUP, RealUnavailable, Server, ensure_python, unpack_comfy
 
-from orchestrator.ports import free_port_block
+from orchestrator.machine.ports import free_port_block
 
 BROKEN_NODE = "conformance_broken"
 BROKEN_CODE = 'import os\n\nraise RuntimeError("broken on purpose")\n\nNODE_CLASS_MAPPINGS = {}\n'

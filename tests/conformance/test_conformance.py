@@ -21,7 +21,7 @@ import pytest
 from conftest import wait_for as poll
 from real.comfy_env import READY_LINE, Server
 
-from orchestrator.probes import parse_lines
+from orchestrator.monitor.probes import parse_lines
 from orchestrator.simulator.png import png_bytes, png_size
 
 from .conftest import BROKEN_NODE

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from conftest import Machine, clean_env, make_repo, wait_until
 
-from orchestrator.ports import free_port_block
+from orchestrator.machine.ports import free_port_block
 from orchestrator.simulator.png import png_size
 
 from .conftest import real_marks

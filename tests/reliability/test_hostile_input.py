@@ -31,10 +31,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import cli, gitops, manifest, modeltree, nodes
-from orchestrator.errors import ConfigError
-from orchestrator.paths import Layout
-from orchestrator.settings import FIELDS, load_settings
+from orchestrator.cli import main as cli
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import FIELDS, load_settings
+from orchestrator.provision import git as gitops
+from orchestrator.provision import nodes
+from orchestrator.provision.models import manifest
+from orchestrator.provision.models import tree as modeltree
 
 SHIPPED = Path(__file__).resolve().parents[2] / "shared"
 # A file that a successful command injection would create. It must never exist.

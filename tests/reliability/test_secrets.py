@@ -26,7 +26,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from orchestrator.paths import Layout
+from orchestrator.core.layout import Layout
 from reliability.test_crash_safety import World, build_world, monitor_ready, run
 
 pytestmark = pytest.mark.integration

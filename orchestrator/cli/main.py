@@ -1,0 +1,239 @@
+"""The ``orchestrator`` command: parse, build settings, call a service, render output.
+
+Each command's behaviour lives in the module that owns the capability; handlers are imported
+lazily so ``orchestrator --help`` stays fast and nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator import __version__
+from orchestrator.core.errors import ConfigError, OrchestratorError
+from orchestrator.core.settings import Settings, load_settings
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+# command path → "module:function"; each handler takes (settings, args) and returns an exit code.
+HANDLERS: dict[str, str] = {
+    "up": "orchestrator.lifecycle.service:cmd_up",
+    "down": "orchestrator.lifecycle.service:cmd_down",
+    "status": "orchestrator.lifecycle.service:cmd_status",
+    "start": "orchestrator.lifecycle.service:cmd_control",
+    "stop": "orchestrator.lifecycle.service:cmd_control",
+    "restart": "orchestrator.lifecycle.service:cmd_control",
+    "logs": "orchestrator.lifecycle.service:cmd_logs",
+    "gpus": "orchestrator.lifecycle.service:cmd_gpus",
+    "plan": "orchestrator.lifecycle.service:cmd_plan",
+    "config": "orchestrator.cli.main:cmd_config",
+    "nodes sync": "orchestrator.provision.nodes:cmd_sync",
+    "nodes validate": "orchestrator.provision.nodes:cmd_validate",
+    "models sync": "orchestrator.provision.models.sync:cmd_sync",
+    "models status": "orchestrator.provision.models.sync:cmd_status",
+    "cleanup": "orchestrator.provision.cleanup:cmd_cleanup",
+    "health": "orchestrator.monitor.service:cmd_health",
+    "serve": "orchestrator.monitor.service:cmd_serve",
+    "demo": "orchestrator.lifecycle.demo:cmd_demo",
+    "runpod-worker": "orchestrator.jobs.runpod:cmd_runpod_worker",
+}
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Run one ComfyUI per GPU under supervisord, watched and measured.",
+    )
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+    parser.add_argument("--root", help="root directory (ROOT, default /workspace)")
+    parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
+    parser.add_argument(
+        "--set", "-s", action="append", default=[], metavar="NAME=VALUE",
+        help="override a setting (highest precedence); repeatable",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), help="log format (LOG_FORMAT)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("up", help="prepare the machine and start every instance under supervisord")
+    p.add_argument("--foreground", action="store_true", help="exec supervisord in the foreground (containers)")
+    p.add_argument("--skip-provision", action="store_true", help="do not fetch code, nodes or models")
+    p = sub.add_parser("down", help="stop every instance, the monitor and supervisord")
+    p = sub.add_parser("status", help="per instance: GPU, port, pid, state, uptime, restarts, health")
+    _json_flag(p)
+    for verb in ("start", "stop", "restart"):
+        p = sub.add_parser(verb, help=f"{verb} one instance (GPU index) or all")
+        p.add_argument("target", metavar="GPU|all")
+    p = sub.add_parser("logs", help="show an instance's log (all: merged with a GPU prefix)")
+    p.add_argument("target", metavar="GPU|all")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    p = sub.add_parser("gpus", help="list the GPUs this machine would use")
+    _json_flag(p)
+    p = sub.add_parser("plan", help="dry run: the instances `up` would start")
+    _json_flag(p)
+    p = sub.add_parser("config", help="effective settings and where each came from (secrets redacted)")
+    _json_flag(p)
+
+    nodes = sub.add_parser("nodes", help="custom nodes from config_nodes.json")
+    nsub = nodes.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = nsub.add_parser("sync", help="install, update and remove custom nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the actions only")
+    p.add_argument("--prune", action="store_true", help="also remove node folders this tool did not install")
+    p.add_argument("--file", type=Path, help="config file (default: from the shared repo)")
+    _json_flag(p)
+    p = nsub.add_parser("validate", help="schema and safety checks of a config file, no network")
+    p.add_argument("file", type=Path)
+    _json_flag(p)
+
+    models = sub.add_parser("models", help="model tree and downloads")
+    msub = models.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = msub.add_parser("sync", help="create the model tree and download models")
+    p.add_argument("--dry-run", action="store_true", help="list files, destinations and actions only")
+    p.add_argument(
+        "--tier", choices=("before_start", "background", "all"), default="all",
+        help="which manifest entries to fetch (default all)",
+    )
+    _json_flag(p)
+    p = msub.add_parser("status", help="download progress")
+    _json_flag(p)
+
+    p = sub.add_parser("cleanup", help="delete old outputs (runs under supervisord)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    _json_flag(p)
+    p = sub.add_parser("health", help="exit 0 when ready (for container health checks)")
+    p.add_argument("--live", action="store_true", help="exit 0 when the monitor is alive")
+    p = sub.add_parser("serve", help="run the monitor (health checks, metrics, control API)")
+    p = sub.add_parser("demo", help="the full pipeline offline with simulated GPUs")
+    p.add_argument("--gpus", type=int, default=2, help="number of simulated GPUs (default 2)")
+    p = sub.add_parser("runpod-worker", help="RunPod serverless handler over the local job API")
+    # The RunPod SDK's own flags (it reads them from sys.argv); declared so they parse anywhere.
+    p.add_argument("--test_input", metavar="JSON", help="run one job with this RunPod input, then exit")
+    p.add_argument("--rp_log_level", choices=("ERROR", "WARN", "INFO", "DEBUG"), help="RunPod SDK log level")
+    p.add_argument("--rp_serve_api", action="store_true", help="serve the SDK's local test API instead")
+    p.add_argument("--rp_api_port", type=int, help="port of the SDK's local test API (default 8000)")
+    p.add_argument("--rp_api_host", help="host of the SDK's local test API (default localhost)")
+    p.add_argument("runpod_args", nargs=argparse.REMAINDER, help="further RunPod SDK arguments (after --)")
+    return parser
+
+
+def _command_key(args: argparse.Namespace) -> str:
+    sub = getattr(args, "subcommand", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"invalid --set {item!r}: expected NAME=VALUE")
+        flags[name.strip().upper()] = value
+    if args.root:
+        flags["ROOT"] = args.root
+    if args.log_format:
+        flags["LOG_FORMAT"] = args.log_format
+    if args.log_level:
+        flags["LOG_LEVEL"] = args.log_level
+    if args.command == "demo":
+        flags.setdefault("NUM_GPUS", str(args.gpus))
+    return flags
+
+
+def resolve_handler(key: str) -> Handler:
+    module_name, _, func = HANDLERS[key].partition(":")
+    module = importlib.import_module(module_name)
+    handler: Handler = getattr(module, func)
+    return handler
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    rows = settings.effective()
+    if args.json:
+        print_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        value = r["value"]
+        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        print(f"{r['name']:<{width}}  {shown:<40}  ({r['source']})")
+    return 0
+
+
+# Commands that change the machine: only these may create $ROOT/logs (and so $ROOT). Every
+# other command logs to $ROOT/logs/orchestrator.log only when that folder already exists.
+CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker"})
+# Read-only commands that, given no ROOT at all, look at a running `orchestrator demo`.
+FOLLOWS_DEMO = frozenset({"status", "gpus", "plan", "logs", "health", "config"})
+
+
+def _with_running_demo(settings: Settings, args: argparse.Namespace) -> Settings:
+    """ROOT (and MOCK_GPU, NUM_GPUS, ports) of a running demo when none was given anywhere."""
+    if settings.sources.get("ROOT") != "default":
+        return settings
+    from orchestrator.core.layout import running_demo
+
+    demo = running_demo()
+    if demo is None:
+        return settings
+    extra = {k: v for k, v in demo.items() if settings.sources.get(k) == "default"}
+    print(f"note: ROOT is not set: using the running demo's root {demo['ROOT']}", file=sys.stderr)
+    return load_settings(os.environ, {**extra, **_flags(args)}, args.config)
+
+
+def _log_file(settings: Settings, key: str, args: argparse.Namespace) -> Path | None:
+    from orchestrator.core.layout import Layout
+
+    if key in {"config", "gpus", "plan", "nodes validate", "health"}:
+        return None
+    layout = Layout(settings.root)
+    may_create = key in CREATES_ROOT and not getattr(args, "dry_run", False)
+    return layout.orchestrator_log if may_create or layout.logs_dir.is_dir() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    key = _command_key(args)
+    settings: Settings | None = None
+    try:
+        settings = load_settings(os.environ, _flags(args), args.config)
+        if key in FOLLOWS_DEMO:
+            settings = _with_running_demo(settings, args)
+        from orchestrator.cli.logconfig import setup_logging
+
+        setup_logging(
+            fmt=settings.log_format,
+            level=settings.log_level,
+            secrets=settings.secret_values,
+            log_file=_log_file(settings, key, args),
+        )
+        return resolve_handler(key)(settings, args)
+    except OrchestratorError as exc:
+        message = str(exc).replace("\n", " ")
+        if settings is not None:
+            message = settings.redact(message)
+        print(f"error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Talking to supervisord over XML-RPC on its unix socket (never parsing supervisorctl text)."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import http.client
+import socket
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.xmlrpc import Faults, SupervisorTransport
+
+from orchestrator.core.errors import SupervisorError
+from orchestrator.core.layout import Layout
+from orchestrator.core.states import ProcessState
+
+NOT_RUNNING = "supervisord is not running: run `orchestrator up`"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    name: str
+    state: ProcessState
+    pid: int
+    start: float  # epoch seconds of the last start, 0 if never
+    now: float  # supervisord's clock when read
+    exitstatus: int
+    spawnerr: str
+    description: str
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, self.now - self.start) if self.state == ProcessState.RUNNING and self.start else 0.0
+
+    @classmethod
+    def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            name=str(info["name"]),
+            state=ProcessState.from_code(int(info["state"])),
+            pid=int(info.get("pid") or 0),
+            start=float(info.get("start") or 0),
+            now=float(info.get("now") or time.time()),
+            exitstatus=int(info.get("exitstatus") or 0),
+            spawnerr=str(info.get("spawnerr") or ""),
+            description=str(info.get("description") or ""),
+        )
+
+
+def read_credentials(layout: Layout) -> tuple[str, str]:
+    """Username and password from the (mode 0600) supervisord.conf."""
+    parser = configparser.RawConfigParser()
+    try:
+        if not parser.read(layout.supervisord_conf):
+            raise SupervisorError(NOT_RUNNING)
+        return parser.get("unix_http_server", "username"), parser.get("unix_http_server", "password")
+    except (configparser.Error, OSError):
+        raise SupervisorError(f"cannot read {layout.supervisord_conf}: run `orchestrator up`") from None
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over supervisord's unix socket, with the timeout set on this connection's own socket.
+
+    The process-wide ``socket.setdefaulttimeout`` is never touched: a short probe in one thread must
+    not shorten (or lengthen) a long restart call in another.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class TimeoutTransport(SupervisorTransport):
+    """supervisor's XML-RPC transport whose unix-socket connections carry their own timeout."""
+
+    def __init__(self, username: str, password: str, path: str, timeout: float) -> None:
+        super().__init__(username, password, f"unix://{path}")
+        self.timeout = timeout
+
+        def get_connection() -> http.client.HTTPConnection:
+            return _UnixConnection(path, self.timeout)
+
+        self._get_connection = get_connection
+
+
+class Supervisor:
+    """A thin client. Every call raises :class:`SupervisorError` with a one-line message."""
+
+    def __init__(self, layout: Layout, timeout: float = 10.0) -> None:
+        self.layout = layout
+        self.timeout = timeout
+        self._proxy: Any = None
+
+    def _server(self) -> Any:
+        if self._proxy is None:
+            if not self.layout.socket.exists():
+                raise SupervisorError(NOT_RUNNING)
+            user, password = read_credentials(self.layout)
+            transport = TimeoutTransport(user, password, str(self.layout.socket), self.timeout)
+            self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        return self._proxy
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            target = self._server()
+            for part in method.split("."):
+                target = getattr(target, part)
+            return target(*args)
+        except xmlrpc.client.Fault as fault:
+            raise SupervisorError(_fault_message(fault, args)) from None
+        except (OSError, xmlrpc.client.ProtocolError) as exc:
+            self._proxy = None
+            if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+                raise SupervisorError(NOT_RUNNING) from None
+            raise SupervisorError(f"supervisord did not answer: {exc}") from None
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self._call("supervisor.getState")["statename"] == "RUNNING")
+        except SupervisorError:
+            return False
+
+    def pid(self) -> int:
+        return int(self._call("supervisor.getPID"))
+
+    def processes(self) -> list[ProcessInfo]:
+        return [ProcessInfo.from_rpc(i) for i in self._call("supervisor.getAllProcessInfo")]
+
+    def process(self, name: str) -> ProcessInfo:
+        return ProcessInfo.from_rpc(self._call("supervisor.getProcessInfo", name))
+
+    def start(self, name: str, wait: bool = False) -> None:
+        try:
+            self._call("supervisor.startProcess", name, wait)
+        except SupervisorError as exc:
+            if "already started" not in str(exc):
+                raise
+
+    def stop(self, name: str, wait: bool = True) -> None:
+        try:
+            self._call("supervisor.stopProcess", name, wait)
+        except SupervisorError as exc:
+            if "not running" not in str(exc):
+                raise
+
+    def stop_all(self) -> None:
+        self._call("supervisor.stopAllProcesses", True)
+
+    def restart(self, name: str) -> None:
+        """Stop the process group (waiting for it), then start it again without waiting."""
+        self.stop(name, wait=True)
+        self.start(name, wait=False)
+
+    def signal(self, name: str, sig: str) -> None:
+        self._call("supervisor.signalProcess", name, sig)
+
+    def reload_config(self) -> tuple[list[str], list[str], list[str]]:
+        """Re-read supervisord.conf; returns (added, changed, removed) program groups."""
+        result = self._call("supervisor.reloadConfig")
+        added, changed, removed = result[0]
+        return list(added), list(changed), list(removed)
+
+    def add_group(self, name: str) -> None:
+        self._call("supervisor.addProcessGroup", name)
+
+    def remove_group(self, name: str) -> None:
+        self._call("supervisor.removeProcessGroup", name)
+
+    def read_log(self, name: str, offset: int, length: int) -> tuple[str, int, bool]:
+        data, off, overflow = self._call("supervisor.tailProcessStdoutLog", name, offset, length)
+        return str(data), int(off), bool(overflow)
+
+    def shutdown(self) -> None:
+        self._call("supervisor.shutdown")
+
+
+def _fault_message(fault: xmlrpc.client.Fault, args: tuple[Any, ...]) -> str:
+    name = args[0] if args else ""
+    messages = {
+        Faults.BAD_NAME: f"no program {name!r} in supervisord: run `orchestrator up` to apply the plan",
+        Faults.ALREADY_STARTED: f"{name} already started",
+        Faults.NOT_RUNNING: f"{name} not running",
+        Faults.SPAWN_ERROR: f"{name} could not be spawned (see `orchestrator logs`)",
+        Faults.ABNORMAL_TERMINATION: f"{name} exited during start (see `orchestrator logs`)",
+        Faults.SHUTDOWN_STATE: "supervisord is shutting down",
+    }
+    return messages.get(fault.faultCode, f"supervisord: {fault.faultString}")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,328 @@
+"""The monitor's HTTP API (FastAPI): health, readiness, instances, GPUs, metrics, restarts.
+
+``create_app`` builds the app around a :class:`ControlPlane` (the monitor, or a fake in tests)
+and a metrics registry; other parts add their routers (the job API). Every handler answers from
+cached state and never waits on an instance. Mutating endpoints need ``Authorization: Bearer``
+when ``ORCHESTRATOR_TOKEN`` is set; :func:`check_listen` refuses a non-loopback address without it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from fastapi import APIRouter, FastAPI, Header, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from pydantic import BaseModel, Field
+
+from orchestrator import __version__
+from orchestrator.core.auth import bearer_ok
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.health import GpuStatus, InstanceStatus, Liveness, Readiness
+from orchestrator.core.settings import Settings
+from orchestrator.monitor.metrics import TextRenderer
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+Responses = dict[int | str, dict[str, Any]]
+
+
+class ControlPlane(Protocol):
+    """What the API needs from the monitor."""
+
+    def liveness(self) -> Liveness: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def instance_statuses(self) -> list[InstanceStatus]: ...
+
+    def instance_status(self, gpu: int) -> InstanceStatus:
+        """Raises KeyError for a GPU this machine does not run."""
+        ...
+
+    def gpu_statuses(self) -> list[GpuStatus]: ...
+
+    def request_restart(self, gpu: int, reason: str) -> InstanceStatus:
+        """Raises KeyError for a GPU this machine does not run."""
+        ...
+
+
+# ---------------------------------------------------------------- listen address
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(settings: Settings) -> None:
+    """Raises ConfigError when the API would listen beyond this machine without a token."""
+    if not is_loopback(settings.orchestrator_listen) and not settings.orchestrator_token:
+        raise ConfigError(
+            f"ORCHESTRATOR_LISTEN={settings.orchestrator_listen} is reachable from other machines: "
+            "set ORCHESTRATOR_TOKEN to protect the control API, or listen on 127.0.0.1"
+        )
+
+
+# ---------------------------------------------------------------- response models
+class InstanceModel(BaseModel):
+    gpu: int = Field(description="GPU index")
+    name: str = Field(description="supervisord program, comfyui_gpu{N}")
+    port: int
+    state: str = Field(description="STARTING, READY, UNHEALTHY, RESTARTING, BACKOFF, FATAL or STOPPED")
+    reason: str = Field(description="why the instance is in this state")
+    since: float = Field(description="epoch seconds the state was entered")
+    ready: bool
+    up: bool = Field(description="supervisord reports the process RUNNING")
+    process_state: str = Field(description="supervisord's process state")
+    pid: int | None
+    start_time: float | None = Field(description="epoch seconds the process started")
+    uptime_seconds: float | None
+    restarts: int = Field(description="new processes after the first one (crashes and restarts)")
+    failed_custom_nodes: list[str]
+    queue_pending: int | None
+    queue_running: int | None
+    queue_depth: int
+    last_probe: float | None = Field(description="epoch seconds of the last probe")
+    probe_duration_seconds: float | None
+    device: str | None = Field(description="the device /system_stats reports")
+    comfyui_version: str | None = Field(
+        default=None, description="system.comfyui_version the running process reports (/system_stats)"
+    )
+
+
+class InstancesResponse(BaseModel):
+    instances: list[InstanceModel]
+
+
+class InstanceBrief(BaseModel):
+    gpu: int
+    name: str
+    state: str
+    reason: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    ready_count: int
+    required: int
+    reason: str
+    instances: list[InstanceBrief]
+
+
+class HealthResponse(BaseModel):
+    alive: bool
+    supervisord: bool = Field(description="supervisord answered the last poll")
+    last_poll_age_seconds: float | None
+    reason: str
+    version: str
+
+
+class GpuModel(BaseModel):
+    index: int
+    uuid: str
+    pci_bus_id: str
+    name: str
+    memory_total_bytes: int
+    driver_version: str
+    mock: bool
+    sampled_at: float | None = Field(description="epoch seconds of the latest sample")
+    failed: bool | None
+    error: str | None
+    utilization_percent: float | None
+    memory_used_bytes: int | None
+    memory_free_bytes: int | None
+    temperature_celsius: float | None
+    power_watts: float | None
+    sm_clock_mhz: float | None
+    memory_clock_mhz: float | None
+
+
+class GpusResponse(BaseModel):
+    gpus: list[GpuModel]
+
+
+class ComfyCodeModel(BaseModel):
+    url: str = Field(description="origin of $ROOT/ComfyUI, credentials removed")
+    ref: str = Field(description="the branch checked out (the commit when detached)")
+    commit: str = Field(description="HEAD of $ROOT/ComfyUI, read from the tree")
+    wanted: str = Field(description="the branch or commit the last `up` was configured for")
+    fallback: bool = Field(description="true when the tree is not what was configured")
+
+
+class StatusResponse(BaseModel):
+    ready: bool
+    reason: str
+    instances: list[InstanceModel]
+    gpus: list[GpuModel]
+    comfy: ComfyCodeModel | None = Field(
+        default=None, description="The code checked out; each instance's comfyui_version is what it runs"
+    )
+
+
+class RestartResponse(BaseModel):
+    gpu: int
+    name: str
+    accepted: bool
+    state: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+def _instance(s: InstanceStatus, redact: Callable[[str], str]) -> InstanceModel:
+    return InstanceModel(
+        gpu=s.gpu, name=s.name, port=s.port, state=s.state.value, reason=redact(s.reason), since=s.since,
+        ready=s.ready, up=s.up, process_state=s.process_state, pid=s.pid, start_time=s.start_time,
+        uptime_seconds=None if s.uptime is None else round(s.uptime, 3), restarts=s.restarts,
+        failed_custom_nodes=list(s.failed_custom_nodes), queue_pending=s.queue_pending,
+        queue_running=s.queue_running, queue_depth=s.queue_depth, last_probe=s.last_probe,
+        probe_duration_seconds=s.probe_duration, device=s.device, comfyui_version=s.comfyui_version,
+    )
+
+
+def _gpu(st: GpuStatus) -> GpuModel:
+    g, s = st.gpu, st.sample
+    return GpuModel(
+        index=g.index, uuid=g.uuid, pci_bus_id=g.pci_bus_id, name=g.name, memory_total_bytes=g.memory_total,
+        driver_version=g.driver_version, mock=g.mock, sampled_at=st.sampled_at,
+        failed=None if s is None else s.failed, error=(s.error or None) if s is not None else None,
+        utilization_percent=s.utilization if s else None, memory_used_bytes=s.memory_used if s else None,
+        memory_free_bytes=s.memory_free if s else None, temperature_celsius=s.temperature if s else None,
+        power_watts=s.power if s else None, sm_clock_mhz=s.sm_clock if s else None,
+        memory_clock_mhz=s.memory_clock if s else None,
+    )
+
+
+def _ready(r: Readiness, redact: Callable[[str], str]) -> ReadyResponse:
+    return ReadyResponse(
+        ready=r.ready, ready_count=r.ready_count, required=r.required, reason=redact(r.reason),
+        instances=[InstanceBrief(gpu=s.gpu, name=s.name, state=s.state.value, reason=redact(s.reason))
+                   for s in r.instances],
+    )
+
+
+def _comfy_code(settings: Settings, redact: Callable[[str], str]) -> ComfyCodeModel | None:
+    from orchestrator.core.layout import Layout
+    from orchestrator.machine.fs import read_json
+    from orchestrator.provision.repos import code_report
+
+    layout = Layout(settings.root)
+    if not layout.comfy_dir.is_dir():
+        return None
+    recorded = read_json(layout.status_file, {}) or {}
+    code = code_report(layout.comfy_dir, recorded.get("comfy", {}) if isinstance(recorded, dict) else {})
+    return ComfyCodeModel(
+        url=redact(code["url"]), ref=code["ref"], commit=code["commit"], wanted=code["wanted"],
+        fallback=code["fallback"],
+    )
+
+
+# ---------------------------------------------------------------- the app
+def create_app(
+    control: ControlPlane,
+    settings: Settings,
+    registry: CollectorRegistry,
+    *,
+    routers: Sequence[APIRouter] = (),
+    lifespan: Lifespan | None = None,
+) -> FastAPI:
+    """The monitor's FastAPI app. ``routers`` are mounted as they are (e.g. the job API)."""
+    app = FastAPI(
+        title="ComfyUI orchestrator monitor",
+        version=__version__,
+        description="Health, readiness and control of the ComfyUI instances on this machine.",
+        lifespan=lifespan,
+    )
+    redact = settings.redact
+    renderer = TextRenderer()
+    unknown: Responses = {404: {"model": ErrorResponse, "description": "no instance on that GPU"}}
+
+    async def health() -> JSONResponse:
+        live = control.liveness()
+        body = HealthResponse(
+            alive=live.alive, supervisord=live.supervisord, reason=redact(live.reason), version=__version__,
+            last_poll_age_seconds=None if live.last_cycle_age is None else round(live.last_cycle_age, 3),
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if live.alive else 503)
+
+    async def ready() -> JSONResponse:
+        r = control.readiness()
+        return JSONResponse(_ready(r, redact).model_dump(), status_code=200 if r.ready else 503)
+
+    not_alive: Responses = {503: {"model": HealthResponse, "description": "supervisord does not answer"}}
+    not_ready: Responses = {503: {"model": ReadyResponse, "description": "too few instances are READY"}}
+    for path, summary in (("/healthz", "The monitor is alive and supervisord answers"), ("/health", "Alias")):
+        app.add_api_route(
+            path, health, methods=["GET"], summary=summary, response_model=HealthResponse, responses=not_alive
+        )
+    for path, summary in (("/readyz", "Enough instances are READY"), ("/ready", "Alias")):
+        app.add_api_route(
+            path, ready, methods=["GET"], summary=summary, response_model=ReadyResponse, responses=not_ready
+        )
+
+    @app.get("/instances", response_model=InstancesResponse, summary="Every instance: state, reason, queue")
+    async def instances() -> InstancesResponse:
+        return InstancesResponse(instances=[_instance(s, redact) for s in control.instance_statuses()])
+
+    @app.get("/instances/{gpu}", response_model=InstanceModel, responses=unknown, summary="One instance")
+    async def instance(gpu: int) -> InstanceModel | JSONResponse:
+        try:
+            return _instance(control.instance_status(gpu), redact)
+        except KeyError as exc:
+            return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+
+    @app.post(
+        "/instances/{gpu}/restart",
+        response_model=RestartResponse,
+        status_code=202,
+        responses={401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}, **unknown},
+        summary="Restart an instance through supervisord (needs the token when one is set)",
+    )
+    async def restart(
+        gpu: int, authorization: str | None = Header(default=None)
+    ) -> RestartResponse | JSONResponse:
+        if not bearer_ok(settings.orchestrator_token, authorization):
+            return JSONResponse(
+                {"detail": "missing or wrong bearer token: send Authorization: Bearer <ORCHESTRATOR_TOKEN>"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            s = control.request_restart(gpu, "restart requested over HTTP")
+        except KeyError as exc:
+            return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+        return RestartResponse(gpu=s.gpu, name=s.name, accepted=True, state=s.state.value)
+
+    @app.get("/gpus", response_model=GpusResponse, summary="GPUs and their latest telemetry sample")
+    async def gpus() -> GpusResponse:
+        return GpusResponse(gpus=[_gpu(g) for g in control.gpu_statuses()])
+
+    @app.get("/status", response_model=StatusResponse, summary="Readiness, instances and GPUs in one answer")
+    async def status() -> StatusResponse:
+        r = control.readiness()
+        return StatusResponse(
+            ready=r.ready, reason=redact(r.reason),
+            instances=[_instance(s, redact) for s in control.instance_statuses()],
+            gpus=[_gpu(g) for g in control.gpu_statuses()],
+            comfy=_comfy_code(settings, redact),
+        )
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+        summary="Prometheus metrics",
+    )
+    async def metrics() -> Response:
+        # Collectors read cached samples only, so this runs on the loop without blocking it.
+        return Response(renderer.render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    return app
