@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Gauge
 
 from orchestrator.core.errors import ConfigError
+from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.health import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
-from orchestrator.machine.gpu import Gpu, GpuSample
 from orchestrator.monitor.api import check_listen, create_app, is_loopback
 
 TOKEN = "s3cret-token-value"

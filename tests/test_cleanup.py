@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from orchestrator.core.gpus import Gpu
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.machine.fs import write_json
-from orchestrator.machine.gpu import Gpu
 from orchestrator.provision import cleanup
 
 NOW = 1_700_000_000.0

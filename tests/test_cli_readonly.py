@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env
 
-from orchestrator.core import layout as paths
+from orchestrator.machine import state as paths
 
 CLI = [sys.executable, "-c", "import sys; from orchestrator.cli.main import main; sys.exit(main())"]
 

@@ -66,7 +66,8 @@ def test_your_own_checkout_runs_with_skip_provision_and_status_names_its_commit_
     assert f'comfy_commit="{commit}"' in metrics
     assert 'comfyui_version="0.3.12-mine"' in metrics
     text = m.run("status").stdout
-    assert "ComfyUI code: " in text and f"master @ {commit[:12]}" in text
+    assert "ComfyUI code: " in text
+    assert f"master @ {commit[:12]}" in text
     assert "0.3.12-mine" in text  # the VERSION column
 
 
@@ -117,7 +118,8 @@ def test_a_missing_fork_branch_fails_up_and_status_keeps_naming_the_code_that_ru
     text = m.run("status").stdout
     assert f"WARNING: FALLBACK ComfyUI in use: file://{fork} master @ {first[:12]} (configured: forward)" in text
     metrics = httpx.get(f"{m.monitor_url}/metrics", timeout=5).text
-    assert f'comfy_commit="{first}"' in metrics and 'comfy_ref="master"' in metrics
+    assert f'comfy_commit="{first}"' in metrics
+    assert 'comfy_ref="master"' in metrics
     assert "orchestrator_comfy_fallback 1.0" in metrics
 
     # COMFY_UPDATE=always fetches on every boot.

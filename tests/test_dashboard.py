@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.health import GpuStatus, InstanceStatus
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import write_json
-from orchestrator.machine.gpu import Gpu, GpuSample
 from orchestrator.monitor.metrics import build_registry
 
 REPO = Path(__file__).resolve().parent.parent

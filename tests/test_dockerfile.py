@@ -25,14 +25,18 @@ def test_base_is_a_cuda_pytorch_image() -> None:
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
     froms = [rest for op, rest in instructions() if op == "FROM"]
     assert froms == ["${BASE_IMAGE}"]
-    assert "pytorch" in args["BASE_IMAGE"] and "cuda" in args["BASE_IMAGE"]
+    assert "pytorch" in args["BASE_IMAGE"]
+    assert "cuda" in args["BASE_IMAGE"]
 
 
 def test_git_and_ssh_are_installed_and_comfyui_requirements_are_baked_in_from_a_build_arg() -> None:
     runs = " ".join(rest for op, rest in instructions() if op == "RUN")
-    assert "git" in runs and "openssh-client" in runs
-    assert '"${COMFY_REPO_URL}"' in runs and '"${COMFY_REF}"' in runs
-    assert "requirements.txt" in runs and "-c /opt/torch-constraints.txt" in runs
+    assert "git" in runs
+    assert "openssh-client" in runs
+    assert '"${COMFY_REPO_URL}"' in runs
+    assert '"${COMFY_REF}"' in runs
+    assert "requirements.txt" in runs
+    assert "-c /opt/torch-constraints.txt" in runs
     assert "pip install /opt/orchestrator" in runs
 
 

@@ -89,8 +89,10 @@ def test_nvml_lists_every_gpu_with_identity_and_inits_once() -> None:
     gpus = backend.list_gpus()
     backend.list_gpus()
     assert [g.uuid for g in gpus] == ["GPU-aaaa", "GPU-bbbb"]
-    assert gpus[1].pci_bus_id == "00000000:65:00.0" and gpus[1].index == 1
-    assert gpus[0].driver_version == "550.54.15" and gpus[0].memory_total == 80 * 2**30
+    assert gpus[1].pci_bus_id == "00000000:65:00.0"
+    assert gpus[1].index == 1
+    assert gpus[0].driver_version == "550.54.15"
+    assert gpus[0].memory_total == 80 * 2**30
     backend.close()
     assert nvml.calls == ["init", "shutdown"]
 
@@ -104,8 +106,11 @@ def test_no_driver_is_one_clear_error_with_the_mock_hint() -> None:
 def test_an_unsupported_field_is_omitted_for_that_field_only() -> None:
     backend = NvmlBackend(fake_pynvml(unsupported=("power", "temperature")))
     sample = backend.sample(backend.list_gpus())[0]
-    assert sample.power is None and sample.temperature is None
-    assert sample.utilization == 42.0 and sample.memory_used == 2**30 and sample.sm_clock == 1980.0
+    assert sample.power is None
+    assert sample.temperature is None
+    assert sample.utilization == 42.0
+    assert sample.memory_used == 2**30
+    assert sample.sm_clock == 1980.0
     assert not sample.failed
     assert "power" not in sample.to_dict()
 
@@ -118,8 +123,10 @@ def test_a_lost_gpu_is_marked_failed_and_the_others_are_still_sampled() -> None:
     backend._nvml = nvml_lost  # the same process, the GPU falls off the bus
     backend._handles.clear()
     samples = backend.sample(gpus)
-    assert samples[0].failed and "15" in samples[0].error
-    assert not samples[1].failed and samples[1].utilization == 42.0
+    assert samples[0].failed
+    assert "15" in samples[0].error
+    assert not samples[1].failed
+    assert samples[1].utilization == 42.0
 
 
 def test_mock_auto_falls_back_only_when_asked() -> None:
@@ -133,7 +140,8 @@ def test_mock_auto_falls_back_only_when_asked() -> None:
 def test_mock_gpus_have_stable_uuids_and_configurable_memory() -> None:
     s = load_settings({"MOCK_GPU": "1", "TEST_GPUS": "3", "MOCK_GPU_MEMORY_MB": "1024"})
     a, b = detect(s), detect(s)
-    assert [g.uuid for g in a] == [g.uuid for g in b] and len({g.uuid for g in a}) == 3
+    assert [g.uuid for g in a] == [g.uuid for g in b]
+    assert len({g.uuid for g in a}) == 3
     assert all(g.memory_total == 2**30 and "Mock" in g.name and g.mock for g in a)
 
 
@@ -156,4 +164,5 @@ def test_gpus_without_a_driver_exits_non_zero_with_the_hint() -> None:
     if r.returncode == 0:
         pytest.skip("this machine has an NVIDIA driver")
     assert r.returncode == 1
-    assert "set MOCK_GPU=1 to run CPU instances" in r.stderr and "Traceback" not in r.stderr
+    assert "set MOCK_GPU=1 to run CPU instances" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -19,8 +19,8 @@ from orchestrator.core.health import (
     readiness,
 )
 from orchestrator.core.states import InstanceState as S
+from orchestrator.core.states import ProcessInfo
 from orchestrator.core.states import ProcessState as P
-from orchestrator.machine.supervisor import ProcessInfo
 
 CFG = HealthConfig(startup_timeout=600, unhealthy_threshold=3)
 OK = ProbeResult(ok=True, tcp=True, status_code=200, device="cpu", queue_pending=2, queue_running=1)

@@ -29,9 +29,11 @@ def test_up_runs_every_instance_on_base_plus_index_and_status_shows_real_pids(
     st = m.status()
     assert st["supervisord"]["running"]
     for inst in st["instances"]:
-        assert inst["state"] == "RUNNING" and inst["port"] == m.port_base + inst["gpu"]
+        assert inst["state"] == "RUNNING"
+        assert inst["port"] == m.port_base + inst["gpu"]
         cmd = psutil.Process(inst["pid"]).cmdline()
-        assert "main.py" in cmd and str(inst["port"]) in cmd  # the ComfyUI process itself, not a wrapper
+        assert "main.py" in cmd
+        assert str(inst["port"]) in cmd
     conf = m.layout.supervisord_conf
     assert oct(conf.stat().st_mode & 0o777) == "0o600"
 
@@ -82,7 +84,8 @@ def test_down_leaves_no_process_socket_or_port(machine: Callable[..., Machine]) 
 def test_control_verbs_and_clear_errors(machine: Callable[..., Machine]) -> None:
     m = machine(2)
     r = m.run("status")
-    assert r.returncode != 0 and "run `orchestrator up`" in r.stderr
+    assert r.returncode != 0
+    assert "run `orchestrator up`" in r.stderr
     m.up()
     assert m.wait_all_answer(60)
     m.run("stop", "1", check=True)
@@ -91,9 +94,13 @@ def test_control_verbs_and_clear_errors(machine: Callable[..., Machine]) -> None
     m.run("start", "1", check=True)
     assert wait_until(lambda: answers(m.ports[1]), 30, 0.2)
     r = m.run("restart", "7")
-    assert r.returncode != 0 and "unknown GPU 7" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0
+    assert "unknown GPU 7" in r.stderr
+    assert "Traceback" not in r.stderr
     logs = m.run("logs", "all", "-n", "200", check=True).stdout
-    assert "[gpu0]" in logs and "[gpu1]" in logs and "To see the GUI go to" in logs
+    assert "[gpu0]" in logs
+    assert "[gpu1]" in logs
+    assert "To see the GUI go to" in logs
 
 
 def test_a_port_held_by_a_foreign_process_stops_up_with_its_name(machine: Callable[..., Machine]) -> None:

@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from orchestrator.core.errors import ConfigError
+from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.health import GpuStatus, InstanceStatus
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import write_json
-from orchestrator.machine.gpu import Gpu, GpuSample
 from orchestrator.monitor.metrics import build_registry
 from orchestrator.monitor.service import GpuSampler
 

@@ -32,11 +32,11 @@ from prometheus_client import generate_latest
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.health import HealthConfig
 from orchestrator.core.layout import Layout
-from orchestrator.core.plan import build_plan, create_instance_dirs
+from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import load_settings
-from orchestrator.core.states import InstanceState, ProcessState
+from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
 from orchestrator.machine.gpu import MockBackend
-from orchestrator.machine.supervisor import ProcessInfo
+from orchestrator.machine.state import create_instance_dirs
 from orchestrator.monitor.metrics import build_registry
 from orchestrator.monitor.service import Monitor
 

@@ -11,11 +11,12 @@ import pytest
 from conftest import wait_until
 
 from orchestrator.core.health import Action, ProbeResult
-from orchestrator.core.plan import build_plan, create_instance_dirs
+from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import load_settings
 from orchestrator.machine.gpu import MockBackend
-from orchestrator.monitor.service import Monitor
+from orchestrator.machine.state import create_instance_dirs
 from orchestrator.monitor import service as monitor_mod
+from orchestrator.monitor.service import Monitor
 
 
 def _monitor(tmp_path: Path) -> Monitor:
@@ -48,7 +49,7 @@ def test_a_report_arriving_between_the_read_and_the_clear_is_kept(
                 t = threading.Thread(target=report_again, daemon=True)
                 reporters.append(t)
                 t.start()
-                lock = getattr(object.__getattribute__(self, "__dict__"), "get")("requests_lock")
+                lock = object.__getattribute__(self, "__dict__").get("requests_lock")
                 if lock is None or not lock.locked():
                     t.join()  # nothing serialises the report: it lands between the read and the clear
             return value

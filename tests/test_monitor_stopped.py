@@ -27,7 +27,8 @@ def test_process_stopped_reads_the_state_from_proc() -> None:
         child.kill()
         child.wait()
     assert not process_stopped(child.pid)  # gone
-    assert not process_stopped(0) and not process_stopped(-1)
+    assert not process_stopped(0)
+    assert not process_stopped(-1)
 
 
 @pytest.mark.integration

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.errors import PlanError
-from orchestrator.core.plan import build_plan, create_instance_dirs, supported_flags
+from orchestrator.core.gpus import Gpu
+from orchestrator.core.plan import build_plan, supported_flags
 from orchestrator.core.settings import load_settings
-from orchestrator.machine.gpu import Gpu, MockBackend
+from orchestrator.machine.gpu import MockBackend
 from orchestrator.machine.ports import check_ports
+from orchestrator.machine.state import create_instance_dirs
 
 
 def gpus(n: int, mock: bool = True) -> list[Gpu]:
@@ -32,7 +34,8 @@ def test_mock_plan_has_one_instance_per_gpu_on_base_plus_index() -> None:
     assert plan.instances[2].output_dir == Path("/r/comfyui_gpu2/output")
     argv = plan.instances[1].argv
     assert argv[1] == "main.py"
-    assert argv[argv.index("--listen") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8189"
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "8189"
     assert argv[argv.index("--user-directory") + 1] == "/r/comfyui_gpu1/user"
 
 
@@ -55,7 +58,8 @@ def test_real_gpus_are_pinned_by_uuid_with_pci_order_and_no_cpu_flag() -> None:
 def test_cpu_appears_once_even_when_comfy_args_has_it() -> None:
     s = load_settings({"MOCK_GPU": "1", "COMFY_ARGS": "--cpu --lowvram"})
     argv = build_plan(s, gpus(1)).instances[0].argv
-    assert argv.count("--cpu") == 1 and argv[-1] == "--lowvram"
+    assert argv.count("--cpu") == 1
+    assert argv[-1] == "--lowvram"
 
 
 @pytest.mark.parametrize("arg", ["--port 9", "--listen=0.0.0.0", "--cuda-device 1", "--output-directory /x"])
@@ -91,7 +95,8 @@ def test_plan_round_trips_through_json(tmp_path: Path) -> None:
     plan = build_plan(load_settings({"MOCK_GPU": "1", "ROOT": str(tmp_path)}), gpus(2))
     assert MachinePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     create_instance_dirs(plan)
-    assert (tmp_path / "comfyui_gpu1" / "user").is_dir() and (tmp_path / "comfyui_gpu1" / "temp").is_dir()
+    assert (tmp_path / "comfyui_gpu1" / "user").is_dir()
+    assert (tmp_path / "comfyui_gpu1" / "temp").is_dir()
 
 
 def test_a_port_held_by_a_foreign_process_is_named() -> None:

@@ -14,7 +14,7 @@ import httpx
 from aiohttp import web
 from conftest import free_port_block
 
-from orchestrator.machine.gpu import Gpu
+from orchestrator.core.gpus import Gpu
 from orchestrator.monitor.probes import LogScanner, check_device, free_memory, node_name, parse_lines, probe_http
 
 H100 = Gpu(0, "GPU-1234", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 85520809984, "550.54")

@@ -81,7 +81,8 @@ def test_run_command_returns_when_a_background_grandchild_keeps_the_output_open(
     assert wait_until(lambda: not t.is_alive(), DEADLINE), "run_command waited on the helper's pipe"
     result = box[0]
     assert isinstance(result, nodes.CmdResult)
-    assert result.ok and result.output.strip() == "hi"
+    assert result.ok
+    assert result.output.strip() == "hi"
 
 
 def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: Path, reap: list[int]) -> None:
@@ -98,7 +99,8 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: P
     assert wait_until(lambda: not t.is_alive(), DEADLINE), "run_command did not return after its timeout"
     result = box[0]
     assert isinstance(result, nodes.CmdResult)
-    assert result.timed_out and not result.ok
+    assert result.timed_out
+    assert not result.ok
     assert "started" in result.output
     # The one in the child's process group and the one that called setsid are both gone.
     assert wait_until(lambda: all(_gone(pid) for pid in grandchildren), DEADLINE), grandchildren
@@ -155,7 +157,8 @@ def held_lock(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
         yield root, holder.pid
     finally:
         holder.kill()

@@ -110,11 +110,13 @@ def test_short_call_does_not_shorten_a_concurrent_long_call(fake: tuple[Layout, 
     assert Supervisor(layout, timeout=0.5).pid() == 4242
     assert server.defaults_seen == [before]
     conn = long_sup._server()("transport").connection
-    assert conn is not None and conn.sock is not None
+    assert conn is not None
+    assert conn.sock is not None
     assert conn.sock.gettimeout() == 40.0
     server.release.set()
     t.join(30)
-    assert not t.is_alive() and errors == []
+    assert not t.is_alive()
+    assert errors == []
     assert socket.getdefaulttimeout() == before
 
 
@@ -133,6 +135,7 @@ def test_short_timeout_applies_to_its_own_socket(fake: tuple[Layout, FakeSupervi
     t.start()
     # The server never answers until released; the client gives up on its own 0.3 s timeout.
     assert wait_until(lambda: not t.is_alive(), 30)
-    assert result and "did not answer" in str(result[0])
+    assert result
+    assert "did not answer" in str(result[0])
     assert socket.getdefaulttimeout() == before
     assert os.path.exists(layout.socket)

@@ -42,7 +42,8 @@ def test_render_parses_back_with_configparser_and_has_every_program() -> None:
     for n in (0, 1):
         sec = f"program:comfyui_gpu{n}"
         assert parser.get(sec, "directory") == "/ws/ComfyUI"
-        assert parser.get(sec, "stopasgroup") == "true" and parser.get(sec, "killasgroup") == "true"
+        assert parser.get(sec, "stopasgroup") == "true"
+        assert parser.get(sec, "killasgroup") == "true"
         assert parser.get(sec, "stdout_logfile") == f"/ws/comfyui_gpu{n}/logs/output.log"
         assert f"--port {8188 + n}" in parser.get(sec, "command")
     assert parser.has_section("program:monitor")

@@ -667,7 +667,8 @@ def test_fork_websocket_messages_ping_and_prompt(launcher: Launcher) -> None:
     # The fork ignores ?clientId=: its own id comes first, then status with that sid.
     assert got[0]["type"] == "client_id"
     sid = got[0]["data"]["client_id"]
-    assert sid and sid != "fork-1"
+    assert sid
+    assert sid != "fork-1"
     assert got[1] == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": sid}}
     seq = types(got[2:])
     assert seq[0] == "pong"

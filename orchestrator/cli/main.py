@@ -1,48 +1,31 @@
 """The ``orchestrator`` command: parse, build settings, call a service, render output.
 
-Each command's behaviour lives in the module that owns the capability; handlers are imported
-lazily so ``orchestrator --help`` stays fast and nothing runs at import time.
+The argparse tree is here; each command's thin handler lives in the ``cli`` module of its
+area and is imported directly, inside :func:`handler_for`, so that ``orchestrator health``
+(a container health check run every few seconds) does not import the monitor's web stack.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from orchestrator import __version__
+from orchestrator.cli.output import print_json
 from orchestrator.core.errors import ConfigError, OrchestratorError
 from orchestrator.core.settings import Settings, load_settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 
-# command path → "module:function"; each handler takes (settings, args) and returns an exit code.
-HANDLERS: dict[str, str] = {
-    "up": "orchestrator.lifecycle.service:cmd_up",
-    "down": "orchestrator.lifecycle.service:cmd_down",
-    "status": "orchestrator.lifecycle.service:cmd_status",
-    "start": "orchestrator.lifecycle.service:cmd_control",
-    "stop": "orchestrator.lifecycle.service:cmd_control",
-    "restart": "orchestrator.lifecycle.service:cmd_control",
-    "logs": "orchestrator.lifecycle.service:cmd_logs",
-    "gpus": "orchestrator.lifecycle.service:cmd_gpus",
-    "plan": "orchestrator.lifecycle.service:cmd_plan",
-    "config": "orchestrator.cli.main:cmd_config",
-    "nodes sync": "orchestrator.provision.nodes:cmd_sync",
-    "nodes validate": "orchestrator.provision.nodes:cmd_validate",
-    "models sync": "orchestrator.provision.models.sync:cmd_sync",
-    "models status": "orchestrator.provision.models.sync:cmd_status",
-    "cleanup": "orchestrator.provision.cleanup:cmd_cleanup",
-    "health": "orchestrator.monitor.service:cmd_health",
-    "serve": "orchestrator.monitor.service:cmd_serve",
-    "demo": "orchestrator.lifecycle.demo:cmd_demo",
-    "runpod-worker": "orchestrator.jobs.runpod:cmd_runpod_worker",
-}
+# Every command path the parser knows (the `help` test walks them).
+COMMANDS = (
+    "up", "down", "status", "start", "stop", "restart", "logs", "gpus", "plan", "config",
+    "nodes sync", "nodes validate", "models sync", "models status", "cleanup", "health", "serve",
+    "demo", "runpod-worker",
+)
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -150,15 +133,37 @@ def _flags(args: argparse.Namespace) -> dict[str, str]:
     return flags
 
 
-def resolve_handler(key: str) -> Handler:
-    module_name, _, func = HANDLERS[key].partition(":")
-    module = importlib.import_module(module_name)
-    handler: Handler = getattr(module, func)
-    return handler
+def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per command
+    """The handler of a command path (``"nodes sync"``); its module is imported only here."""
+    if key in {"up", "down", "status", "start", "stop", "restart", "logs", "gpus", "plan", "demo"}:
+        from orchestrator.cli import lifecycle
 
+        return {
+            "up": lifecycle.cmd_up, "down": lifecycle.cmd_down, "status": lifecycle.cmd_status,
+            "start": lifecycle.cmd_control, "stop": lifecycle.cmd_control, "restart": lifecycle.cmd_control,
+            "logs": lifecycle.cmd_logs, "gpus": lifecycle.cmd_gpus, "plan": lifecycle.cmd_plan,
+            "demo": lifecycle.cmd_demo,
+        }[key]
+    if key in {"nodes sync", "nodes validate"}:
+        from orchestrator.cli import nodes
 
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+        return nodes.cmd_nodes_sync if key == "nodes sync" else nodes.cmd_nodes_validate
+    if key in {"models sync", "models status", "cleanup"}:
+        from orchestrator.cli import models
+
+        return {"models sync": models.cmd_models_sync, "models status": models.cmd_models_status,
+                "cleanup": models.cmd_cleanup}[key]
+    if key in {"serve", "health"}:
+        from orchestrator.cli import monitor
+
+        return monitor.cmd_serve if key == "serve" else monitor.cmd_health
+    if key == "runpod-worker":
+        from orchestrator.cli import jobs
+
+        return jobs.cmd_runpod_worker
+    if key == "config":
+        return cmd_config
+    raise KeyError(key)
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -185,7 +190,7 @@ def _with_running_demo(settings: Settings, args: argparse.Namespace) -> Settings
     """ROOT (and MOCK_GPU, NUM_GPUS, ports) of a running demo when none was given anywhere."""
     if settings.sources.get("ROOT") != "default":
         return settings
-    from orchestrator.core.layout import running_demo
+    from orchestrator.machine.state import running_demo
 
     demo = running_demo()
     if demo is None:
@@ -222,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secrets=settings.secret_values,
             log_file=_log_file(settings, key, args),
         )
-        return resolve_handler(key)(settings, args)
+        return handler_for(key)(settings, args)
     except OrchestratorError as exc:
         message = str(exc).replace("\n", " ")
         if settings is not None:

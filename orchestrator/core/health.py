@@ -1,7 +1,7 @@
 """The monitor's health model: one pure state machine, and the views derived from it.
 
 :func:`decide` combines the previous :class:`Record` of an instance, supervisord's
-:class:`~orchestrator.machine.supervisor.ProcessInfo` (``None`` when supervisord did not answer), the latest
+:class:`~orchestrator.core.states.ProcessInfo` (``None`` when supervisord did not answer), the latest
 :class:`ProbeResult` and the time into a :class:`Decision`: the new record, the actions the
 monitor must take, and every state transition with its reason. Nothing here does I/O or reads a
 clock, so tests feed it a fake clock and assert on the sequence of transitions.
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 from orchestrator.core.states import InstanceState, ProcessState
 
 if TYPE_CHECKING:  # types only: `orchestrator health` must import fast
+    from orchestrator.core.gpus import Gpu, GpuSample
     from orchestrator.core.settings import Settings
-    from orchestrator.machine.gpu import Gpu, GpuSample
-    from orchestrator.machine.supervisor import ProcessInfo
+    from orchestrator.core.states import ProcessInfo
 
 _PROBING = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
 # States in which a new process is expected (not worth an event of its own).

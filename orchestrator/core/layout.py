@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 import tempfile
 from pathlib import Path
-
-from orchestrator.machine.fs import read_json, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,53 +103,3 @@ class Layout:
 # commands given no ROOT (flag, env or settings file) look at the demo rather than /workspace.
 DEMO_SETTINGS = ("ROOT", "MOCK_GPU", "NUM_GPUS", "MOCK_GPU_MEMORY_MB", "WORKER_BASE_COMFYUI_PORT",
                  "ORCHESTRATOR_LISTEN", "ORCHESTRATOR_PORT")
-
-
-def demo_pointer() -> Path:
-    """Per user: ``$XDG_RUNTIME_DIR/comfy-orchestrator/demo.json``, else ``~/.cache/…``."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    base = Path(runtime) if runtime and os.path.isabs(runtime) else Path.home() / ".cache"
-    return base / "comfy-orchestrator" / "demo.json"
-
-
-def pid_alive(pid: object) -> bool:
-    """Whether a process with this pid exists (any user's); False for anything that is not a pid."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_demo_pointer(settings: dict[str, str], pid: int | None = None) -> Path:
-    path = demo_pointer()
-    chosen = {k: v for k, v in settings.items() if k in DEMO_SETTINGS}
-    write_json(path, {"pid": pid or os.getpid(), "settings": chosen}, mode=0o600)
-    return path
-
-
-def remove_demo_pointer(pid: int | None = None) -> None:
-    """Remove the pointer if it is this process's (a newer demo's pointer is left alone)."""
-    path = demo_pointer()
-    data = read_json(path)
-    if isinstance(data, dict) and data.get("pid") == (pid or os.getpid()):
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def running_demo() -> dict[str, str] | None:
-    """The settings of the demo that is running now (ROOT, MOCK_GPU, NUM_GPUS…), else None."""
-    data = read_json(demo_pointer())
-    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
-        return None
-    pid, chosen = data.get("pid"), data["settings"]
-    if not pid_alive(pid):
-        return None
-    root = chosen.get("ROOT")
-    if not isinstance(root, str) or not (Path(root) / ".orchestrator").is_dir():
-        return None
-    return {str(k): str(v) for k, v in chosen.items() if k in DEMO_SETTINGS}

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.errors import PlanError
+from orchestrator.core.gpus import Gpu
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
-from orchestrator.machine.gpu import Gpu
 
 # Flags the plan owns; COMFY_ARGS may not set them (they would be doubled or contradict).
 OWNED_FLAGS = frozenset(
@@ -208,24 +208,3 @@ def build_plan(
     return MachinePlan(
         root=settings.root, comfy_dir=layout.comfy_dir, mock=settings.mock, instances=tuple(instances)
     )
-
-
-def create_instance_dirs(plan: MachinePlan) -> None:
-    """Create each instance's folders; ComfyUI refuses a missing --user-directory."""
-    for inst in plan.instances:
-        for d in (inst.output_dir, inst.temp_dir, inst.input_dir, inst.user_dir, inst.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
-
-
-def applied_plan(layout: Layout) -> MachinePlan | None:
-    """The plan the last `orchestrator up` applied (``plan.json``), or None when there is none
-    or it cannot be read."""
-    from orchestrator.machine.fs import read_json
-
-    data = read_json(layout.plan_file)
-    if not isinstance(data, dict):
-        return None
-    try:
-        return MachinePlan.from_dict(data)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None

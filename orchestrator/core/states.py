@@ -1,8 +1,11 @@
-"""Process and instance states. Bottom of the import graph: imports nothing from the project."""
+"""Process and instance states, and one supervisord process reading. Bottom of the import graph."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import time
+from typing import Any
 
 
 class ProcessState(enum.IntEnum):
@@ -57,3 +60,32 @@ _STATE_CODES = {
     InstanceState.BACKOFF: 5,
     InstanceState.FATAL: 6,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    name: str
+    state: ProcessState
+    pid: int
+    start: float  # epoch seconds of the last start, 0 if never
+    now: float  # supervisord's clock when read
+    exitstatus: int
+    spawnerr: str
+    description: str
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, self.now - self.start) if self.state == ProcessState.RUNNING and self.start else 0.0
+
+    @classmethod
+    def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            name=str(info["name"]),
+            state=ProcessState.from_code(int(info["state"])),
+            pid=int(info.get("pid") or 0),
+            start=float(info.get("start") or 0),
+            now=float(info.get("now") or time.time()),
+            exitstatus=int(info.get("exitstatus") or 0),
+            spawnerr=str(info.get("spawnerr") or ""),
+            description=str(info.get("description") or ""),
+        )

@@ -15,10 +15,11 @@ from types import FrameType
 
 import httpx
 
-from orchestrator.core.layout import Layout, remove_demo_pointer, write_demo_pointer
+from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.lifecycle.service import down, up
 from orchestrator.machine import runner as subproc
+from orchestrator.machine.state import remove_demo_pointer, write_demo_pointer
 
 GIT = ["git", "-c", "user.email=demo@localhost", "-c", "user.name=demo", "-c", "init.defaultBranch=main"]
 

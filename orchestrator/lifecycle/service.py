@@ -19,19 +19,20 @@ from typing import Any
 
 import psutil
 
-from orchestrator.cli.main import print_json
+from orchestrator.cli.output import print_json
 from orchestrator.core.errors import OrchestratorError, PlanError, SupervisorError
 from orchestrator.core.layout import Layout
-from orchestrator.core.plan import MachinePlan, applied_plan, build_plan, create_instance_dirs, supported_flags
+from orchestrator.core.plan import MachinePlan, build_plan, supported_flags
 from orchestrator.core.render import Program, RenderOptions, render_supervisord_conf
 from orchestrator.core.settings import Settings
-from orchestrator.core.states import ProcessState
+from orchestrator.core.states import ProcessInfo, ProcessState
 from orchestrator.machine import gpu as gpu_mod
 from orchestrator.machine import lock as oplock
 from orchestrator.machine import runner as subproc
 from orchestrator.machine.fs import atomic_write, read_json, write_json
 from orchestrator.machine.ports import check_ports, family, port_free
-from orchestrator.machine.supervisor import ProcessInfo, Supervisor, read_credentials, wait_for
+from orchestrator.machine.state import applied_plan, create_instance_dirs
+from orchestrator.machine.supervisor import Supervisor, read_credentials, wait_for
 
 log = logging.getLogger(__name__)
 

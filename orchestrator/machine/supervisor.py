@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import http.client
 import socket
 import time
@@ -15,38 +14,9 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
-from orchestrator.core.states import ProcessState
+from orchestrator.core.states import ProcessInfo
 
 NOT_RUNNING = "supervisord is not running: run `orchestrator up`"
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessInfo:
-    name: str
-    state: ProcessState
-    pid: int
-    start: float  # epoch seconds of the last start, 0 if never
-    now: float  # supervisord's clock when read
-    exitstatus: int
-    spawnerr: str
-    description: str
-
-    @property
-    def uptime(self) -> float:
-        return max(0.0, self.now - self.start) if self.state == ProcessState.RUNNING and self.start else 0.0
-
-    @classmethod
-    def from_rpc(cls, info: dict[str, Any]) -> ProcessInfo:
-        return cls(
-            name=str(info["name"]),
-            state=ProcessState.from_code(int(info["state"])),
-            pid=int(info.get("pid") or 0),
-            start=float(info.get("start") or 0),
-            now=float(info.get("now") or time.time()),
-            exitstatus=int(info.get("exitstatus") or 0),
-            spawnerr=str(info.get("spawnerr") or ""),
-            description=str(info.get("description") or ""),
-        )
 
 
 def read_credentials(layout: Layout) -> tuple[str, str]:

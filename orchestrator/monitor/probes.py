@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
+from orchestrator.core.gpus import Gpu
 from orchestrator.core.health import LogFindings, ProbeResult
-from orchestrator.machine.gpu import Gpu
 
 _OOM = re.compile(r"OutOfMemoryError|CUDA out of memory")
 _IMPORT_FAILED = re.compile(r"\(IMPORT FAILED\):\s*(\S.*?)\s*$")

@@ -58,9 +58,10 @@ if TYPE_CHECKING:
     import httpx
     from fastapi import APIRouter, FastAPI
 
+    from orchestrator.core.gpus import Gpu, GpuSample
     from orchestrator.core.plan import Instance, MachinePlan
-    from orchestrator.machine.gpu import Gpu, GpuBackend, GpuSample
-    from orchestrator.machine.supervisor import ProcessInfo
+    from orchestrator.core.states import ProcessInfo
+    from orchestrator.machine.gpu import GpuBackend
     from orchestrator.monitor.probes import LogScanner
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class SupervisorLike(Protocol):
 
 def _unknown(name: str, now: float) -> ProcessInfo:
     """A planned program supervisord does not know (its configuration predates the plan)."""
-    from orchestrator.machine.supervisor import ProcessInfo
+    from orchestrator.core.states import ProcessInfo
 
     why = f"no program {name} in supervisord: run `orchestrator up` to apply the plan"
     return ProcessInfo(name, ProcessState.UNKNOWN, 0, 0.0, now, 0, "", why)
@@ -598,7 +599,7 @@ class Monitor:
 # ---------------------------------------------------------------- serve
 def load_plan(layout: Layout) -> MachinePlan:
     """The plan `orchestrator up` applied. Raises OrchestratorError when there is none."""
-    from orchestrator.core.plan import applied_plan
+    from orchestrator.machine.state import applied_plan
 
     plan = applied_plan(layout)
     if plan is None:

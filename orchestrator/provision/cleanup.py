@@ -28,9 +28,9 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from orchestrator.core.layout import Layout
-from orchestrator.core.plan import applied_plan
 from orchestrator.core.settings import Settings
 from orchestrator.machine.fs import read_json, write_json
+from orchestrator.machine.state import applied_plan
 
 log = logging.getLogger(__name__)
 

@@ -8,5 +8,6 @@
     cli_args                     the flags, declared like ComfyUI's comfy/cli_args.py
     faults                       SIM_* variables and <user-directory>/simulator_faults.json
 
-Importing this package starts nothing and imports no third-party module.
+Importing this package starts nothing and imports no third-party module. May import ``core``
+and ``machine`` (atomic writes); only the demo (``lifecycle``) and the tests import it.
 """

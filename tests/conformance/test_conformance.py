@@ -52,7 +52,8 @@ def run_prompt(c: httpx.Client, prompt: dict[str, Any], **body: Any) -> tuple[st
     r = c.post("/prompt", json={"prompt": prompt, **body})
     assert r.status_code == 200, r.text
     answer = r.json()
-    assert set(answer) == {"prompt_id", "number", "node_errors"} and answer["node_errors"] == {}
+    assert set(answer) == {"prompt_id", "number", "node_errors"}
+    assert answer["node_errors"] == {}
     pid = answer["prompt_id"]
     entry = wait_for(lambda: c.get(f"/history/{pid}").json().get(pid))
     return pid, entry
@@ -64,7 +65,8 @@ def test_startup_log_names_folders_device_version_and_the_gui_line(server: Serve
     assert f"{READY_LINE}: http://127.0.0.1:{server.port}" in log
     assert f"Setting output directory to: {server.base / 'output'}" in log
     assert f"Setting temp directory to: {server.base / 'temp' / 'temp'}" in log
-    assert "Device: cpu" in log and "ComfyUI version: 0.3.64" in log
+    assert "Device: cpu" in log
+    assert "ComfyUI version: 0.3.64" in log
     # The GUI line comes after initialisation: after the custom-node import block.
     assert log.index("Import times for custom nodes:") < log.index(READY_LINE)
 
@@ -86,8 +88,10 @@ def test_system_stats_has_the_fields_the_probe_reads_and_a_cpu_device(server: Se
     for key in ("os", "ram_total", "ram_free", "comfyui_version", "python_version", "pytorch_version",
                 "embedded_python", "argv"):
         assert key in system, key
-    assert system["comfyui_version"] == "0.3.64" and system["os"] == "posix"
-    assert system["argv"][0] == "main.py" and str(server.port) in system["argv"]
+    assert system["comfyui_version"] == "0.3.64"
+    assert system["os"] == "posix"
+    assert system["argv"][0] == "main.py"
+    assert str(server.port) in system["argv"]
     (dev,) = stats["devices"]
     assert {"name", "type", "index", "vram_total", "vram_free", "torch_vram_total", "torch_vram_free"} <= set(dev)
     assert (dev["name"], dev["type"], dev["index"]) == ("cpu", "cpu", None)
@@ -99,14 +103,16 @@ def test_queue_and_prompt_info_shapes(server: Server) -> None:
         q = c.get("/queue").json()
         info = c.get("/prompt").json()
     assert set(q) == {"queue_running", "queue_pending"}
-    assert isinstance(q["queue_running"], list) and isinstance(q["queue_pending"], list)
+    assert isinstance(q["queue_running"], list)
+    assert isinstance(q["queue_pending"], list)
     assert isinstance(info["exec_info"]["queue_remaining"], int)
 
 
 def test_a_foreign_origin_gets_403_with_an_empty_body(server: Server) -> None:
     with client(server) as c:
         r = c.get("/system_stats", headers={"Origin": "http://evil.example"})
-    assert r.status_code == 403 and r.content == b""
+    assert r.status_code == 403
+    assert r.content == b""
 
 
 # ---------------------------------------------------------------- prompts
@@ -115,17 +121,23 @@ def test_a_model_free_prompt_writes_its_png_and_records_history(server: Server) 
     graph = image_graph(prefix, width=40, height=24)
     with client(server) as c:
         pid, entry = run_prompt(c, graph, client_id="conformance")
-        assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+        assert entry["status"]["status_str"] == "success"
+        assert entry["status"]["completed"] is True
         events = [m[0] for m in entry["status"]["messages"]]
-        assert events[0] == "execution_start" and events[-1] == "execution_success"
+        assert events[0] == "execution_start"
+        assert events[-1] == "execution_success"
         number, prompt_id, prompt, extra, outputs = entry["prompt"]
-        assert prompt_id == pid and prompt == graph and outputs == ["3"] and extra["client_id"] == "conformance"
+        assert prompt_id == pid
+        assert prompt == graph
+        assert outputs == ["3"]
+        assert extra["client_id"] == "conformance"
         (image,) = entry["outputs"]["3"]["images"]
         assert image == {"filename": f"{prefix}_00001_.png", "subfolder": "", "type": "output"}
         data = (server.output / image["filename"]).read_bytes()
         assert png_size(data) == (40, 24)
         view = c.get("/view", params=image)
-        assert view.status_code == 200 and view.content == data
+        assert view.status_code == 200
+        assert view.content == data
         assert c.get("/view", params={"filename": "missing.png", "type": "output"}).status_code == 404
         assert c.get("/history/no-such-id").json() == {}
         assert len(c.get("/history", params={"max_items": 1}).json()) == 1
@@ -147,7 +159,8 @@ def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> Non
     graph = image_graph("errors")
     with client(server) as c:
         r = c.post("/prompt", json={})
-        assert r.status_code == 400 and r.json()["error"]["type"] == "no_prompt"
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "no_prompt"
 
         r = c.post("/prompt", json={"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
         assert r.status_code == 400
@@ -157,7 +170,8 @@ def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> Non
         }
 
         r = c.post("/prompt", json={"prompt": {"1": graph["1"]}})
-        assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_no_outputs"
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "prompt_no_outputs"
 
         bad = json.loads(json.dumps(graph))
         bad["1"]["inputs"]["width"] = 0
@@ -166,8 +180,10 @@ def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> Non
         body = r.json()
         assert body["error"]["type"] == "prompt_outputs_failed_validation"
         (err,) = body["node_errors"]["1"]["errors"]
-        assert err["type"] == "value_smaller_than_min" and err["details"] == "width"
-        assert err["extra_info"]["input_config"][0] == "INT" and err["extra_info"]["received_value"] == 0
+        assert err["type"] == "value_smaller_than_min"
+        assert err["details"] == "width"
+        assert err["extra_info"]["input_config"][0] == "INT"
+        assert err["extra_info"]["received_value"] == 0
         assert body["node_errors"]["1"]["dependent_outputs"] == ["3"]
         assert body["node_errors"]["1"]["class_type"] == "EmptyImage"
 
@@ -175,15 +191,19 @@ def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> Non
         del missing["1"]["inputs"]["height"]
         r = c.post("/prompt", json={"prompt": missing})
         (err,) = r.json()["node_errors"]["1"]["errors"]
-        assert r.status_code == 400 and err["type"] == "required_input_missing" and err["details"] == "height"
+        assert r.status_code == 400
+        assert err["type"] == "required_input_missing"
+        assert err["details"] == "height"
 
         r = c.post("/prompt", json={"prompt": {"1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
                                                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}})
-        assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_outputs_failed_validation"
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "prompt_outputs_failed_validation"
         assert "1" in r.json()["node_errors"]
 
         r = c.post("/prompt", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert r.status_code == 500 and b"prompt_id" not in r.content  # ComfyUI does not catch the JSON error
+        assert r.status_code == 500
+        assert b"prompt_id" not in r.content
         assert c.get("/system_stats").status_code == 200  # and it keeps serving
 
 
@@ -192,7 +212,8 @@ def test_upload_image_then_load_and_scale_it(server: Server) -> None:
     data = png_bytes(30, 20, seed=5)
     with client(server) as c:
         r = c.post("/upload/image", files={"image": (name, data, "image/png")})
-        assert r.status_code == 200 and r.json() == {"name": name, "subfolder": "", "type": "input"}
+        assert r.status_code == 200
+        assert r.json() == {"name": name, "subfolder": "", "type": "input"}
         assert (server.input / name).read_bytes() == data
         assert c.post("/upload/image", data={"x": "1"}).status_code == 400
         choices = c.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]

@@ -33,7 +33,8 @@ def test_the_venv_path_is_keyed_by_the_pins_and_requirements(cache: Path) -> Non
     req = comfy_env.requirements_text()
     assert "torch" in req
     path = comfy_env.venv_path(req)
-    assert path.parent == cache and path.name == f"comfyui-venv-{comfy_env.pins_hash(req)}"
+    assert path.parent == cache
+    assert path.name == f"comfyui-venv-{comfy_env.pins_hash(req)}"
     assert comfy_env.pins_hash(req) != comfy_env.pins_hash(req + "\nnumpy<2\n")
     assert comfy_env.existing_python() is None
 
@@ -58,7 +59,8 @@ def test_two_concurrent_builders_build_once_and_rename_into_place(
         w.join(120)
     venv = comfy_env.venv_path()
     assert got == [venv / "bin" / "python"] * 2
-    assert len(calls) == 2 and calls[0] == comfy_env.TORCH_PINS  # one build: torch, then the requirements
+    assert len(calls) == 2
+    assert calls[0] == comfy_env.TORCH_PINS
     assert (venv / comfy_env.COMPLETE).is_file()
     assert sorted(p.name for p in cache.iterdir()) == [venv.name, f"{venv.name}.lock"]  # no temp folder left
     assert comfy_env.existing_python() == venv / "bin" / "python"

@@ -143,11 +143,14 @@ def test_both_real_instances_are_ready_with_their_own_port_folders_and_database(
                                  "db": set()}
     for inst in insts:
         gpu, port = inst["gpu"], inst["port"]
-        assert port == m.port_base + gpu and inst["device"] == "cpu"
+        assert port == m.port_base + gpu
+        assert inst["device"] == "cpu"
         cmd = psutil.Process(inst["pid"]).cmdline()
-        assert cmd[0] == m.env["COMFY_PYTHON"] and "main.py" in cmd  # the real interpreter, no wrapper
+        assert cmd[0] == m.env["COMFY_PYTHON"]
+        assert "main.py" in cmd
         stats = httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=10).json()
-        assert stats["system"]["comfyui_version"] == "0.3.64" and stats["system"]["pytorch_version"].startswith("2.11.0")
+        assert stats["system"]["comfyui_version"] == "0.3.64"
+        assert stats["system"]["pytorch_version"].startswith("2.11.0")
         argv = stats["system"]["argv"]
 
         def flag(name: str, argv: list[str] = argv) -> str:
@@ -155,10 +158,13 @@ def test_both_real_instances_are_ready_with_their_own_port_folders_and_database(
 
         assert flag("--port") == str(port)
         p = planned[gpu]
-        assert flag("--output-directory") == p["output_dir"] and flag("--temp-directory") == p["temp_dir"]
-        assert flag("--input-directory") == p["input_dir"] and flag("--user-directory") == p["user_dir"]
+        assert flag("--output-directory") == p["output_dir"]
+        assert flag("--temp-directory") == p["temp_dir"]
+        assert flag("--input-directory") == p["input_dir"]
+        assert flag("--user-directory") == p["user_dir"]
         db = flag("--database-url").removeprefix("sqlite:///")
-        assert Path(db).is_file() and Path(db).parent == Path(p["user_dir"])
+        assert Path(db).is_file()
+        assert Path(db).parent == Path(p["user_dir"])
         for key, value in (("port", str(port)), ("output", p["output_dir"]), ("temp", p["temp_dir"]),
                            ("input", p["input_dir"]), ("user", p["user_dir"]), ("db", db)):
             seen[key].add(value)
@@ -176,7 +182,8 @@ def test_a_model_free_job_lands_its_png_in_the_routed_instances_output_folder(ma
     assert job["status"] == "success", job
     gpu = job["instance"]["gpu"]
     (out,) = job["outputs"]
-    assert out["node_id"] == "3" and out["filename"].startswith(prefix)
+    assert out["node_id"] == "3"
+    assert out["filename"].startswith(prefix)
     planned = plan(m)
     png = Path(planned[gpu]["output_dir"]) / out["subfolder"] / out["filename"]
     assert png_size(png.read_bytes()) == (32, 24)
@@ -227,7 +234,8 @@ def test_a_sigstopped_real_instance_is_restarted_to_ready(machine: Machine) -> N
         with contextlib.suppress(ProcessLookupError):
             os.kill(before[0], signal.SIGCONT)
     inst = next(i for i in instances(m) if i["gpu"] == 0)
-    assert inst["restarts"] >= 1 and inst["state"] == "READY"
+    assert inst["restarts"] >= 1
+    assert inst["state"] == "READY"
 
 
 def test_a_custom_node_that_raises_at_import_is_reported_by_name(machine: Machine) -> None:

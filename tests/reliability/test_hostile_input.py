@@ -345,9 +345,13 @@ def test_any_config_nodes_json_is_a_clear_error_or_a_config_whose_every_field_is
         assert_clear(str(exc))
         return
     for spec in parsed.nodes:
-        assert nodes.name_problem(spec.name) is None and Path(spec.name).name == spec.name
-        assert spec.name not in {".", ".."} and "/" not in spec.name
-        assert gitops.url_problem(spec.url) is None and not spec.url.startswith("-") and "::" not in spec.url
+        assert nodes.name_problem(spec.name) is None
+        assert Path(spec.name).name == spec.name
+        assert spec.name not in {".", ".."}
+        assert "/" not in spec.name
+        assert gitops.url_problem(spec.url) is None
+        assert not spec.url.startswith("-")
+        assert "::" not in spec.url
         assert spec.branch is None or not spec.branch.startswith("-")
         assert spec.commit is None or (not spec.commit.startswith("-") and all(c in "0123456789abcdef" for c in spec.commit))
 
@@ -427,7 +431,8 @@ def test_any_manifest_is_a_clear_error_or_entries_with_safe_destinations_and_fil
         assert_clear(str(exc))
         return
     for e in entries:
-        assert manifest.check_relative(e.dest) is None and ".." not in e.dest.split("/")
+        assert manifest.check_relative(e.dest) is None
+        assert ".." not in e.dest.split("/")
         assert e.filename is None or manifest.check_filename(e.filename) is None
         if e.kind == "hf":
             assert ".." not in e.source.split("/")
@@ -556,7 +561,8 @@ def test_an_ssh_url_whose_host_is_an_option_never_runs_a_command(box: dict[str, 
     r, took = orchestrator(["nodes", "sync", "--file", str(path)],
                            {"ROOT": str(box["root"]), "SSH_PRIVATE_KEY": key, "GIT_TIMEOUT": "10"})
     assert r is not None, f"hung: no answer within {took:.0f}s"
-    assert r.returncode == 1 and "FAILED: u5" in r.stdout  # the node failed; the others would go on
+    assert r.returncode == 1
+    assert "FAILED: u5" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert not PWNED.exists()
     assert "BEGIN OPENSSH" not in r.stdout + r.stderr

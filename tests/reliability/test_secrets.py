@@ -127,7 +127,8 @@ def test_no_secret_reaches_output_logs_metrics_or_files_and_secret_files_are_060
         assert (root / "ComfyUI" / "models" / "checkpoints" / "model.safetensors").read_bytes() == data
         assert (root / "ComfyUI" / "models" / "vae" / "public.safetensors").read_bytes() == data
         # the ssh key was decoded from CUT_PK_1..3, written 0600 before ssh saw it, and used
-        assert calls.exists() and "id_orchestrator" in calls.read_text()
+        assert calls.exists()
+        assert "id_orchestrator" in calls.read_text()
         assert (Path(f"{calls}.mode")).read_text().strip() == "600"
         for args in (("status",), ("status", "--json"), ("config",), ("config", "--json"), ("plan", "--json"),
                      ("gpus", "--json"), ("models", "status"), ("models", "status", "--json"), ("health",),
@@ -190,5 +191,6 @@ def test_no_secret_reaches_output_logs_metrics_or_files_and_secret_files_are_060
                 continue  # the manifest that carries it, in the shared repo's checkout
             if needle.encode() in blob:
                 leaks.append(f"{path.relative_to(root)}: {name}")
-    assert scanned > 20 and (root / "logs" / "monitor.log").exists()
+    assert scanned > 20
+    assert (root / "logs" / "monitor.log").exists()
     assert not leaks, "secrets leaked:\n" + "\n".join(leaks)

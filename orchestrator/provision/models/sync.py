@@ -22,11 +22,12 @@ from urllib.parse import quote, urlsplit
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from orchestrator.cli.main import print_json
+from orchestrator.cli.output import print_json
 from orchestrator.core.errors import ConfigError, ModelError
-from orchestrator.core.layout import Layout, pid_alive
+from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.machine.fs import read_json
+from orchestrator.machine.state import pid_alive
 from orchestrator.provision.models import downloads, manifest
 from orchestrator.provision.models import tree as modeltree
 from orchestrator.provision.models.downloads import DownloadOptions, DownloadResult, DownloadTask, Engine
