@@ -42,9 +42,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
-from orchestrator.provision.models.downloads import DownloadOptions, DownloadTask, Engine  # noqa: E402
+from support import free_port, wait_for  # noqa: E402
+
+from orchestrator.provision.models.downloads import Engine  # noqa: E402
+from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -68,12 +71,6 @@ def make_file(path: Path, size: int, seed: int) -> str:
             left -= len(piece)
             counter += 1
     return h.hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Nginx:
@@ -175,13 +172,11 @@ class PyServer:
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on {port}")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, timeout, what=f"a server listening on port {port}")
 
 
 # ---------------------------------------------------------------- measurements

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,15 +42,12 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from support import ComfyServer, free_port  # noqa: E402
+
 WORKFLOW = json.loads((ROOT / "examples" / "workflow.json").read_text())["workflow"]
 RESULTS = ROOT / "bench" / "results" / "bench_jobs.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:
@@ -80,24 +76,8 @@ class Procs:
         if not tree.exists():
             write_code_tree(tree)
         port = free_port()
-        d = self.base / f"sim{port}"
-        args = []
-        for sub in ("output", "temp", "input", "user"):
-            (d / sub).mkdir(parents=True)
-            args += [f"--{sub}-directory", str(d / sub)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {
-            "SIM_EXEC_TIME": str(exec_time),
-            "SIM_PROTOCOL": protocol,
-        }
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu", *args],
-                cwd=tree,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        env = {"SIM_EXEC_TIME": str(exec_time), "SIM_PROTOCOL": protocol}
+        self.procs.append(ComfyServer(tree, self.base / f"sim{port}", port, env=env).proc)
         return port
 
     def job_api(self, sim_ports: list[int], silent_socket: bool = False) -> int:
@@ -128,7 +108,8 @@ def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
     from orchestrator.core.instances import InstanceView
     from orchestrator.core.settings import load_settings
     from orchestrator.core.states import InstanceState
-    from orchestrator.jobs.service import JobManager, jobs_router
+    from orchestrator.jobs.routes import jobs_router
+    from orchestrator.jobs.tracker import JobManager
 
     class Directory:
         def __init__(self) -> None:
@@ -142,10 +123,12 @@ def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
 
     if silent_socket:
 
-        async def keep_own_id(ws: Any, client_id: str) -> tuple[str, str]:
-            return client_id, ""  # ignore the fork's client_id message: no event reaches the socket
+        from orchestrator.comfy.client import ComfySocket
 
-        JobManager._greeting = staticmethod(keep_own_id)  # type: ignore[method-assign]
+        async def keep_own_id(socket: ComfySocket, timeout: float = 2.0) -> tuple[str, str]:
+            return socket.client_id, ""  # ignore the fork's client_id message: no event reaches the socket
+
+        ComfySocket.read_greeting = keep_own_id  # type: ignore[method-assign,assignment]
 
     settings = load_settings({"ROOT": tempfile.gettempdir(), "MAX_QUEUE_DEPTH": "10000", "JOB_TIMEOUT": "300"})
     manager = JobManager(settings, Directory(), CollectorRegistry())

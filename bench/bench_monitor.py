@@ -21,6 +21,7 @@ Usage: python bench/bench_monitor.py [--quick]   (writes bench/results/bench_mon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,74 +31,52 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
-
-from orchestrator.machine.ports import free_port_block  # noqa: E402
+from support import answers, http_client, simulated_machine, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_monitor.json"
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 class Machine:
-    def __init__(self, root: Path, gpus: int, **env: str) -> None:
-        from orchestrator.simulator.tree import write_code_tree
+    """A simulated machine with the product's probe settings, and one kept-alive HTTP session."""
 
-        root.mkdir(parents=True)
-        write_code_tree(root / "ComfyUI")
+    def __init__(self, root: Path, gpus: int, **env: str) -> None:
+        self.machine = simulated_machine(root, gpus, fast=False, **env)
         self.root = root
         self.gpus = gpus
-        self.base = free_port_block(gpus + 1)
-        self.monitor_port = free_port_block(1)
-        scrub = {"MOCK_GPU", "NUM_GPUS", "ROOT", "ORCHESTRATOR_TOKEN", "ORCHESTRATOR_CONFIG", "COMFY_ARGS"}
-        self.env = {k: v for k, v in os.environ.items() if k not in scrub and not k.startswith("SIM_")}
-        self.env.update(
-            ROOT=str(root), MOCK_GPU="1", NUM_GPUS=str(gpus), WORKER_BASE_COMFYUI_PORT=str(self.base),
-            ORCHESTRATOR_PORT=str(self.monitor_port), SHARED_REPO_URL="", **env,
-        )
-        self.url = f"http://127.0.0.1:{self.monitor_port}"
-        self.client = httpx.Client(timeout=5)
+        self.base = self.machine.port_base
+        self.env = self.machine.env
+        self.url = self.machine.monitor_url
+        self.client = http_client(self.url, timeout=5)
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "orchestrator", *args]
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return self.machine.run(*args, timeout=timeout)
 
     def instance(self, gpu: int) -> dict[str, Any]:
         try:
-            return dict(self.client.get(f"{self.url}/instances/{gpu}").json())
-        except (httpx.HTTPError, ValueError):
+            return dict(self.client.get(f"/instances/{gpu}").json())
+        except (requests.RequestException, ValueError):
             return {}
 
     def ready(self) -> bool:
         try:
-            return self.client.get(f"{self.url}/readyz").status_code == 200
-        except httpx.HTTPError:
+            return self.client.get("/readyz").status_code == 200
+        except requests.RequestException:
             return False
 
     def answers(self, gpu: int) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.base + gpu}/system_stats"
-            return httpx.get(url, timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers(self.base + gpu, timeout=0.5)
 
     def monitor_pid(self) -> int:
         status = json.loads(self.cli("status", "--json").stdout)
@@ -141,7 +120,7 @@ def recover_from_kill(m: Machine, gpu: int) -> dict[str, float]:
         info = m.instance(gpu)
         return info.get("state") == "READY" and info.get("pid") != old
 
-    assert wait_until(recovered, 60)
+    assert wait_until(recovered, 60, 0.02)
     t_ready = time.monotonic()
     spawned = _started(int(m.instance(gpu)["pid"])) - boot0  # seconds after the kill
     return {"total_s": t_ready - t0, "respawn_s": spawned, "instance_startup_s": t_answer - t0 - spawned,
@@ -163,14 +142,12 @@ def recover_from_hang(m: Machine, gpu: int, how: str) -> dict[str, float]:
             faults.unlink()
         assert wait_until(lambda: m.answers(gpu), 60, 0.01)
         t_answer = time.monotonic()
-        assert wait_until(lambda: m.instance(gpu).get("state") == "READY", 60)
+        assert wait_until(lambda: m.instance(gpu).get("state") == "READY", 60, 0.02)
         t_ready = time.monotonic()
     finally:
         if how == "sigstop":
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(old, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     return {"how": how, "total_s": t_ready - t0, "detect_and_restart_s": t_restart - t0,
             "instance_startup_s": t_answer - t_restart, "monitor_lag_s": t_ready - t_answer}
 
@@ -191,7 +168,7 @@ def scrape_load(m: Machine, rate: float, duration: float) -> dict[str, Any]:
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     errors = 0
-    with httpx.Client(timeout=5) as client:
+    with http_client(timeout=5) as client:
         start = time.perf_counter()
         n = 0
         while True:

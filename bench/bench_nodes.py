@@ -50,10 +50,13 @@ sys.path.insert(0, str(REPO))
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
 
-from orchestrator import nodes  # noqa: E402
 from orchestrator.core.layout import Layout  # noqa: E402
 from orchestrator.core.settings import load_settings  # noqa: E402
-from orchestrator.provision import git as gitops  # noqa: E402
+from orchestrator.provision.git import client as git_client  # noqa: E402
+from orchestrator.provision.git import command as git_command  # noqa: E402
+from orchestrator.provision.nodes import config as nodes_config  # noqa: E402
+from orchestrator.provision.nodes import deps as nodes_deps  # noqa: E402
+from orchestrator.provision.nodes import sync as nodes_sync  # noqa: E402
 
 FIXTURE = REPO / "shared" / "config_nodes.json"
 # Installed in this interpreter already: pip resolves them offline and changes nothing.
@@ -63,7 +66,7 @@ POOL = [
     "tqdm",
     "psutil",
     "jsonschema",
-    "httpx",
+    "starlette",
     "packaging",
     "idna",
     "certifi",
@@ -135,7 +138,7 @@ def legacy(
     target.mkdir(parents=True, exist_ok=True)
     clone_s = pip_s = 0.0
     for entry in entries:
-        url = nodes.normalise_url(entry["url"])
+        url = nodes_config.normalise_url(entry["url"])
         dest = target / entry["name"]
         if clone and not dest.exists():
             clone_s += run(["git", "clone", "-q", url, str(dest)])
@@ -158,7 +161,7 @@ class Commands:
         self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
     ) -> Any:
         self.calls.append(list(argv))
-        return nodes.run_command(argv, cwd=cwd, env=env, timeout=timeout)
+        return nodes_deps.run_command(argv, cwd=cwd, env=env, timeout=timeout)
 
 
 class GitCalls:
@@ -169,15 +172,15 @@ class GitCalls:
         self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
     ) -> str:
         self.calls += 1
-        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def ours(root: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
     settings = load_settings({**env, "ROOT": str(root)})
     commands, git_calls = Commands(), GitCalls()
-    client = gitops.GitClient(timeout=settings.git_timeout, runner=git_calls)
+    client = git_client.GitClient(timeout=settings.git_timeout, runner=git_calls)
     start = time.perf_counter()
-    report = nodes.sync_nodes(
+    report = nodes_sync.sync_nodes(
         settings, Layout(root), config_file=config, git=client, runner=commands, environ=env
     )
     seconds = time.perf_counter() - start
@@ -322,7 +325,7 @@ def main() -> int:
         print(f"{n} nodes, {args.repeat} repetitions, interpreter {sys.executable}, {machine_note()}", flush=True)
         print(f"package index: {server.url} ({len(list(house.glob('*.whl')))} wheels from {house})", flush=True)
         victim = entries[n // 2]
-        victim_repo = Path(nodes.normalise_url(victim["url"]).removeprefix("file://"))
+        victim_repo = Path(nodes_config.normalise_url(victim["url"]).removeprefix("file://"))
         for rep in range(args.repeat):
             d = base / f"rep{rep}"
             # truly cold: a fresh venv per side, every requirement from the local index

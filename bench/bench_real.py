@@ -24,6 +24,7 @@ it once, or pass --build). Without it this prints why and exits 0 having measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,15 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import requests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(HERE), str(REPO / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
-from real.comfy_env import RealUnavailable, Server, ensure_python, existing_python, unpack_comfy  # noqa: E402
+from real.comfy_env import RealUnavailable, ensure_python, existing_python, unpack_comfy  # noqa: E402
+from support import ComfyServer, answers, wait_for  # noqa: E402
 
 from orchestrator.machine.ports import free_port_block  # noqa: E402
 
@@ -53,20 +54,10 @@ TARGET_OVERHEAD = 1.0
 TARGET_SIGSTOP = 20.0
 
 
-def answers(url: str, timeout: float = 1.0) -> bool:
-    try:
-        return httpx.get(url, timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def wait(pred: Any, timeout: float, what: str, interval: float = 0.05) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic()
-        time.sleep(interval)
-    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+    """``time.monotonic()`` when ``pred()`` first held; AssertionError past ``timeout``."""
+    wait_for(pred, timeout, interval, what)
+    return time.monotonic()
 
 
 def uptime() -> float:
@@ -85,7 +76,7 @@ def by_hand(python: Path, tree: Path, work: Path, n: int) -> float:
     ports = [free_port_block(1) for _ in range(n)]
     t0 = time.monotonic()
     # The same folders every round, as the orchestrated runs reuse their ROOT: both warm alike.
-    servers = [Server("real", python, tree, work / f"hand{n}-{i}", ports[i]) for i in range(n)]
+    servers = [ComfyServer(tree, work / f"hand{n}-{i}", ports[i], python=python, kind="real") for i in range(n)]
     try:
         end = wait(lambda: all(s.answers() for s in servers), 180, "by-hand start")
         return end - t0
@@ -141,13 +132,13 @@ class Orchestrated:
         if r.returncode != 0:
             raise RuntimeError(f"orchestrator up failed: {r.stderr}{r.stdout}")
         ports = [self.base + i for i in range(self.n)]
-        answered = wait(lambda: all(answers(f"http://127.0.0.1:{p}/system_stats") for p in ports), 180, "instances")
-        ready = wait(lambda: answers(f"http://127.0.0.1:{self.monitor}/readyz"), 60, "readyz")
+        answered = wait(lambda: all(answers(p) for p in ports), 180, "instances")
+        ready = wait(lambda: answers(self.monitor, "/readyz"), 60, "readyz")
         spawned = max(started_at(self.instance(i)["pid"]) for i in range(self.n)) - boot0
         return spawned, answered - t0, ready - t0
 
     def instance(self, gpu: int = 0) -> dict[str, Any]:
-        got = httpx.get(f"http://127.0.0.1:{self.monitor}/instances/{gpu}", timeout=5).json()
+        got = requests.get(f"http://127.0.0.1:{self.monitor}/instances/{gpu}", timeout=5).json()
         return dict(got)
 
     def recover(self, sig: signal.Signals) -> tuple[float, float]:
@@ -159,7 +150,7 @@ class Orchestrated:
         def back() -> bool:
             try:
                 inst = self.instance()
-            except (httpx.HTTPError, ValueError):
+            except (requests.RequestException, ValueError):
                 return False
             return bool(inst["pid"] not in (None, old) and inst["state"] == "READY")
 
@@ -168,10 +159,8 @@ class Orchestrated:
             return started_at(self.instance()["pid"]) - boot0, ready
         finally:
             if sig is signal.SIGSTOP:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(old, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
 
     def down(self) -> None:
         self.cli("down")

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,49 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from orchestrator.simulator.tree import write_code_tree  # noqa: E402
 
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support import ComfyServer  # noqa: E402
 
 
 def start(tree: Path, base: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, float]:
-    for sub in ("output", "temp", "input", "user"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [
-        sys.executable,
-        "main.py",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--cpu",
-        *[a for sub in ("output", "temp", "input", "user") for a in (f"--{sub}-directory", str(base / sub))],
-    ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"simulator exited {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=1).status_code == 200:
-                return proc, port, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.01)
+    """A simulator in ``tree`` with its folders under ``base``: (process, port, seconds to the first 200)."""
+    server = ComfyServer(tree, base, env=env)
+    return server.proc, server.port, server.wait_ready(interval=0.01)
 
 
 def rss_bytes(pid: int) -> int:
@@ -140,7 +112,7 @@ def main() -> int:
     opts = parser.parse_args()
     if opts.quick:
         opts.starts, opts.prompts = 3, 30
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": "0"}
+    env = {"SIM_EXEC_TIME": "0"}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         root = Path(tmp)
         tree = root / "ComfyUI"

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
+from support import ComfyServer, answers  # noqa: E402
 
 from orchestrator.machine.ports import free_port_block  # noqa: E402
 from orchestrator.simulator.tree import write_code_tree  # noqa: E402
@@ -48,13 +47,6 @@ BASE_ENV = {k: v for k, v in os.environ.items() if k not in SCRUB and not k.star
 BASE_ENV.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
 
 
-def answers(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 class Died(RuntimeError):
     """A simulator exited before answering (on a shared machine: its port was taken meanwhile)."""
 
@@ -63,22 +55,13 @@ def wait_ports(ports: list[int], timeout: float = 120, procs: list[subprocess.Po
     deadline = time.monotonic() + timeout
     pending = set(ports)
     while pending:
-        pending = {p for p in pending if not answers(p)}
+        pending = {p for p in pending if not answers(p, timeout=0.5)}
         if time.monotonic() > deadline:
             raise TimeoutError(f"ports {sorted(pending)} never answered")
         if procs and any(p.poll() is not None for p in procs):
             raise Died(f"a simulator exited before answering (ports {sorted(pending)})")
         if pending:
             time.sleep(0.02)
-
-
-def sim_argv(root: Path, i: int, port: int) -> list[str]:
-    d = root / f"comfyui_gpu{i}"
-    for sub in ("output", "temp", "input", "user"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--output-directory",
-            str(d / "output"), "--temp-directory", str(d / "temp"), "--input-directory", str(d / "input"),
-            "--user-directory", str(d / "user"), "--cpu"]
 
 
 def by_hand(root: Path, n: int, *, sequential: bool) -> float:
@@ -91,21 +74,20 @@ def by_hand(root: Path, n: int, *, sequential: bool) -> float:
 
 def _by_hand(root: Path, n: int, *, sequential: bool) -> float:
     base = free_port_block(n)
-    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[ComfyServer] = []
     start = time.monotonic()
     try:
         for i in range(n):
-            procs.append(subprocess.Popen(sim_argv(root, i, base + i), cwd=root / "ComfyUI",
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            servers.append(ComfyServer(root / "ComfyUI", root / f"comfyui_gpu{i}", base + i))
             if sequential:
-                wait_ports([base + i], procs=procs)
-        wait_ports([base + i for i in range(n)], procs=procs)
+                wait_ports([base + i], procs=[s.proc for s in servers])
+        wait_ports([base + i for i in range(n)], procs=[s.proc for s in servers])
         return time.monotonic() - start
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
+        for s in servers:
+            s.proc.terminate()
+        for s in servers:
+            s.stop()
 
 
 class PortTaken(RuntimeError):
@@ -208,8 +190,8 @@ def main() -> None:
             retried("first full up", first_up)
             skip, full, reconcile, legacy, par = [], [], [], [], []
             for _ in range(args.repeat):
-                skip.append(retried("up --skip-provision", lambda: ours_skip(root, n)))
-                f, r, warm_status = retried("full warm up", lambda: ours_full_warm(demo_root, n, urls))
+                skip.append(retried("up --skip-provision", lambda n=n: ours_skip(root, n)))
+                f, r, warm_status = retried("full warm up", lambda n=n: ours_full_warm(demo_root, n, urls))
                 full.append(f)
                 reconcile.append(r)
                 legacy.append(by_hand(root, n, sequential=True))

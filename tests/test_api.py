@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.gpus import Gpu, GpuSample
-from orchestrator.core.health import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
+from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.monitor.api import check_listen, create_app, is_loopback
@@ -117,8 +117,12 @@ def test_an_unknown_gpu_is_404_with_a_message(tmp_path: Path) -> None:
     client, _ = make_client(tmp_path)
     r = client.get("/instances/7")
     assert r.status_code == 404
-    assert "no instance on GPU 7" in r.json()["detail"]
-    assert client.get("/instances/x").status_code == 422
+    assert r.json()["error"] == "not_found"
+    assert "no instance on GPU 7" in r.json()["message"]
+    r = client.get("/instances/x")
+    assert r.status_code == 400
+    assert r.json()["error"] == "validation"
+    assert "gpu" in r.json()["message"]
 
 
 def test_restart_needs_the_bearer_token_when_one_is_set(tmp_path: Path) -> None:
@@ -126,6 +130,7 @@ def test_restart_needs_the_bearer_token_when_one_is_set(tmp_path: Path) -> None:
     r = client.post("/instances/0/restart")
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"] == "unauthorized"
     assert client.post("/instances/0/restart", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/instances/0/restart", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     assert control.restarts == []

@@ -126,3 +126,18 @@ def test_no_class_over_200_lines_without_a_reason() -> None:
                 if "Longer than" not in doc:
                     long.append(f"orchestrator/{path.relative_to(PACKAGE)}:{node.lineno}: class {node.name}")
     assert not long, "classes over ~200 lines need a 'Longer than 200 lines because ...' docstring line:\n" + "\n".join(long)
+
+
+def test_the_architecture_doc_draws_the_same_contract() -> None:
+    doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    drawn: dict[str, frozenset[str]] = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`") and cells[0].strip("`") in ALLOWED:
+            name = cells[0].strip("`")
+            mentioned = {w.strip("`,()") for w in cells[1].split()}
+            # "all of the above" / "everything": the top two layers may import every package below
+            drawn[name] = ALLOWED[name] if name in {"lifecycle", "cli"} else frozenset(mentioned & set(ALLOWED))
+    assert set(drawn) == set(ALLOWED)
+    for name, imports in drawn.items():
+        assert imports == ALLOWED[name], name

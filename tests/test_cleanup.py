@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from orchestrator.cli import models as models_cli
 from orchestrator.core.gpus import Gpu
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import build_plan
@@ -139,7 +140,7 @@ def test_totals_accumulate_in_the_status_file_and_metrics_pass_promtool(root: Pa
 def test_output_max_age_zero_turns_cleanup_off(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     put(root / "comfyui_gpu0" / "output" / "a", 1, 100 * HOUR)
     args = argparse.Namespace(once=True, json=False)
-    assert cleanup.cmd_cleanup(settings_for(root, OUTPUT_MAX_AGE="0"), args) == 0
+    assert models_cli.cmd_cleanup(settings_for(root, OUTPUT_MAX_AGE="0"), args) == 0
     assert "cleanup is off" in capsys.readouterr().out
     assert (root / "comfyui_gpu0" / "output" / "a").exists()
 
@@ -150,7 +151,7 @@ def test_once_prints_json(root: Path, capsys: pytest.CaptureFixture[str]) -> Non
     f.parent.mkdir(parents=True)
     f.write_bytes(b"12345")
     os.utime(f, (old, old))
-    assert cleanup.cmd_cleanup(settings_for(root), argparse.Namespace(once=True, json=True)) == 0
+    assert models_cli.cmd_cleanup(settings_for(root), argparse.Namespace(once=True, json=True)) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["files_deleted"], result["bytes_freed"]) == (1, 5)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import clean_env
+from support import clean_env
 
 from orchestrator.machine import state as paths
 
@@ -92,3 +92,29 @@ def test_a_pointer_left_by_a_demo_that_died_is_ignored(tmp_path: Path, monkeypat
     dead.wait()
     fake_demo(tmp_path, monkeypatch, dead.pid)
     assert paths.running_demo() is None
+
+
+def test_logs_json_is_one_object_per_line_with_the_gpu_and_the_text_of_the_same_lines(tmp_path: Path) -> None:
+    from orchestrator.core.layout import Layout
+    from orchestrator.core.plan import build_plan
+    from orchestrator.core.settings import load_settings
+    from orchestrator.machine.fs import write_json
+    from orchestrator.machine.gpu import detect
+
+    root = tmp_path / "root"
+    settings = load_settings({"ROOT": str(root), "MOCK_GPU": "1", "NUM_GPUS": "2"})
+    plan = build_plan(settings, detect(settings))
+    write_json(Layout(root).plan_file, plan.to_dict())
+    for inst in plan.instances:
+        inst.log_file.parent.mkdir(parents=True, exist_ok=True)
+        inst.log_file.write_text(f"first of gpu{inst.index}\n\"quoted\" \\ line\nlast of gpu{inst.index}\n")
+    env = clean_env(MOCK_GPU="1", NUM_GPUS="2", XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    r = run_cli(["--root", str(root), "logs", "all", "-n", "2", "--json"], env)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows == [
+        {"gpu": 0, "line": "\"quoted\" \\ line"}, {"gpu": 0, "line": "last of gpu0"},
+        {"gpu": 1, "line": "\"quoted\" \\ line"}, {"gpu": 1, "line": "last of gpu1"},
+    ]
+    text = run_cli(["--root", str(root), "logs", "1", "-n", "2"], env)
+    assert text.stdout.splitlines() == ["\"quoted\" \\ line", "last of gpu1"]

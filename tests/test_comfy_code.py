@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import Machine, commit_file, git, make_repo, wait_until
+import requests
+from support import Machine, commit_file, git, make_repo, wait_until
 
 from orchestrator.simulator.tree import write_code_tree
 
@@ -59,10 +59,10 @@ def test_your_own_checkout_runs_with_skip_provision_and_status_names_its_commit_
     assert st["comfy"]["fallback"] is False
     assert [i["comfyui_version"] for i in st["instances"]] == ["0.3.12-mine"]
     assert git(own, "rev-parse", "HEAD") == commit  # untouched
-    api = httpx.get(f"{m.monitor_url}/status", timeout=5).json()
+    api = requests.get(f"{m.monitor_url}/status", timeout=5).json()
     assert api["comfy"]["commit"] == commit
     assert api["instances"][0]["comfyui_version"] == "0.3.12-mine"
-    metrics = httpx.get(f"{m.monitor_url}/metrics", timeout=5).text
+    metrics = requests.get(f"{m.monitor_url}/metrics", timeout=5).text
     assert f'comfy_commit="{commit}"' in metrics
     assert 'comfyui_version="0.3.12-mine"' in metrics
     text = m.run("status").stdout
@@ -117,7 +117,7 @@ def test_a_missing_fork_branch_fails_up_and_status_keeps_naming_the_code_that_ru
     assert [i["comfyui_version"] for i in st["instances"]] == ["0.3.12"]
     text = m.run("status").stdout
     assert f"WARNING: FALLBACK ComfyUI in use: file://{fork} master @ {first[:12]} (configured: forward)" in text
-    metrics = httpx.get(f"{m.monitor_url}/metrics", timeout=5).text
+    metrics = requests.get(f"{m.monitor_url}/metrics", timeout=5).text
     assert f'comfy_commit="{first}"' in metrics
     assert 'comfy_ref="master"' in metrics
     assert "orchestrator_comfy_fallback 1.0" in metrics

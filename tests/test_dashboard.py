@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from orchestrator.core.gpus import Gpu, GpuSample
-from orchestrator.core.health import GpuStatus, InstanceStatus
 from orchestrator.core.layout import Layout
+from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import write_json

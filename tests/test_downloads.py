@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port_block
 
-from orchestrator.provision.models import downloads
-from orchestrator.provision.models.downloads import DownloadOptions, DownloadTask, Engine
+from orchestrator.cli.logconfig import setup_logging
+from orchestrator.machine.fs import read_json
+from orchestrator.machine.ports import free_port_block
+from orchestrator.provision.models import downloads, responses, verified
+from orchestrator.provision.models.downloads import Engine
+from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
+from orchestrator.provision.models.verified import VERIFIED_FILE
 
 
 # ---------------------------------------------------------------- the test server
@@ -243,7 +247,7 @@ def test_a_file_is_downloaded_verified_installed_and_recorded(server: RangeServe
     assert (dest / "a.safetensors").read_bytes() == data
     assert result.sha256 == sha(data)
     assert [p.name for p in dest.iterdir()] == ["a.safetensors"]  # no .part left behind
-    record = downloads.read_json(tmp_path / "state" / downloads.VERIFIED_FILE)
+    record = read_json(tmp_path / "state" / VERIFIED_FILE)
     (entry,) = record.values()
     assert entry["sha256"] == sha(data)
     assert entry["size"] == len(data)
@@ -262,7 +266,8 @@ def test_a_verified_file_is_skipped_without_network_or_rehashing(
     def no_hash(*a: Any, **k: Any) -> Any:
         raise AssertionError("hashed a verified file again")
 
-    monkeypatch.setattr(downloads, "hash_file", no_hash)
+    monkeypatch.setattr(downloads, "hash_file", no_hash)  # a resumed part's prefix
+    monkeypatch.setattr(verified, "hash_file", no_hash)  # a file adopted without a record
     again = engine(tmp_path).download(t)
     assert again.state == "skipped"
     assert len(server.requests) == before
@@ -483,15 +488,15 @@ def test_an_existing_file_with_the_right_hash_is_adopted_without_network(server:
 
 
 def test_content_disposition_and_content_range_parsing() -> None:
-    f = downloads.filename_from_disposition
+    f = responses.filename_from_disposition
     assert f('attachment; filename="a b.safetensors"') == "a b.safetensors"
     assert f("attachment; filename*=UTF-8''%E2%9C%93.bin") == "\u2713.bin"
     assert f("attachment; filename=plain.ckpt") == "plain.ckpt"
     assert f("inline") is None
     assert f(None) is None
-    assert downloads.parse_content_range("bytes 100-199/1000") == (100, 1000)
-    assert downloads.parse_content_range("bytes */1000") == (None, 1000)
-    assert downloads.parse_content_range(None) == (None, None)
+    assert responses.parse_content_range("bytes 100-199/1000") == (100, 1000)
+    assert responses.parse_content_range("bytes */1000") == (None, 1000)
+    assert responses.parse_content_range(None) == (None, None)
 
 
 def test_the_part_file_is_never_visible_under_the_final_name(server: RangeServer, tmp_path: Path) -> None:
@@ -565,14 +570,22 @@ def test_an_encoded_body_is_read_through_requests_decoding(tmp_path: Path) -> No
     assert (tmp_path / "d" / "g.bin").read_bytes() == data
 
 
-def test_urllib3_debug_logs_lose_their_query_strings(
-    server: RangeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="urllib3")
+def test_urllib3_debug_logs_lose_their_query_strings_in_the_cli_logs(server: RangeServer, tmp_path: Path) -> None:
+    # The engine changes no logger: the CLI's log handlers strip urllib3's query strings.
+    log_file = tmp_path / "cli.log"
     server.files["/q.bin"] = FileSpec(blob(100))
     t = DownloadTask(
         name="q", url=server.url("/q.bin") + "?token=debug-secret", dest_dir=tmp_path / "d", filename="q.bin"
     )
-    assert engine(tmp_path).download(t).state == "downloaded"
-    assert "/q.bin" in caplog.text
-    assert "debug-secret" not in caplog.text
+    with setup_logging(fmt="text", level="debug", secrets=(), log_file=log_file, stream=False):
+        logging.getLogger("urllib3").setLevel(logging.DEBUG)  # put back when the set-up is undone
+        assert engine(tmp_path).download(t).state == "downloaded"
+    text = log_file.read_text()
+    assert "/q.bin" in text
+    assert "debug-secret" not in text
+
+
+def test_the_engine_leaves_urllib3s_loggers_alone(tmp_path: Path) -> None:
+    before = {name: list(logging.getLogger(name).filters) for name in ("urllib3", "urllib3.connectionpool")}
+    engine(tmp_path)
+    assert {name: list(logging.getLogger(name).filters) for name in before} == before

@@ -7,12 +7,17 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import commit_file, git, make_repo
+from support import commit_file, git, make_repo
 
-from orchestrator.provision import git as gitops
-from orchestrator.provision.git import GitClient, GitError, RetryPolicy, SshKey, SshKeyError
+from orchestrator.provision.git import command as git_command
+from orchestrator.provision.git import urls as git_urls
+from orchestrator.provision.git import worktree as git_worktree
+from orchestrator.provision.git.client import GitClient, RetryPolicy
+from orchestrator.provision.git.command import GitError, SshKeyError
+from orchestrator.provision.git.ssh import SshKey
 
 FAKE_KEY = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -35,14 +40,14 @@ class Recorder:
             raise self.failures.pop(0)
         if not self.real:
             return ""
-        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def transient() -> GitError:
     return GitError("x", detail="fatal: unable to access 'https://h/r/': Could not resolve host: h")
 
 
-def client(runner: gitops.GitRunner, sleeps: list[float] | None = None, **kw: object) -> GitClient:
+def client(runner: git_command.GitRunner, sleeps: list[float] | None = None, **kw: object) -> GitClient:
     record = sleeps if sleeps is not None else []
     return GitClient(
         timeout=30,
@@ -80,7 +85,7 @@ def client(runner: gitops.GitRunner, sleeps: list[float] | None = None, **kw: ob
 def test_only_network_trouble_and_timeouts_count_as_transient(
     detail: str, timed_out: bool, expected: bool
 ) -> None:
-    assert gitops.is_transient(detail, timed_out=timed_out) is expected
+    assert git_urls.is_transient(detail, timed_out=timed_out) is expected
 
 
 @pytest.mark.parametrize(
@@ -94,7 +99,7 @@ def test_only_network_trouble_and_timeouts_count_as_transient(
     ],
 )
 def test_accepted_url_schemes(url: str) -> None:
-    assert gitops.url_problem(url) is None
+    assert git_urls.url_problem(url) is None
 
 
 @pytest.mark.parametrize(
@@ -112,55 +117,55 @@ def test_accepted_url_schemes(url: str) -> None:
     ],
 )
 def test_dangerous_or_unknown_urls_are_rejected_with_a_reason(url: str, fragment: str) -> None:
-    problem = gitops.url_problem(url)
+    problem = git_urls.url_problem(url)
     assert problem is not None
     assert fragment in problem
 
 
 def test_branches_and_commits_that_git_could_read_as_options_are_rejected() -> None:
-    assert gitops.ref_problem("-f") is not None
-    assert gitops.ref_problem("a..b") is not None
-    assert gitops.ref_problem("feature/x-1.2") is None
-    assert gitops.commit_problem("--all") is not None
-    assert gitops.commit_problem("14cfba14655eb19058963fb0d858b0bdb2d89cf0") is None
-    assert gitops.commit_problem("main") is not None
+    assert git_urls.ref_problem("-f") is not None
+    assert git_urls.ref_problem("a..b") is not None
+    assert git_urls.ref_problem("feature/x-1.2") is None
+    assert git_urls.commit_problem("--all") is not None
+    assert git_urls.commit_problem("14cfba14655eb19058963fb0d858b0bdb2d89cf0") is None
+    assert git_urls.commit_problem("main") is not None
 
 
 def test_credentials_in_urls_are_hidden() -> None:
     assert (
-        gitops.redact_url("clone https://user:tok3n@github.com/a/b failed")
+        git_urls.redact_url("clone https://user:tok3n@github.com/a/b failed")
         == "clone https://***@github.com/a/b failed"
     )
 
 
 def test_urls_that_need_ssh() -> None:
-    assert gitops.needs_ssh("git@github.com:a/b.git")
-    assert gitops.needs_ssh("ssh://git@github.com/a/b")
-    assert not gitops.needs_ssh("https://github.com/a/b")
-    assert not gitops.needs_ssh("file:///x")
+    assert git_urls.needs_ssh("git@github.com:a/b.git")
+    assert git_urls.needs_ssh("ssh://git@github.com/a/b")
+    assert not git_urls.needs_ssh("https://github.com/a/b")
+    assert not git_urls.needs_ssh("file:///x")
 
 
 def test_head_and_origin_are_read_without_git(tmp_path: Path) -> None:
     src = tmp_path / "src"
     first = make_repo(src, {"a.txt": "1"})
-    assert gitops.read_head(src) == first
-    assert gitops.current_branch(src) == "main"
+    assert git_worktree.read_head(src) == first
+    assert git_worktree.current_branch(src) == "main"
     git(src, "pack-refs", "--all")  # the ref now lives in packed-refs only
-    assert gitops.read_head(src) == first
+    assert git_worktree.read_head(src) == first
     git(src, "checkout", "-q", "--detach", first)
-    assert gitops.read_head(src) == first
-    assert gitops.current_branch(src) is None
+    assert git_worktree.read_head(src) == first
+    assert git_worktree.current_branch(src) is None
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", f"file://{src}", str(clone))
-    assert gitops.origin_url(clone) == f"file://{src}"
+    assert git_worktree.origin_url(clone) == f"file://{src}"
 
 
 def test_a_folder_without_a_valid_head_reads_as_broken(tmp_path: Path) -> None:
-    assert gitops.read_head(tmp_path / "missing") is None
+    assert git_worktree.read_head(tmp_path / "missing") is None
     empty = tmp_path / "empty"
     empty.mkdir()
     git(empty, "init", "-q")  # a clone killed before its first ref was written looks like this
-    assert gitops.read_head(empty) is None
+    assert git_worktree.read_head(empty) is None
 
 
 def test_transient_failures_are_retried_with_exponential_backoff(tmp_path: Path) -> None:
@@ -170,7 +175,7 @@ def test_transient_failures_are_retried_with_exponential_backoff(tmp_path: Path)
     sleeps: list[float] = []
     dest = tmp_path / "dest"
     client(runner, sleeps).clone(f"file://{src}", dest)
-    assert gitops.read_head(dest) == sha
+    assert git_worktree.read_head(dest) == sha
     assert len(runner.calls) == 3
     assert sleeps == [2, 4]
 
@@ -210,9 +215,9 @@ def test_a_hanging_git_is_killed_after_its_timeout(tmp_path: Path, monkeypatch: 
     (fake / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(GitError) as info:  # the fake would exit 0 after 30 s had it not been killed
-        gitops.git_runner(["fetch"], cwd=tmp_path, timeout=1, env={})
+        git_command.git_runner(["fetch"], cwd=tmp_path, timeout=1, env={})
     assert info.value.timed_out
-    assert gitops.is_transient(info.value.detail, timed_out=info.value.timed_out)
+    assert git_urls.is_transient(info.value.detail, timed_out=info.value.timed_out)
 
 
 def test_ssh_key_from_split_base64_parts_is_written_0600_and_used_only_for_ssh(tmp_path: Path) -> None:
@@ -249,10 +254,10 @@ def test_a_missing_or_bad_key_fails_only_ssh_urls_and_never_shows_the_key(tmp_pa
 
 
 def test_leftover_partial_clones_are_removed(tmp_path: Path) -> None:
-    leftover = tmp_path / gitops.partial_name("node")
+    leftover = tmp_path / git_worktree.partial_name("node")
     leftover.mkdir()
     (tmp_path / "keep").mkdir()
-    assert gitops.remove_partials(tmp_path) == [leftover]
+    assert git_worktree.remove_partials(tmp_path) == [leftover]
     assert not leftover.exists()
     assert (tmp_path / "keep").exists()
 
@@ -270,11 +275,11 @@ def test_ensure_commit_fetches_an_older_commit_into_a_shallow_clone(tmp_path: Pa
 
 
 def test_hosts_are_read_from_every_url_form() -> None:
-    assert gitops.url_host("https://user:tok@GitHub.com/a/b") == "github.com"
-    assert gitops.url_host("ssh://git@github.com:22/a/b") == "github.com"
-    assert gitops.url_host("git@github.com:a/b.git") == "github.com"
-    assert gitops.url_host("file:///srv/a") is None
-    assert gitops.url_host("/srv/a") is None
+    assert git_urls.url_host("https://user:tok@GitHub.com/a/b") == "github.com"
+    assert git_urls.url_host("ssh://git@github.com:22/a/b") == "github.com"
+    assert git_urls.url_host("git@github.com:a/b.git") == "github.com"
+    assert git_urls.url_host("file:///srv/a") is None
+    assert git_urls.url_host("/srv/a") is None
 
 
 def test_a_host_that_exhausted_its_retries_is_tried_once_for_the_rest_of_the_run(tmp_path: Path) -> None:
@@ -286,3 +291,32 @@ def test_a_host_that_exhausted_its_retries_is_tried_once_for_the_rest_of_the_run
             c.clone(f"https://example.invalid/{name}.git", tmp_path / name)
     assert len(runner.calls) == 4 + 1 + 1
     assert sleeps == [2, 4, 5]
+
+
+def test_a_reftable_repository_is_read_by_asking_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    first = make_repo(src, {"a.txt": "1"})
+    (src / ".git" / "reftable").mkdir()  # refs in a reftable cannot be read from files
+    asked: list[list[str]] = []
+
+    def recording(args: Sequence[str], **kwargs: Any) -> str:
+        asked.append(list(args))
+        return git_command.git_runner(args, **kwargs)
+
+    monkeypatch.setattr(git_worktree, "git_runner", recording)
+    assert git_worktree.read_head(src) == first
+    assert git_worktree.current_branch(src) == "main"
+    assert [a[0] for a in asked] == ["rev-parse", "symbolic-ref"]
+
+
+def test_local_commands_go_through_gitpython_with_the_runner_and_its_deadline(tmp_path: Path) -> None:
+    seen: list[tuple[list[str], float | None]] = []
+
+    def runner(args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
+        seen.append((list(args), timeout))
+        return " M a.txt"
+
+    c = client(runner)
+    assert c.cmd(tmp_path).rev_parse("HEAD", kill_after_timeout=5) == " M a.txt"
+    assert c.is_dirty(tmp_path)
+    assert seen == [(["rev-parse", "HEAD"], 5), (["status", "--porcelain", "--untracked-files=no"], 30)]

@@ -9,15 +9,14 @@ import pytest
 from orchestrator.core.health import (
     Action,
     HealthConfig,
-    InstanceStatus,
     LogFindings,
     ProbeResult,
     Record,
     after_action,
     backoff_delay,
     decide,
-    readiness,
 )
+from orchestrator.core.readiness import InstanceStatus, readiness
 from orchestrator.core.states import InstanceState as S
 from orchestrator.core.states import ProcessInfo
 from orchestrator.core.states import ProcessState as P

@@ -5,43 +5,38 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import wait_for
+import requests
 from prometheus_client import CollectorRegistry, generate_latest
+from support import ComfyServer, free_port, http_client, wait_for
 
-from orchestrator.core.instances import InstanceView
-from orchestrator.core.settings import Settings, load_settings
-from orchestrator.core.states import InstanceState
-from orchestrator.core.workflow import WorkflowError
-from orchestrator.jobs.service import (
-    InputImage,
-    JobManager,
+from orchestrator.comfy.client import ComfySocket
+from orchestrator.comfy.protocol import (
     NodeProgress,
-    ResultStore,
-    RouteError,
-    all_saturated,
     classify_event,
-    decode_image,
     history_outcome,
     history_outputs,
     history_times,
-    instance_load,
-    jobs_router,
     prompt_rejection,
-    route,
-    validation_message,
 )
+from orchestrator.core.http import validation_message
+from orchestrator.core.instances import InstanceView
+from orchestrator.core.routing import RouteError, all_saturated, instance_load, route
+from orchestrator.core.settings import Settings, load_settings
+from orchestrator.core.states import InstanceState
+from orchestrator.core.workflow import WorkflowError
+from orchestrator.jobs.routes import jobs_router
+from orchestrator.jobs.schemas import InputImage, decode_image
+from orchestrator.jobs.store import Job, ResultStore
+from orchestrator.jobs.tracker import JobManager
 
 READY = InstanceState.READY
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "workflow.json"
@@ -301,8 +296,6 @@ class FakeClock:
 
 
 def _job(store: ResultStore, job_id: str) -> Any:
-    from orchestrator.jobs.service import Job
-
     job = Job(
         id=job_id,
         workflow={},
@@ -339,75 +332,23 @@ def test_only_the_newest_finished_results_are_kept() -> None:
 
 
 # ---------------------------------------------------------------- simulated instances
-class Sim:
-    """One simulator process (the ComfyUI stand-in) on a free port."""
+class Sim(ComfyServer):
+    """One simulator process (the ComfyUI stand-in) on a free port, in ``base/gpu<index>``."""
 
     def __init__(self, tree: Path, base: Path, index: int, exec_time: float, protocol: str = "upstream") -> None:
         self.index = index
         self.protocol = protocol
         self.dir = base / f"gpu{index}"
-        self.output = self.dir / "output"
-        for sub in ("output", "temp", "input", "user"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")}
-        env["SIM_EXEC_TIME"] = str(exec_time)
-        env["SIM_PROTOCOL"] = protocol
-        self.log = (self.dir / "log.txt").open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "main.py",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--output-directory",
-                str(self.output),
-                "--temp-directory",
-                str(self.dir / "temp"),
-                "--input-directory",
-                str(self.dir / "input"),
-                "--user-directory",
-                str(self.dir / "user"),
-                "--cpu",
-            ],
-            cwd=tree,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"simulator {self.index} exited: {(self.dir / 'log.txt').read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/system_stats", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"simulator {self.index} not ready in {timeout}s")
+        env = {"SIM_EXEC_TIME": str(exec_time), "SIM_PROTOCOL": protocol}
+        super().__init__(tree, self.dir, env=env, log_path=self.dir / "log.txt")
 
     def queue(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/queue", timeout=5).json()
+        return requests.get(f"{self.url}/queue", timeout=5).json()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        return self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -505,9 +446,9 @@ class JobApi:
             assert time.monotonic() < deadline, "job API did not start"
             assert self.thread.is_alive(), "job API thread died"
             time.sleep(0.02)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        self.client = http_client(f"http://127.0.0.1:{self.port}", timeout=60)
 
-    def post(self, body: dict[str, Any], **kw: Any) -> httpx.Response:
+    def post(self, body: dict[str, Any], **kw: Any) -> requests.Response:
         return self.client.post("/jobs", json=body, **kw)
 
     def stop(self) -> None:
@@ -543,11 +484,11 @@ def job(**extra: Any) -> dict[str, Any]:
     return {"workflow": example(), "seed": next(_seed), **extra}
 
 
-def post_all(api: JobApi, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    results: list[httpx.Response | None] = [None] * len(bodies)
+def post_all(api: JobApi, bodies: list[dict[str, Any]]) -> list[requests.Response]:
+    results: list[requests.Response | None] = [None] * len(bodies)
 
     def one(i: int) -> None:
-        with httpx.Client(base_url=str(api.client.base_url), timeout=60) as c:
+        with http_client(api.client.base_url, timeout=60) as c:
             results[i] = c.post("/jobs", json=bodies[i])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
@@ -580,7 +521,7 @@ def test_a_job_runs_and_returns_its_output_files(fleet: list[Sim], api_factory: 
 
 def finished_at_success(sim: Sim, prompt_id: str) -> float:
     """Unix time of the server's execution_success (its executing-null follows at once)."""
-    entry = httpx.get(f"{sim.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
+    entry = requests.get(f"{sim.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
     (ts,) = [m[1]["timestamp"] for m in entry["status"]["messages"] if m[0] == "execution_success"]
     return float(ts) / 1000.0
 
@@ -604,10 +545,10 @@ def test_a_job_is_seen_finished_soon_after_the_server_is_done(
 def test_a_fork_job_whose_socket_delivers_nothing_still_finishes_via_history(
     sim_tree: Path, tmp_path: Path, api_factory: Callable[..., JobApi], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def keep_own_id(ws: Any, client_id: str) -> tuple[str, str]:
-        return client_id, ""  # as a tracker that ignores the fork's client_id message would
+    async def keep_own_id(socket: ComfySocket, timeout: float = 2.0) -> tuple[str, str]:
+        return socket.client_id, ""  # as a tracker that ignores the fork's client_id message would
 
-    monkeypatch.setattr(JobManager, "_greeting", staticmethod(keep_own_id))
+    monkeypatch.setattr(ComfySocket, "read_greeting", keep_own_id)
     sims = start_sims(sim_tree, tmp_path, [0.3], protocol="fork")
     try:
         api = api_factory(sims)
@@ -626,10 +567,10 @@ def test_an_instance_that_turned_into_the_fork_is_still_followed_and_greeted_nex
     sims = start_sims(sim_tree, tmp_path, [0.2], protocol="fork")
     try:
         api = api_factory(sims)
-        api.manager._dialect[0] = "upstream"  # learned before the instance was restarted on the fork
+        api.manager.dialects[0] = "upstream"  # learned before the instance was restarted on the fork
         first = api.post(job()).json()
         assert first["status"] == "success", first  # events went nowhere: /history found it
-        assert api.manager._dialect[0] == "fork"  # the client_id message seen on the socket
+        assert api.manager.dialects[0] == "fork"  # the client_id message seen on the socket
         second = api.post(job()).json()
         assert second["status"] == "success"
         assert second["progress"] == {"nodes_done": 7, "nodes_total": 7}
@@ -701,7 +642,7 @@ def test_an_override_on_a_missing_node_is_a_400_naming_the_node(
     r = api.post({"workflow": {"3": "KSampler"}})
     assert r.status_code == 400
     assert r.json()["node_id"] == "3"
-    r = api.client.post("/jobs", content=b"{not json")
+    r = api.client.post("/jobs", data=b"{not json")
     assert r.status_code == 400
     assert "not valid JSON" in r.json()["message"]
 
@@ -745,7 +686,7 @@ def test_curl_style_form_encoded_json_is_accepted(fleet: list[Sim], api_factory:
     api = api_factory(fleet)
     r = api.client.post(
         "/jobs",
-        content=json.dumps(json.loads(EXAMPLE.read_text())).encode(),
+        data=json.dumps(json.loads(EXAMPLE.read_text())).encode(),
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert r.status_code == 200, r.text
@@ -792,7 +733,7 @@ def test_a_body_over_max_request_bytes_is_413_whether_declared_or_chunked(
 ) -> None:
     api = api_factory([], max_request_bytes="2000")
     big = json.dumps(job(padding="x" * 5000)).encode()
-    r = api.client.post("/jobs", content=big, headers={"Content-Type": "application/json"})
+    r = api.client.post("/jobs", data=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413, r.text
     assert r.json()["error"] == "too_large"
     assert "MAX_REQUEST_BYTES" in r.json()["message"]
@@ -801,7 +742,7 @@ def test_a_body_over_max_request_bytes_is_413_whether_declared_or_chunked(
         for i in range(0, len(big), 500):
             yield big[i : i + 500]
 
-    r = api.client.post("/jobs", content=chunked(), headers={"Content-Type": "application/json"})
+    r = api.client.post("/jobs", data=chunked(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413, r.text
     assert r.json()["error"] == "too_large"
     small = api.post(job())  # under the limit: read and routed (no instance here)
@@ -855,8 +796,8 @@ def slow_sim(sim_tree: Path, tmp_path_factory: pytest.TempPathFactory, protocol:
 def slow_and_fast(slow_sim: Sim, fleet: list[Sim]) -> Iterator[list[Sim]]:
     """GPU 0 slow (30 s per prompt), GPU 1 fast (the fleet's, 0.4 s)."""
     yield [slow_sim, fleet[1]]
-    httpx.post(f"{slow_sim.url}/queue", json={"clear": True}, timeout=5)
-    httpx.post(f"{slow_sim.url}/interrupt", json={}, timeout=5)
+    requests.post(f"{slow_sim.url}/queue", json={"clear": True}, timeout=5)
+    requests.post(f"{slow_sim.url}/interrupt", json={}, timeout=5)
     wait_for(lambda: not slow_sim.queue()["queue_running"], timeout=10)
 
 
@@ -882,7 +823,7 @@ def test_a_job_past_its_deadline_is_interrupted_and_the_instance_reported_hung(
     assert api.directory.hung[0][0] == 0
     # The simulator stopped executing it.
     wait_for(lambda: not slow.queue()["queue_running"], timeout=5)
-    history = httpx.get(f"{slow.url}/history/{body['prompt_id']}").json()[body["prompt_id"]]
+    history = requests.get(f"{slow.url}/history/{body['prompt_id']}", timeout=5).json()[body["prompt_id"]]
     assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
     assert api.registry.get_sample_value("comfyui_jobs_total", {"status": "timeout"}) == 1
 
@@ -900,7 +841,7 @@ def test_a_job_that_times_out_while_queued_is_removed_without_blaming_the_instan
     assert api.directory.hung == []
     assert slow.queue()["queue_pending"] == []
     assert api.manager.get(blocker).status == "running"
-    httpx.post(f"{slow.url}/interrupt", json={})
+    requests.post(f"{slow.url}/interrupt", json={}, timeout=5)
     assert api.client.get(f"/jobs/{blocker}", params={"wait": 5}).json()["error"]["type"] == "interrupted"
 
 
@@ -940,7 +881,7 @@ def test_a_running_job_reports_its_progress_per_node(
     )
     assert body["progress"]["nodes_total"] == 7
     assert body["progress"]["nodes_done"] < 7
-    httpx.post(f"{slow_and_fast[0].url}/interrupt", json={})
+    requests.post(f"{slow_and_fast[0].url}/interrupt", json={}, timeout=5)
     assert api.client.get(f"/jobs/{job_id}", params={"wait": 10}).json()["status"] == "error"
 
 
@@ -955,7 +896,7 @@ def test_an_instance_the_monitor_sees_restarting_fails_its_job(
     result = api.client.get(f"/jobs/{job_id}", params={"wait": 10}).json()
     assert result["status"] == "error"
     assert result["error"]["message"] == "comfyui_gpu0 (GPU 0) is RESTARTING"
-    httpx.post(f"{slow.url}/interrupt", json={})
+    requests.post(f"{slow.url}/interrupt", json={}, timeout=5)
 
 
 def test_a_hung_instance_does_not_hang_the_job_past_its_deadline(

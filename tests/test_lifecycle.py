@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from conftest import Machine, answers, wait_until
+from support import Machine, answers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +102,9 @@ def test_control_verbs_and_clear_errors(machine: Callable[..., Machine]) -> None
     assert "[gpu0]" in logs
     assert "[gpu1]" in logs
     assert "To see the GUI go to" in logs
+    rows = [json.loads(line) for line in m.run("logs", "all", "-n", "200", "--json", check=True).stdout.splitlines()]
+    assert {r["gpu"] for r in rows} == {0, 1}
+    assert any("To see the GUI go to" in r["line"] for r in rows)
 
 
 def test_a_port_held_by_a_foreign_process_stops_up_with_its_name(machine: Callable[..., Machine]) -> None:

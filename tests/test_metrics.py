@@ -14,13 +14,13 @@ from prometheus_client import generate_latest
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.gpus import Gpu, GpuSample
-from orchestrator.core.health import GpuStatus, InstanceStatus
 from orchestrator.core.layout import Layout
+from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import write_json
 from orchestrator.monitor.metrics import build_registry
-from orchestrator.monitor.service import GpuSampler
+from orchestrator.monitor.sampler import GpuSampler
 
 GPUS = [
     Gpu(0, "GPU-aaaa", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 80 * 2**30, "550.54"),

@@ -17,16 +17,19 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import free_port_block
 from prometheus_client import CollectorRegistry, generate_latest
 from test_downloads import FileSpec, RangeServer, blob
 
+from orchestrator.cli import models as models_cli
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings, load_settings
-from orchestrator.provision.models import downloads
+from orchestrator.machine.ports import free_port_block
+from orchestrator.provision.models import sources
+from orchestrator.provision.models import status as models_status
 from orchestrator.provision.models import sync as models
-from orchestrator.provision.models.downloads import DownloadOptions
+from orchestrator.provision.models.downloads import Engine
+from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
 
 CONFIG = Path(__file__).resolve().parents[1] / "shared" / "comfy_dir_config.yaml"
 FIXTURE_CONFIG = Path("/work/shared/fixtures/emprops_shared/comfy_dir_config.yaml")
@@ -152,10 +155,10 @@ models:
     vae.mkdir(parents=True)
     (vae / "b.safetensors").write_bytes(b"present")
     entries = models.manifest.load_entries(settings, layout)
-    (vae / f".{models.entry_task(settings, entries[2], vae).key}.part").write_bytes(b"half")
+    (vae / f".{sources.entry_task(settings, entries[2], vae).key}.part").write_bytes(b"half")
     (vae / "a.safetensors").write_bytes(data)
-    engine = downloads.Engine(layout.state_dir, options=FAST)
-    assert engine.download(models.entry_task(settings, entries[0], vae)).state == "verified"
+    engine = Engine(layout.state_dir, options=FAST)
+    assert engine.download(sources.entry_task(settings, entries[0], vae)).state == "verified"
 
     def no_network(*a: Any, **k: Any) -> Any:
         raise AssertionError("network used in a dry run")
@@ -280,14 +283,14 @@ models:
     )
     settings = settings_for(root, server)
     args = argparse.Namespace(dry_run=False, tier="all", json=False)
-    assert models.cmd_sync(settings, args) == 0
+    assert models_cli.cmd_models_sync(settings, args) == 0
     out = capsys.readouterr().out
     assert "failed" in out
     assert "missing-optional.bin" in out
     (layout.shared_dir / "models.yaml").write_text(
         f"models:\n  - url: {server.url('/gone.bin')}\n    dest: vae\n    name: the-vae\n"
     )
-    assert models.cmd_sync(settings, args) == 1
+    assert models_cli.cmd_models_sync(settings, args) == 1
     captured = capsys.readouterr()
     assert "the-vae" in captured.err
     assert "404" in captured.out
@@ -327,12 +330,12 @@ def test_status_reports_progress_as_text_and_json(
     root: Path, server: RangeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = settings_for(root, server)
-    assert models.cmd_status(settings, argparse.Namespace(json=False)) == 0
+    assert models_cli.cmd_models_status(settings, argparse.Namespace(json=False)) == 0
     assert "no model sync has run yet" in capsys.readouterr().out
     server.files["/s.bin"] = FileSpec(blob(2048))
     layout = make_root(root, f"models:\n  - url: {server.url('/s.bin')}\n    dest: vae\n")
     models.sync_models(settings, layout, options=FAST)
-    assert models.cmd_status(settings, argparse.Namespace(json=True)) == 0
+    assert models_cli.cmd_models_status(settings, argparse.Namespace(json=True)) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["files"][0]["state"] == "downloaded"
     assert data["files"][0]["bytes_done"] == 2048
@@ -346,7 +349,7 @@ def test_status_reports_progress_as_text_and_json(
         "throughput_bytes_per_second",
         "files",
     }
-    models.cmd_status(settings, argparse.Namespace(json=False))
+    models_cli.cmd_models_status(settings, argparse.Namespace(json=False))
     assert "1/1 files" in capsys.readouterr().out
 
 
@@ -404,7 +407,7 @@ models:
     assert not final.exists()
     status = json.loads(Layout(root).models_status_file.read_text())
     assert status["running"] is True  # the killed run never marked itself finished...
-    assert models.read_status(Layout(root))["interrupted"] is True  # ...and readers notice
+    assert models_status.read_status(Layout(root))["interrupted"] is True  # ...and readers notice
     assert status["files"][0]["state"] in ("queued", "downloading")  # (rewritten at most once a second)
 
     server.files["/big.safetensors"] = FileSpec(data)
@@ -431,7 +434,7 @@ def promtool_check(text: bytes) -> None:
 def test_download_metrics_come_from_the_status_file_and_pass_promtool(root: Path) -> None:
     layout = Layout(root)
     registry = CollectorRegistry(auto_describe=True)
-    collector = models.DownloadsCollector(layout, clock=lambda: 1000.0)
+    collector = models_status.DownloadsCollector(layout, clock=lambda: 1000.0)
     registry.register(collector)
     assert registry.get_sample_value("orchestrator_download_files", {"state": "total"}) == 0
     from orchestrator.machine.fs import write_json
@@ -464,8 +467,8 @@ def test_download_metrics_come_from_the_status_file_and_pass_promtool(root: Path
 def test_the_status_file_is_rewritten_at_most_once_a_second(tmp_path: Path) -> None:
     now = [100.0]
     path = tmp_path / "status.json"
-    writer = models.StatusWriter(path, tier="all", clock=lambda: now[0])
-    task = downloads.DownloadTask(name="t", url="http://h/t?token=zzz-secret", dest_dir=tmp_path, filename="t")
+    writer = models_status.StatusWriter(path, tier="all", clock=lambda: now[0])
+    task = DownloadTask(name="t", url="http://h/t?token=zzz-secret", dest_dir=tmp_path, filename="t")
     writer.begin([task])
     writer.started(task, 1000, 0)
     for _ in range(50):

@@ -23,11 +23,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+import requests
 from aiohttp import web
-from conftest import Machine, clean_env, free_port_block, wait_until
 from prometheus_client import generate_latest
+from support import Machine, clean_env, simulated_machine, wait_until
 
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.health import HealthConfig
@@ -36,9 +36,10 @@ from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
 from orchestrator.machine.gpu import MockBackend
+from orchestrator.machine.ports import free_port_block
 from orchestrator.machine.state import create_instance_dirs
+from orchestrator.monitor.loop import Monitor
 from orchestrator.monitor.metrics import build_registry
-from orchestrator.monitor.service import Monitor
 
 
 # ================================================================ tier 1: fake supervisord
@@ -151,7 +152,7 @@ async def rig(tmp_path: Path, **env: str) -> AsyncIterator[Rig]:
     comfies = {inst.name: FakeComfy() for inst in plan.instances}
     sup = FakeSupervisor([i.name for i in plan.instances], comfies)
     monitor = Monitor(settings, plan, supervisor_factory=lambda timeout: sup, backend_factory=lambda: backend)
-    monitor.cfg = HealthConfig(startup_timeout=5, unhealthy_threshold=3, backoff_base=0.2)
+    monitor.loop.cfg = HealthConfig(startup_timeout=5, unhealthy_threshold=3, backoff_base=0.2)
     async with AsyncExitStack() as stack:
         for inst in plan.instances:
             await stack.enter_async_context(serving(comfies[inst.name], inst.port))
@@ -287,20 +288,20 @@ def test_a_scrape_never_waits_on_a_hung_instance(tmp_path: Path) -> None:
 
 # ================================================================ tier 2: a real machine
 def _pid(m: Machine, gpu: int) -> int:
-    return int(httpx.get(f"{m.monitor_url}/instances/{gpu}", timeout=2).json()["pid"] or 0)
+    return int(requests.get(f"{m.monitor_url}/instances/{gpu}", timeout=2).json()["pid"] or 0)
 
 
 def _instance(m: Machine, gpu: int) -> dict[str, Any]:
     try:
-        return dict(httpx.get(f"{m.monitor_url}/instances/{gpu}", timeout=2).json())
-    except (httpx.HTTPError, ValueError):
+        return dict(requests.get(f"{m.monitor_url}/instances/{gpu}", timeout=2).json())
+    except (requests.RequestException, ValueError):
         return {}
 
 
 def _all_ready(m: Machine) -> bool:
     try:
-        return httpx.get(f"{m.monitor_url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
+        return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code == 200
+    except requests.RequestException:
         return False
 
 
@@ -342,19 +343,9 @@ def _reset_faults(root: Path) -> None:
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """One 2-GPU machine shared by the tier-2 tests; ``ready_box`` puts it back in shape for each."""
-    from orchestrator.simulator.tree import write_code_tree
-
-    root = tmp_path_factory.mktemp("box")
-    write_code_tree(root / "ComfyUI")
-    _reset_faults(root)
-    base = free_port_block(3)
-    env = clean_env(
-        ROOT=str(root), MOCK_GPU="1", NUM_GPUS="2", WORKER_BASE_COMFYUI_PORT=str(base),
-        ORCHESTRATOR_PORT=str(free_port_block(1)), SHARED_REPO_URL="", PROBE_INTERVAL="0.5",
-        PROBE_TIMEOUT="0.5", STOP_TIMEOUT="5", ORCHESTRATOR_TOKEN="t0ken-for-tests",
-        GPU_SAMPLE_INTERVAL="0.5",
-    )
-    m = Machine(root, env, base, int(env["ORCHESTRATOR_PORT"]), 2)
+    m = simulated_machine(tmp_path_factory.mktemp("box"), 2, PROBE_TIMEOUT="0.5",
+                          ORCHESTRATOR_TOKEN="t0ken-for-tests", GPU_SAMPLE_INTERVAL="0.5")
+    _reset_faults(m.root)
     try:
         m.up()
         assert wait_until(lambda: _all_ready(m), 60, 0.2), m.run("status").stdout
@@ -388,7 +379,7 @@ def test_readyz_is_200_and_metrics_pass_promtool_with_every_instance_and_gpu(rea
     assert health.returncode == 0, health.stdout + health.stderr
     assert health.stdout.startswith("ready")
     assert m.run("health", "--live").returncode == 0
-    text = httpx.get(f"{m.monitor_url}/metrics", timeout=5).text
+    text = requests.get(f"{m.monitor_url}/metrics", timeout=5).text
     for gpu in (0, 1):
         assert f'comfyui_instance_ready{{gpu="{gpu}",instance="comfyui_gpu{gpu}"' in text
         assert f'device="nvidia{gpu}"' in text
@@ -404,7 +395,7 @@ def test_import_failed_lines_name_the_nodes_in_the_api_and_the_metric(ready_box:
     m = ready_box
     assert wait_until(lambda: _instance(m, 1).get("failed_custom_nodes") == ["BrokenNode", "ComfyUI-Bad"], 10)
     assert _instance(m, 0)["failed_custom_nodes"] == []
-    text = httpx.get(f"{m.monitor_url}/metrics", timeout=5).text
+    text = requests.get(f"{m.monitor_url}/metrics", timeout=5).text
     assert 'comfyui_instance_failed_custom_nodes{gpu="1",instance="comfyui_gpu1",node="BrokenNode"' in text
 
 
@@ -430,11 +421,11 @@ def test_the_simulators_hang_is_unhealthy_within_three_intervals_then_restarted_
     stop = threading.Event()
 
     def scrape() -> None:
-        with httpx.Client() as client:
+        with requests.Session() as client:
             while not stop.is_set():
                 try:
                     scrapes.append(client.get(f"{m.monitor_url}/metrics", timeout=10).status_code)
-                except httpx.HTTPError as exc:
+                except requests.RequestException as exc:
                     scrapes.append(repr(exc))
                 stop.wait(0.05)
 
@@ -453,7 +444,8 @@ def test_the_simulators_hang_is_unhealthy_within_three_intervals_then_restarted_
     log = (m.root / "logs" / "monitor.log").read_text()
     assert "comfyui_gpu0: READY -> UNHEALTHY: 3 consecutive failed probes" in log
     # /metrics kept answering while the instance hung (its latency then: bench/bench_monitor.py)
-    assert scrapes and all(code == 200 for code in scrapes), scrapes
+    assert scrapes
+    assert all(code == 200 for code in scrapes), scrapes
 
 
 @pytest.mark.integration
@@ -466,13 +458,11 @@ def test_a_sigstopped_instance_is_unhealthy_within_three_intervals_then_restarte
     try:
         seen = _watch_until_restarted(m, 1, pid)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
     assert wait_until(lambda: _instance(m, 1).get("state") == "READY", 60, 0.1), seen
     assert _pid(m, 1) != pid
-    readyz = httpx.get(f"{m.monitor_url}/readyz", timeout=2)
+    readyz = requests.get(f"{m.monitor_url}/readyz", timeout=2)
     assert readyz.status_code == 200
 
 
@@ -480,10 +470,10 @@ def test_a_sigstopped_instance_is_unhealthy_within_three_intervals_then_restarte
 def test_restarting_over_http_needs_the_token(ready_box: Machine) -> None:
     m = ready_box
     url = f"{m.monitor_url}/instances/0/restart"
-    assert httpx.post(url, timeout=5).status_code == 401
-    assert httpx.post(url, headers={"Authorization": "Bearer nope"}, timeout=5).status_code == 401
+    assert requests.post(url, timeout=5).status_code == 401
+    assert requests.post(url, headers={"Authorization": "Bearer nope"}, timeout=5).status_code == 401
     pid = _pid(m, 0)
-    r = httpx.post(url, headers={"Authorization": "Bearer t0ken-for-tests"}, timeout=5)
+    r = requests.post(url, headers={"Authorization": "Bearer t0ken-for-tests"}, timeout=5)
     assert r.status_code == 202
     assert wait_until(lambda: _instance(m, 0).get("pid") not in (None, pid), 10, 0.05)
     assert wait_until(lambda: _all_ready(m), 30, 0.1)
@@ -502,9 +492,9 @@ def test_a_restarted_monitor_answers_right_from_its_first_request(ready_box: Mac
 
     def answered() -> bool:
         try:
-            first["healthz"] = httpx.get(f"{m.monitor_url}/healthz", timeout=2).status_code
-            first["readyz"] = httpx.get(f"{m.monitor_url}/readyz", timeout=2).status_code
-        except httpx.HTTPError:
+            first["healthz"] = requests.get(f"{m.monitor_url}/healthz", timeout=2).status_code
+            first["readyz"] = requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
+        except requests.RequestException:
             return False
         return True
 
@@ -523,7 +513,7 @@ def test_a_slow_start_is_not_killed(ready_box: Machine) -> None:
     try:
         before, pid = _instance(m, 1)["restarts"], _pid(m, 1)
         auth = {"Authorization": "Bearer t0ken-for-tests"}
-        r = httpx.post(f"{m.monitor_url}/instances/1/restart", headers=auth)
+        r = requests.post(f"{m.monitor_url}/instances/1/restart", headers=auth, timeout=5)
         assert r.status_code == 202
         assert wait_until(lambda: _instance(m, 1).get("pid") not in (None, pid), 30, 0.05)
         slow_pid = _pid(m, 1)

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 from orchestrator.core.health import Action, ProbeResult
 from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import load_settings
 from orchestrator.machine.gpu import MockBackend
 from orchestrator.machine.state import create_instance_dirs
-from orchestrator.monitor import service as monitor_mod
-from orchestrator.monitor.service import Monitor
+from orchestrator.monitor.loop import Monitor
+from orchestrator.monitor.slots import Slot
 
 
 def _monitor(tmp_path: Path) -> Monitor:
@@ -62,17 +62,15 @@ def test_a_report_arriving_between_the_read_and_the_clear_is_kept(
     async def act(inst: Any, action: Action) -> str:
         return ""
 
-    monkeypatch.setattr(monitor, "_probe", probe)
-    monkeypatch.setattr(monitor, "_act", act)
+    monkeypatch.setattr(monitor.loop, "_probe", probe)
+    monkeypatch.setattr(monitor.loop, "_act", act)
     try:
-        asyncio.run(monitor._check(slot, None, 0.0))
+        asyncio.run(monitor.loop._check(slot, None, 0.0))
         assert reporters, "the check never read the hung report"
         assert wait_until(lambda: not reporters[0].is_alive(), 30)
         # The first report was taken by this check; the second is pending for the next one.
         assert slot.__dict__[field] == "second report"
-        assert monitor._due(slot, None, monitor._clock(), known=False)
+        assert slot.due(None, monitor._clock(), known=False)
     finally:
-        slot.__class__ = monitor_mod._Slot
-        monitor._poll_pool.shutdown(wait=False)
-        monitor._scan_pool.shutdown(wait=False)
-        monitor._action_pool.shutdown(wait=False)
+        slot.__class__ = Slot
+        asyncio.run(monitor.close())

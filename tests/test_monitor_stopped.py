@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
-import httpx
 import pytest
-from conftest import Machine, wait_until
+import requests
+from support import Machine, wait_until
 
-from orchestrator.monitor.service import process_stopped
+from orchestrator.monitor.prober import process_stopped
 
 
 def test_process_stopped_reads_the_state_from_proc() -> None:
@@ -42,8 +43,8 @@ def test_a_sigstopped_instance_is_restarted_without_waiting_for_probe_timeouts(
 
     def instance() -> dict:  # type: ignore[type-arg]
         try:
-            return dict(httpx.get(f"{m.monitor_url}/instances/0", timeout=2).json())
-        except (httpx.HTTPError, ValueError):
+            return dict(requests.get(f"{m.monitor_url}/instances/0", timeout=2).json())
+        except (requests.RequestException, ValueError):
             return {}
 
     assert wait_until(lambda: instance().get("state") == "READY", 60, 0.1)
@@ -53,8 +54,6 @@ def test_a_sigstopped_instance_is_restarted_without_waiting_for_probe_timeouts(
         assert wait_until(lambda: instance().get("pid") not in (None, old) and instance().get("state") == "READY",
                           90, 0.1), instance()
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(old, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
     assert instance()["restarts"] == 1

@@ -22,16 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import commit_file, git, make_repo
+from support import commit_file, git, make_repo
 
+from orchestrator.cli.nodes import cmd_nodes_sync
 from orchestrator.core.errors import ConfigError, ProvisionError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.machine import lock as oplock
-from orchestrator.provision import git as gitops
-from orchestrator.provision import nodes
-from orchestrator.provision.git import GitClient, RetryPolicy
-from orchestrator.provision.nodes import NodeRecord, NodeSpec, Observed, plan_actions
+from orchestrator.provision.git import command as git_command
+from orchestrator.provision.git import worktree as git_worktree
+from orchestrator.provision.git.client import GitClient, RetryPolicy
+from orchestrator.provision.nodes import config as nodes_config
+from orchestrator.provision.nodes import deps as nodes_deps
+from orchestrator.provision.nodes import report as nodes_report
+from orchestrator.provision.nodes import state as nodes_state
+from orchestrator.provision.nodes import sync as nodes_sync
+from orchestrator.provision.nodes.config import NodeSpec
+from orchestrator.provision.nodes.plan import Observed, plan_actions
+from orchestrator.provision.nodes.state import NodeRecord
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "emprops_shared" / "config_nodes.json"
 if not FIXTURE.exists():  # the copy shipped in the repo holds the same production file
@@ -68,7 +76,7 @@ class Commands:
         self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
     ) -> Any:
         self.calls.append(list(argv))
-        return nodes.run_command(argv, cwd=cwd, env=env, timeout=timeout)
+        return nodes_deps.run_command(argv, cwd=cwd, env=env, timeout=timeout)
 
     @property
     def pip_installs(self) -> list[list[str]]:
@@ -83,7 +91,7 @@ class GitCalls:
         self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
     ) -> str:
         self.calls.append(list(args))
-        return gitops.git_runner(args, cwd=cwd, timeout=timeout, env=env)
+        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +173,7 @@ def write_config(path: Path, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
-def quick_git(runner: gitops.GitRunner = gitops.git_runner) -> GitClient:
+def quick_git(runner: git_command.GitRunner = git_command.git_runner) -> GitClient:
     return GitClient(
         timeout=30, runner=runner, retry=RetryPolicy(attempts=2, initial=0, maximum=0), sleep=lambda s: None
     )
@@ -178,12 +186,12 @@ def sync(
     config: Path,
     *,
     commands: Commands | None = None,
-    git_runner: gitops.GitRunner = gitops.git_runner,
+    git_runner: git_command.GitRunner = git_command.git_runner,
     prune: bool = False,
     env: Mapping[str, str] | None = None,
     **settings_env: str,
-) -> nodes.NodesReport:
-    return nodes.sync_nodes(
+) -> nodes_report.NodesReport:
+    return nodes_sync.sync_nodes(
         settings_for(root, venv, **settings_env),
         Layout(root),
         config_file=config,
@@ -194,7 +202,7 @@ def sync(
     )
 
 
-def by_name(report: nodes.NodesReport) -> dict[str, nodes.NodeResult]:
+def by_name(report: nodes_report.NodesReport) -> dict[str, nodes_report.NodeResult]:
     return {r.name: r for r in report.results}
 
 
@@ -204,7 +212,7 @@ def venv_has(venv: Path, code: str) -> str:
 
 # ---------------------------------------------------------------- config validation
 def test_the_production_config_validates_with_64_nodes_and_the_git_clone_urls_normalised() -> None:
-    config = nodes.load_config(FIXTURE)
+    config = nodes_config.load_config(FIXTURE)
     assert len(config.nodes) == 64
     raw = json.loads(FIXTURE.read_text())["custom_nodes"]
     prefixed = {e["name"] for e in raw if e["url"].startswith("git clone ")}
@@ -229,7 +237,7 @@ def test_schema_errors_name_the_json_path(tmp_path: Path) -> None:
         ],
     )
     with pytest.raises(ConfigError) as info:
-        nodes.load_config(bad)
+        nodes_config.load_config(bad)
     message = str(info.value)
     assert "custom_nodes[0]: 'name' is a required property" in message
     assert "custom_nodes[1].url: 5 is not of type 'string'" in message
@@ -259,18 +267,18 @@ def test_unsafe_entries_are_rejected_naming_the_entry(
     tmp_path: Path, entry: dict[str, Any], fragment: str
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        nodes.load_config(write_config(tmp_path / "c.json", [entry]))
+        nodes_config.load_config(write_config(tmp_path / "c.json", [entry]))
     assert fragment in str(info.value)
 
 
 def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
     entries = [{"name": "a", "url": "https://h/a"}, {"name": "A", "url": "https://h/b"}]
     with pytest.raises(ConfigError, match=r"custom_nodes\[1\].name: 'A' duplicates custom_nodes\[0\]"):
-        nodes.load_config(write_config(tmp_path / "c.json", entries))
+        nodes_config.load_config(write_config(tmp_path / "c.json", entries))
 
 
 def test_unknown_fields_are_warned_about_not_fatal(tmp_path: Path) -> None:
-    config = nodes.load_config(
+    config = nodes_config.load_config(
         write_config(tmp_path / "c.json", [{"name": "a", "url": "https://h/a", "tag": 1}])
     )
     assert len(config.nodes) == 1
@@ -282,19 +290,19 @@ def test_install_order_is_ascending_then_unordered_entries_by_name(tmp_path: Pat
         {"name": n, "url": f"https://h/{n}", **({"install_order": o} if o is not None else {})}
         for n, o in [("zeta", None), ("b", 2), ("alpha", None), ("a", 1), ("c", -5)]
     ]
-    config = nodes.load_config(write_config(tmp_path / "c.json", entries))
+    config = nodes_config.load_config(write_config(tmp_path / "c.json", entries))
     assert [s.name for s in config.nodes] == ["c", "a", "b", "alpha", "zeta"]
 
 
 def test_the_test_mode_config_is_chosen_by_storage_test_mode(root: Path) -> None:
     layout = Layout(root)
-    assert nodes.default_config_file(load_settings({"ROOT": str(root)}), layout).name == "config_nodes.json"
+    assert nodes_config.default_config_file(load_settings({"ROOT": str(root)}), layout).name == "config_nodes.json"
     test_mode = load_settings({"ROOT": str(root), "AWS_TEST_MODE": "true"})
-    assert nodes.default_config_file(test_mode, layout).name == "config_nodes_test.json"
+    assert nodes_config.default_config_file(test_mode, layout).name == "config_nodes_test.json"
     (root / "shared").mkdir()
     (root / "shared" / "config_nodes.json").write_text('{"custom_nodes": []}')
     assert (
-        nodes.default_config_file(load_settings({"ROOT": str(root)}), layout)
+        nodes_config.default_config_file(load_settings({"ROOT": str(root)}), layout)
         == root / "shared/config_nodes.json"
     )
 
@@ -302,11 +310,11 @@ def test_the_test_mode_config_is_chosen_by_storage_test_mode(root: Path) -> None
 # ---------------------------------------------------------------- .env (pure)
 def test_env_values_are_substituted_without_a_shell() -> None:
     environ = {"A": "1", "EMPTY": ""}
-    assert nodes.substitute("${A}", environ) == ("1", [])
-    assert nodes.substitute("x-${A}-${B:-dflt}", environ) == ("x-1-dflt", [])
-    assert nodes.substitute("${EMPTY:-dflt}", environ) == ("dflt", [])
-    assert nodes.substitute("${MISSING}", environ) == ("", ["MISSING"])
-    assert nodes.substitute("$(touch /tmp/pwned) `id` $A", environ) == ("$(touch /tmp/pwned) `id` $A", [])
+    assert nodes_deps.substitute("${A}", environ) == ("1", [])
+    assert nodes_deps.substitute("x-${A}-${B:-dflt}", environ) == ("x-1-dflt", [])
+    assert nodes_deps.substitute("${EMPTY:-dflt}", environ) == ("dflt", [])
+    assert nodes_deps.substitute("${MISSING}", environ) == ("", ["MISSING"])
+    assert nodes_deps.substitute("$(touch /tmp/pwned) `id` $A", environ) == ("$(touch /tmp/pwned) `id` $A", [])
 
 
 def test_dotenv_lines_read_back_exactly_with_python_dotenv(tmp_path: Path) -> None:
@@ -321,7 +329,7 @@ def test_dotenv_lines_read_back_exactly_with_python_dotenv(tmp_path: Path) -> No
     }
     # Values arrive through ${VAR} from the environment and are written literally. (python-dotenv
     # interpolates "${" even in single quotes and has no escape for it: such values cannot survive.)
-    text, _ = nodes.render_env([(k, "${" + k + "}") for k in values], values)
+    text, _ = nodes_deps.render_env([(k, "${" + k + "}") for k in values], values)
     (tmp_path / ".env").write_text(text)
     assert dotenv.dotenv_values(tmp_path / ".env") == values
 
@@ -335,8 +343,8 @@ def record_for(spec: NodeSpec, head: str = "a" * 40, requirements: str = "off") 
         spec.recursive,
         head,
         requirements,
-        nodes.env_marker(spec),
-        nodes.script_marker(spec),
+        nodes_state.env_marker(spec),
+        nodes_state.script_marker(spec),
     )
 
 
@@ -404,15 +412,15 @@ def test_only_nodes_we_installed_are_removed_unless_prune() -> None:
 
 
 def test_the_torch_stack_is_pinned_and_pip_runs_once_for_many_files() -> None:
-    text = nodes.constraints_text({"torch": "2.3.1+cu121", "xformers": "0.0.27", "numpy": "1"})
+    text = nodes_deps.constraints_text({"torch": "2.3.1+cu121", "xformers": "0.0.27", "numpy": "1"})
     assert "torch==2.3.1+cu121" in text
     assert "xformers==0.0.27" in text
     assert "numpy" not in text
     files = [Path("/n/a/requirements.txt"), Path("/n/b/requirements.txt")]
-    argv = nodes.pip_command("/py", files, Path("/c.txt"), None)
+    argv = nodes_deps.pip_command("/py", files, Path("/c.txt"), None)
     assert argv[:4] == ["/py", "-m", "pip", "install"]
     assert argv[-6:] == ["-r", "/n/a/requirements.txt", "-r", "/n/b/requirements.txt", "-c", "/c.txt"]
-    assert nodes.pip_command("/py", files, None, "/bin/uv")[:5] == [
+    assert nodes_deps.pip_command("/py", files, None, "/bin/uv")[:5] == [
         "/bin/uv",
         "pip",
         "install",
@@ -504,7 +512,7 @@ def test_a_cold_sync_installs_everything_and_a_warm_sync_starts_nothing(
     assert venv_has(venv, "import orchtest_alpha; print(orchtest_alpha.VERSION)") == "1.0"
     # branch, commit, submodules
     assert (cn / "beta" / "which.txt").read_text() == "dev\n"
-    assert gitops.read_head(cn / "gamma") == world["gamma_first"]
+    assert git_worktree.read_head(cn / "gamma") == world["gamma_first"]
     assert (cn / "delta" / "lib" / "lib.py").read_text() == "LIB = 1\n"
     # .env: substituted, defaults, literals kept, mode 0600
     dotenv = cn / "alpha" / ".env"
@@ -551,7 +559,7 @@ def test_a_change_touches_only_the_changed_nodes(
         "beta": "removed",
     }
     cn = root / "ComfyUI" / "custom_nodes"
-    assert gitops.read_head(cn / "gamma") == world["gamma_second"]
+    assert git_worktree.read_head(cn / "gamma") == world["gamma_second"]
     assert (cn / "alpha" / "script.log").read_text() == "ran\nagain\n"
     assert not (cn / "beta").exists()
     assert (cn / "stranger").exists()
@@ -586,7 +594,7 @@ def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
     assert venv_has(venv, "import orchtest_alpha; print('ok')") == "ok"
     assert "torch==1.0.0" in (root / ".orchestrator" / "pip-constraints.txt").read_text()
     # the failed nodes are retried next time; the good one is left alone
-    plan = nodes.sync_nodes(settings_for(root, venv), Layout(root), config_file=config, dry_run=True)
+    plan = nodes_sync.sync_nodes(settings_for(root, venv), Layout(root), config_file=config, dry_run=True)
     assert {r.name: (r.action, r.reasons) for r in plan.results} == {
         "alpha": ("unchanged", ()),
         "badreq": ("update", ("requirements",)),
@@ -607,7 +615,7 @@ def test_one_failing_node_does_not_stop_the_others_and_the_cli_exits_non_zero(
     )
     settings = settings_for(root)
     args = argparse.Namespace(dry_run=False, prune=False, file=config, json=False)
-    assert nodes.cmd_sync(settings, args) == 1
+    assert cmd_nodes_sync(settings, args) == 1
     out = capsys.readouterr().out
     assert "FAILED: missing, broken_script" in out or "FAILED: broken_script, missing" in out
     report = json.loads((root / ".orchestrator" / "nodes_report.json").read_text())
@@ -616,7 +624,7 @@ def test_one_failing_node_does_not_stop_the_others_and_the_cli_exits_non_zero(
     errors = {n["name"]: n["error"] for n in report["nodes"]}
     assert "does not appear to be a git repository" in errors["missing"]
     assert "custom_script failed (exit 3): boom" in errors["broken_script"]
-    again = nodes.sync_nodes(settings, Layout(root), config_file=config, dry_run=True)
+    again = nodes_sync.sync_nodes(settings, Layout(root), config_file=config, dry_run=True)
     plan = {r.name: (r.action, r.reasons) for r in again.results}
     assert plan["missing"] == ("install", ("new",))
     assert plan["broken_script"] == ("update", ("script",))
@@ -667,7 +675,7 @@ def test_a_second_sync_at_the_same_time_is_refused(root: Path, world: dict[str, 
     settings = load_settings({"ROOT": str(root)}, {})
     args = argparse.Namespace(file=config, dry_run=False, prune=False, json=False)
     with oplock.hold(Layout(root)), pytest.raises(ProvisionError, match="another orchestrator up/nodes sync is running"):
-        nodes.cmd_sync(settings, args)
+        cmd_nodes_sync(settings, args)
     assert not (root / "ComfyUI" / "custom_nodes" / "plain").exists()
 
 
@@ -695,11 +703,11 @@ def killer() -> Iterator[list[subprocess.Popen[bytes]]]:
 SYNC_SCRIPT = """
 import os, sys
 from pathlib import Path
-from orchestrator.provision import nodes
+from orchestrator.provision.nodes import sync as nodes_sync
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import load_settings
 s = load_settings(os.environ)
-nodes.sync_nodes(s, Layout(s.root), config_file=Path(sys.argv[1]))
+nodes_sync.sync_nodes(s, Layout(s.root), config_file=Path(sys.argv[1]))
 """
 
 
@@ -741,14 +749,14 @@ def test_a_clone_killed_midway_is_never_used_and_the_next_run_repairs_it(
     cn = root / "ComfyUI" / "custom_nodes"
     assert not (cn / "plain").exists()  # the half-finished clone is not where ComfyUI looks
     assert [p for p in cn.iterdir() if ".partial-" in p.name]
-    assert "plain" not in nodes.load_state(Layout(root))
+    assert "plain" not in nodes_state.load_state(Layout(root))
 
     report = sync(root, None, world, config)
     assert report.failed == ()
     assert by_name(report)["plain"].state == "installed"
-    assert gitops.read_head(cn / "plain") == git(world["repos"] / "plain", "rev-parse", "HEAD")
+    assert git_worktree.read_head(cn / "plain") == git(world["repos"] / "plain", "rev-parse", "HEAD")
     assert [p.name for p in cn.iterdir()] == ["plain"]
-    assert "plain" in nodes.load_state(Layout(root))
+    assert "plain" in nodes_state.load_state(Layout(root))
 
 
 def test_a_node_folder_without_a_valid_head_is_replaced(
@@ -761,4 +769,4 @@ def test_a_node_folder_without_a_valid_head_is_replaced(
     report = sync(root, None, world, config)
     assert by_name(report)["plain"].reasons == ("broken",)
     assert report.failed == ()
-    assert gitops.read_head(broken) == git(world["repos"] / "plain", "rev-parse", "HEAD")
+    assert git_worktree.read_head(broken) == git(world["repos"] / "plain", "rev-parse", "HEAD")

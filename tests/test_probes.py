@@ -1,4 +1,4 @@
-"""Probes: log scanning (rotation, truncation, partial lines), device checks, real HTTP probes."""
+"""Probes: log scanning (rotation, truncation, partial lines), device checks, HTTP probes of a real aiohttp server."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from aiohttp import web
-from conftest import free_port_block
 
 from orchestrator.core.gpus import Gpu
+from orchestrator.machine.ports import free_port_block
 from orchestrator.monitor.probes import LogScanner, check_device, free_memory, node_name, parse_lines, probe_http
 
 H100 = Gpu(0, "GPU-1234", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 85520809984, "550.54")
@@ -203,7 +203,7 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
 def test_a_healthy_instance_probes_ok_with_its_queue_depth() -> None:
     async def main() -> None:
         fake = FakeComfy()
-        async with serving(fake) as port, httpx.AsyncClient() as client:
+        async with serving(fake) as port, aiohttp.ClientSession() as client:
             result = await probe_http(client, port, MOCK, mock=True, timeout=2)
         assert result.ok
         assert result.tcp
@@ -223,9 +223,9 @@ def test_the_probe_samples_the_comfyui_version_the_process_reports() -> None:
             return web.json_response(stats)
 
     async def main() -> None:
-        async with serving(Versioned()) as port, httpx.AsyncClient() as client:
+        async with serving(Versioned()) as port, aiohttp.ClientSession() as client:
             assert (await probe_http(client, port, MOCK, mock=True, timeout=2)).comfyui_version == "0.3.12"
-        async with serving(FakeComfy()) as port, httpx.AsyncClient() as client:
+        async with serving(FakeComfy()) as port, aiohttp.ClientSession() as client:
             assert (await probe_http(client, port, MOCK, mock=True, timeout=2)).comfyui_version is None
 
     run(main)
@@ -235,7 +235,7 @@ def test_a_hung_instance_fails_the_probe_within_its_timeout() -> None:
     async def main() -> None:
         fake = FakeComfy()
         fake.mode = "hang"
-        async with serving(fake) as port, httpx.AsyncClient() as client:
+        async with serving(fake) as port, aiohttp.ClientSession() as client:
             # The fake never answers: without the timeout this probe would hang (pytest-timeout ends it).
             result = await probe_http(client, port, MOCK, mock=True, timeout=0.3)
         assert not result.ok
@@ -248,7 +248,7 @@ def test_a_hung_instance_fails_the_probe_within_its_timeout() -> None:
 def test_a_closed_port_fails_the_probe_at_once() -> None:
     async def main() -> None:
         port = free_port_block(1)
-        async with httpx.AsyncClient() as client:
+        async with aiohttp.ClientSession() as client:
             result = await probe_http(client, port, MOCK, mock=True, timeout=2)
         assert not result.ok
         assert not result.tcp
@@ -260,7 +260,7 @@ def test_a_closed_port_fails_the_probe_at_once() -> None:
 def test_an_error_status_or_a_wrong_device_fails_the_probe() -> None:
     async def main() -> None:
         fake = FakeComfy()
-        async with serving(fake) as port, httpx.AsyncClient() as client:
+        async with serving(fake) as port, aiohttp.ClientSession() as client:
             fake.mode = "error"
             failed = await probe_http(client, port, MOCK, mock=True, timeout=2)
             fake.mode, fake.device = "ok", "cuda:0 NVIDIA A10 : cudaMallocAsync"
@@ -276,11 +276,11 @@ def test_an_error_status_or_a_wrong_device_fails_the_probe() -> None:
 def test_free_memory_posts_unload_and_free() -> None:
     async def main() -> None:
         fake = FakeComfy()
-        async with serving(fake) as port, httpx.AsyncClient() as client:
+        async with serving(fake) as port, aiohttp.ClientSession() as client:
             assert await free_memory(client, port, 2) == ""
         assert fake.freed == [{"unload_models": True, "free_memory": True}]
-        async with httpx.AsyncClient() as client:
-                assert await free_memory(client, free_port_block(1), 1) == "ConnectError"
+        async with aiohttp.ClientSession() as client:
+            assert await free_memory(client, free_port_block(1), 1) == "connection refused"
 
     run(main)
 

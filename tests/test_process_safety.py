@@ -15,14 +15,14 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import clean_env, wait_until
+from support import clean_env, wait_until
 
 from orchestrator.core.errors import ProvisionError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import load_settings
-from orchestrator.lifecycle import service as lifecycle
+from orchestrator.lifecycle import down as lifecycle
 from orchestrator.machine import lock as oplock
-from orchestrator.provision import nodes
+from orchestrator.provision.nodes import deps as nodes_deps
 
 DEADLINE = 30.0  # generous: it only ends a failing test, it measures nothing
 
@@ -73,14 +73,14 @@ def test_run_command_returns_when_a_background_grandchild_keeps_the_output_open(
     pidfile = tmp_path / "pid"
     argv = ["sh", "-c", f'{spawn} & echo $! > "$PIDFILE"; echo hi']
     t, box = _in_thread(
-        lambda: nodes.run_command(argv, cwd=tmp_path, env={**os.environ, "PIDFILE": str(pidfile)}, timeout=120)
+        lambda: nodes_deps.run_command(argv, cwd=tmp_path, env={**os.environ, "PIDFILE": str(pidfile)}, timeout=120)
     )
     assert wait_until(lambda: _read_pid(pidfile) is not None, DEADLINE)
     reap.append(_read_pid(pidfile) or 0)
     # Before the fix the call read the pipe until the 300 s helper exited (or 120 s timeout).
     assert wait_until(lambda: not t.is_alive(), DEADLINE), "run_command waited on the helper's pipe"
     result = box[0]
-    assert isinstance(result, nodes.CmdResult)
+    assert isinstance(result, nodes_deps.CmdResult)
     assert result.ok
     assert result.output.strip() == "hi"
 
@@ -89,7 +89,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: P
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
     script = 'sleep 300 & echo $! > "$P1"; setsid sleep 300 & echo $! > "$P2"; echo started; wait'
     t, box = _in_thread(
-        lambda: nodes.run_command(
+        lambda: nodes_deps.run_command(
             ["sh", "-c", script], cwd=tmp_path, env={**os.environ, "P1": str(p1), "P2": str(p2)}, timeout=2
         )
     )
@@ -98,7 +98,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: P
     reap.extend(grandchildren)
     assert wait_until(lambda: not t.is_alive(), DEADLINE), "run_command did not return after its timeout"
     result = box[0]
-    assert isinstance(result, nodes.CmdResult)
+    assert isinstance(result, nodes_deps.CmdResult)
     assert result.timed_out
     assert not result.ok
     assert "started" in result.output
@@ -110,8 +110,8 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path: P
 RUNNER_SCRIPT = """
 import os, sys
 from pathlib import Path
-from orchestrator.provision import nodes
-nodes.run_command(["sh", "-c", 'echo $$ > "$CHILD_PID"; exec sleep 300'], cwd=None, env=dict(os.environ), timeout=600)
+from orchestrator.provision.nodes import deps as nodes_deps
+nodes_deps.run_command(["sh", "-c", 'echo $$ > "$CHILD_PID"; exec sleep 300'], cwd=None, env=dict(os.environ), timeout=600)
 """
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
@@ -139,3 +139,21 @@ def test_short_timeout_applies_to_its_own_socket(fake: tuple[Layout, FakeSupervi
     assert "did not answer" in str(result[0])
     assert socket.getdefaulttimeout() == before
     assert os.path.exists(layout.socket)
+
+
+def test_wait_for_polls_on_the_given_clock_and_asks_once_more_at_the_deadline() -> None:
+    from orchestrator.machine.clock import wait_for
+
+    now = [0.0]
+    answers = iter([False, False, True])
+    assert wait_for(lambda: next(answers), 10, 1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert now[0] == 2.0
+    now[0] = 0.0
+    calls: list[float] = []
+
+    def never() -> bool:
+        calls.append(now[0])
+        return False
+
+    assert not wait_for(never, 3, 1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert calls == [0.0, 1.0, 2.0, 3.0]

@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,24 +16,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+import requests
+import requests.adapters
 from prometheus_client import CollectorRegistry
+from support import ComfyServer, free_port
 
+from orchestrator.cli.jobs import cmd_runpod_worker
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.instances import InstanceView
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
+from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.runpod import (
     InputError,
-    cmd_runpod_worker,
     instance_count,
     job_api_url,
     make_handler,
     to_job_request,
     to_output,
 )
-from orchestrator.jobs.service import JobManager, jobs_router
+from orchestrator.jobs.tracker import JobManager
 
 REPO = Path(__file__).resolve().parents[1]
 needs_runpod = pytest.mark.skipif(
@@ -161,28 +163,57 @@ def test_concurrency_is_the_number_of_planned_instances(tmp_path: Path) -> None:
     assert instance_count(settings) == 3
 
 
+class MockAdapter(requests.adapters.BaseAdapter):
+    """A requests transport that answers with ``respond(request)`` (or raises what it raises)."""
+
+    def __init__(self, respond: Any) -> None:
+        super().__init__()
+        self.respond = respond
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        return self.respond(request)
+
+    def close(self) -> None:
+        pass
+
+
+def mock_session(respond: Any) -> requests.Session:
+    session = requests.Session()
+    session.mount("http://", MockAdapter(respond))
+    return session
+
+
+def answer(request: requests.PreparedRequest, status: int, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp._content = json.dumps(body).encode()
+    resp.headers.update({"content-type": "application/json", **(headers or {})})
+    resp.request = request
+    return resp
+
+
 def test_a_busy_machine_is_retried_until_it_takes_the_job() -> None:
     calls: list[str] = []
 
-    def respond(request: httpx.Request) -> httpx.Response:
+    def respond(request: requests.PreparedRequest) -> requests.Response:
         calls.append(request.headers.get("authorization", ""))
         if len(calls) < 3:
-            return httpx.Response(503, json={"error": "saturated", "message": "busy"}, headers={"Retry-After": "0"})
-        return httpx.Response(
-            200, json={"status": "success", "prompt_id": "p", "outputs": [], "execution_time_seconds": 1.0}
+            return answer(request, 503, {"error": "saturated", "message": "busy"}, {"Retry-After": "0"})
+        return answer(
+            request, 200, {"status": "success", "prompt_id": "p", "outputs": [], "execution_time_seconds": 1.0}
         )
 
-    handler = make_handler(settings_for(orchestrator_token="tok-123"), transport=httpx.MockTransport(respond))
+    handler = make_handler(settings_for(orchestrator_token="tok-123"), session=mock_session(respond))
     out = asyncio.run(handler({"input": seed_004_input("x")}))
     assert out["status"] == "success"
     assert calls == ["Bearer tok-123"] * 3
 
 
 def test_an_unreachable_job_api_is_an_internal_error_after_the_wait() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    def refuse(request: requests.PreparedRequest) -> requests.Response:
+        raise requests.ConnectionError("refused", request=request)
 
-    handler = make_handler(settings_for(), transport=httpx.MockTransport(refuse), connect_wait=0.0)
+    handler = make_handler(settings_for(), session=mock_session(refuse), connect_wait=0.0)
     out = asyncio.run(handler({"input": seed_004_input("x")}))
     assert out["error_type"] == "internal"
     assert "unreachable" in out["error"]
@@ -195,12 +226,6 @@ def test_a_missing_runpod_package_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 
 # ---------------------------------------------------------------- against a running job API
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Directory:
     def __init__(self, port: int) -> None:
         self.view = InstanceView(0, "comfyui_gpu0", port, InstanceState.READY)
@@ -219,40 +244,13 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
 
     base = tmp_path_factory.mktemp("rp")
     write_code_tree(base / "ComfyUI")
-    for sub in ("output", "temp", "input", "user"):
-        (base / sub).mkdir()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")} | {"SIM_EXEC_TIME": "0.1"}
-    with (base / "log.txt").open("w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "main.py",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--cpu",
-                *[a for sub in ("output", "temp", "input", "user") for a in (f"--{sub}-directory", str(base / sub))],
-            ],
-            cwd=base / "ComfyUI",
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    server = ComfyServer(base / "ComfyUI", base, env={"SIM_EXEC_TIME": "0.1"}, log_path=base / "log.txt")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (base / "log.txt").read_text()
-            assert time.monotonic() < deadline, "simulator not ready"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
-        yield port, base
+        server.wait_ready(30)
+        yield server.port, base
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.proc.kill()
+        server.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

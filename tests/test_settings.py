@@ -150,3 +150,17 @@ def test_the_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f.env for f in FIELDS if f"`{f.env}`" not in readme]
     assert not missing
+
+
+def test_main_in_process_leaves_logging_as_it_found_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from orchestrator.cli.main import main
+
+    monkeypatch.setenv("ROOT", str(tmp_path))
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("urllib3").level)
+    assert main(["config", "--json"]) == 0
+    assert main(["--set", "NOPE=1", "config"]) == 2
+    assert (list(root.handlers), root.level, logging.getLogger("urllib3").level) == before

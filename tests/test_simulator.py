@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import pytest
-from conftest import free_port_block
-from conftest import wait_for as poll
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import http_client
+from support import wait_for as poll
 
 from orchestrator.core.plan import supported_flags
+from orchestrator.machine.ports import free_port_block
 from orchestrator.simulator import faults as faultlib
 from orchestrator.simulator import folders as fp
 from orchestrator.simulator.graph import execution_order, signatures, validate
@@ -78,15 +79,15 @@ class Sim:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def http(self, timeout: float = 5.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    def http(self, timeout: float = 5.0) -> requests.Session:
+        return http_client(self.url, timeout)
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"simulator exited {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(f"{self.url}/system_stats", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
+            return requests.get(f"{self.url}/system_stats", timeout=1.0).status_code == 200
+        except requests.RequestException:
             return False
 
     def wait_exit(self, timeout: float = DEADLINE) -> int:
@@ -389,7 +390,7 @@ def test_custom_node_import_failures_are_logged_like_comfyui(launcher: Launcher,
 
 
 def test_system_stats_reports_a_cpu_device_in_cpu_mode(shared: Sim) -> None:
-    stats = httpx.get(f"{shared.url}/system_stats", timeout=5).json()
+    stats = requests.get(f"{shared.url}/system_stats", timeout=5).json()
     system, (device,) = stats["system"], stats["devices"]
     assert system["comfyui_version"] == "0.3.64"
     assert system["embedded_python"] is False
@@ -401,7 +402,7 @@ def test_system_stats_reports_a_cpu_device_in_cpu_mode(shared: Sim) -> None:
     assert device["type"] == "cpu"
     assert device["index"] is None
     assert device["vram_total"] == system["ram_total"] == device["torch_vram_total"]
-    assert httpx.get(f"{shared.url}/api/system_stats", timeout=5).json()["devices"][0]["name"] == "cpu"
+    assert requests.get(f"{shared.url}/api/system_stats", timeout=5).json()["devices"][0]["name"] == "cpu"
 
 
 def test_gpu_mode_reports_the_simulated_cuda_device(launcher: Launcher) -> None:
@@ -413,7 +414,7 @@ def test_gpu_mode_reports_the_simulated_cuda_device(launcher: Launcher) -> None:
             "CUDA_VISIBLE_DEVICES": "GPU-1234",
         },
     )
-    device = httpx.get(f"{sim.url}/system_stats", timeout=5).json()["devices"][0]
+    device = requests.get(f"{sim.url}/system_stats", timeout=5).json()["devices"][0]
     assert device["name"] == "cuda:0 NVIDIA H100 80GB HBM3 : cudaMallocAsync"
     assert device["type"] == "cuda"
     assert device["index"] == 0
@@ -515,7 +516,7 @@ def test_a_prompt_streams_events_in_order_writes_a_png_and_records_history(share
     png = (shared.output / "order" / "run_00001_.png").read_bytes()
     assert png_size(png) == (64, 48)
     prompt_id = messages[-1]["data"]["prompt_id"]
-    history = httpx.get(f"{shared.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
+    history = requests.get(f"{shared.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
     assert history["status"]["status_str"] == "success"
     assert history["status"]["completed"] is True
     assert [m[0] for m in history["status"]["messages"]] == [
@@ -527,7 +528,7 @@ def test_a_prompt_streams_events_in_order_writes_a_png_and_records_history(share
     assert history["prompt"][1] == prompt_id
     assert history["prompt"][3]["client_id"] == "client-order"
     assert "Prompt executed in" in wait_for(lambda: "Prompt executed in" in shared.log() and shared.log())
-    view = httpx.get(
+    view = requests.get(
         f"{shared.url}/view",
         params={"filename": "run_00001_.png", "subfolder": "order", "type": "output"},
         timeout=5,
@@ -585,7 +586,7 @@ def test_save_counter_continues_from_existing_files(shared: Sim) -> None:
 def test_invalid_prompts_are_rejected_with_400(
     shared: Sim, body: dict[str, Any], kind: str, message: str
 ) -> None:
-    resp = httpx.post(f"{shared.url}/prompt", json=body, timeout=5)
+    resp = requests.post(f"{shared.url}/prompt", json=body, timeout=5)
     assert resp.status_code == 400
     assert resp.json()["error"]["type"] == kind
     assert resp.json()["error"]["message"] == message
@@ -596,7 +597,7 @@ def test_a_bad_link_fails_validation_with_node_errors(shared: Sim) -> None:
     prompt = graph("bad")
     prompt["8"]["inputs"]["samples"] = ["5", 3]  # EmptyLatentImage has one output
     del prompt["3"]
-    resp = httpx.post(f"{shared.url}/prompt", json={"prompt": prompt}, timeout=5)
+    resp = requests.post(f"{shared.url}/prompt", json={"prompt": prompt}, timeout=5)
     assert resp.status_code == 400
     body = resp.json()
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
@@ -606,7 +607,7 @@ def test_a_bad_link_fails_validation_with_node_errors(shared: Sim) -> None:
 
 
 def test_a_foreign_origin_gets_403_with_an_empty_body(shared: Sim) -> None:
-    resp = httpx.post(
+    resp = requests.post(
         f"{shared.url}/prompt",
         json={"prompt": graph("origin")},
         timeout=5,
@@ -614,7 +615,7 @@ def test_a_foreign_origin_gets_403_with_an_empty_body(shared: Sim) -> None:
     )
     assert resp.status_code == 403
     assert resp.content == b""
-    same = httpx.get(f"{shared.url}/queue", timeout=5, headers={"Origin": f"http://127.0.0.1:{shared.port}"})
+    same = requests.get(f"{shared.url}/queue", timeout=5, headers={"Origin": f"http://127.0.0.1:{shared.port}"})
     assert same.status_code == 200
 
 
@@ -629,7 +630,7 @@ def test_a_failing_node_reports_execution_error_and_history_error(shared: Sim) -
     assert isinstance(error["traceback"], list)
     assert error["traceback"]
     assert "execution_success" not in types(messages)
-    history = httpx.get(f"{shared.url}/history/{error['prompt_id']}", timeout=5).json()[error["prompt_id"]]
+    history = requests.get(f"{shared.url}/history/{error['prompt_id']}", timeout=5).json()[error["prompt_id"]]
     assert history["status"]["status_str"] == "error"
     assert history["status"]["completed"] is False
     assert wait_for(lambda: "!!! Exception during processing !!!" in shared.log())
@@ -706,7 +707,7 @@ def test_fork_prompt_posted_with_its_own_client_id_sends_no_events(launcher: Lau
 
     prompt_id, got = asyncio.run(scenario())
     assert {m["type"] for m in got} <= {"client_id", "status"}
-    assert wait_for(lambda: prompt_id in httpx.get(f"{sim.url}/history/{prompt_id}", timeout=5).json())
+    assert wait_for(lambda: prompt_id in requests.get(f"{sim.url}/history/{prompt_id}", timeout=5).json())
 
 
 def test_upstream_websocket_honours_client_id_and_ignores_fork_messages(shared: Sim) -> None:
@@ -747,7 +748,7 @@ def test_interrupt_stops_the_running_prompt(launcher: Launcher) -> None:
     got = asyncio.run(scenario())  # without the interrupt the prompt would run its 20 s to success
     (interrupted,) = [m["data"] for m in got if m["type"] == "execution_interrupted"]
     assert interrupted["node_id"] == "4"
-    history = httpx.get(f"{sim.url}/history/{interrupted['prompt_id']}", timeout=5).json()
+    history = requests.get(f"{sim.url}/history/{interrupted['prompt_id']}", timeout=5).json()
     assert history[interrupted["prompt_id"]]["status"]["status_str"] == "error"
     assert not sim.output.exists() or not list(sim.output.rglob("*.png"))
     assert "Processing interrupted" in sim.log()
@@ -867,8 +868,8 @@ def test_a_hang_keeps_the_port_open_but_answers_nothing_until_cleared(launcher: 
 
     def hung() -> bool:
         try:
-            httpx.get(f"{sim.url}/system_stats", timeout=0.5)
-        except httpx.TimeoutException:
+            requests.get(f"{sim.url}/system_stats", timeout=0.5)
+        except requests.Timeout:
             return True
         return False
 

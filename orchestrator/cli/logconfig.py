@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -13,8 +14,12 @@ from pathlib import Path
 REDACTED = "***"
 
 
+# urllib3 logs request paths (at debug level, and in retry warnings); a query string may hold a token.
+_QUERY = re.compile(r"\?[^\s\"']*")
+
+
 class RedactingFilter(logging.Filter):
-    """Replaces every known secret value in the rendered message."""
+    """Replaces every known secret value in the rendered message, and urllib3's query strings."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -22,6 +27,8 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if record.name.startswith("urllib3"):
+            message = _QUERY.sub("?…", message)
         for secret in self.secrets:
             message = message.replace(secret, REDACTED)
         if record.exc_info:
@@ -55,15 +62,47 @@ class TextFormatter(logging.Formatter):
         self.converter = time.gmtime
 
 
+NOISY = ("urllib3", "git", "httpx", "httpcore", "asyncio", "uvicorn.access")
+
+
+class LoggingSetup:
+    """What :func:`setup_logging` changed in the process's logging, and how to undo it.
+
+    Used as a context manager by ``cli.main``: the handlers it added are removed and closed, and
+    the levels it set are put back, when the command returns (so calling ``main()`` in-process,
+    as tests do, leaves logging as it found it).
+    """
+
+    def __init__(self, handlers: list[logging.Handler], levels: dict[str, int]) -> None:
+        self.handlers = handlers
+        self._levels = levels  # logger name ("" for the root) -> level before setup
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        for handler in self.handlers:
+            root.removeHandler(handler)
+            handler.close()
+        self.handlers = []
+        for name, level in self._levels.items():
+            logging.getLogger(name or None).setLevel(level)
+
+    def __enter__(self) -> LoggingSetup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+
 def setup_logging(
     *, fmt: str, level: str, secrets: Iterable[str], log_file: Path | None, stream: bool = True
-) -> None:
-    """Configure the root logger once, for the CLI process (never at import time)."""
+) -> LoggingSetup:
+    """Send log records to stderr and ``log_file`` through our own handlers on the root logger.
+
+    Called by the CLI entry point only (never at import time); handlers it did not add are left
+    alone. Returns the handle that undoes it.
+    """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(getattr(logging, level.upper()))
+    levels = {name: logging.getLogger(name or None).level for name in ("", *NOISY)}
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     redact = RedactingFilter(secrets)
     handlers: list[logging.Handler] = []
@@ -77,9 +116,11 @@ def setup_logging(
             )
         except OSError:
             pass  # an unwritable ROOT is reported by the command that needs it
+    root.setLevel(getattr(logging, level.upper()))
     for handler in handlers:
         handler.addFilter(redact)
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    for noisy in ("urllib3", "git", "httpx", "httpcore", "asyncio", "uvicorn.access"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return LoggingSetup(handlers, levels)

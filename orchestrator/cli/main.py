@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from orchestrator import __version__
-from orchestrator.cli.output import print_json
-from orchestrator.core.errors import ConfigError, OrchestratorError
+from orchestrator.cli import config
+from orchestrator.cli.logconfig import setup_logging
+from orchestrator.cli.output import error, note
+from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings, load_settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="GPU|all")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    p.add_argument("--json", action="store_true", help='one JSON object per line: {"gpu": N, "line": "..."}')
     p = sub.add_parser("gpus", help="list the GPUs this machine would use")
     _json_flag(p)
     p = sub.add_parser("plan", help="dry run: the instances `up` would start")
@@ -115,24 +120,6 @@ def _command_key(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else str(args.command)
 
 
-def _flags(args: argparse.Namespace) -> dict[str, str]:
-    flags: dict[str, str] = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"invalid --set {item!r}: expected NAME=VALUE")
-        flags[name.strip().upper()] = value
-    if args.root:
-        flags["ROOT"] = args.root
-    if args.log_format:
-        flags["LOG_FORMAT"] = args.log_format
-    if args.log_level:
-        flags["LOG_LEVEL"] = args.log_level
-    if args.command == "demo":
-        flags.setdefault("NUM_GPUS", str(args.gpus))
-    return flags
-
-
 def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per command
     """The handler of a command path (``"nodes sync"``); its module is imported only here."""
     if key in {"up", "down", "status", "start", "stop", "restart", "logs", "gpus", "plan", "demo"}:
@@ -162,26 +149,13 @@ def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per co
 
         return jobs.cmd_runpod_worker
     if key == "config":
-        return cmd_config
+        return config.cmd_config
     raise KeyError(key)
-
-
-def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
-    rows = settings.effective()
-    if args.json:
-        print_json({r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
-        return 0
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        value = r["value"]
-        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        print(f"{r['name']:<{width}}  {shown:<40}  ({r['source']})")
-    return 0
 
 
 # Commands that change the machine: only these may create $ROOT/logs (and so $ROOT). Every
 # other command logs to $ROOT/logs/orchestrator.log only when that folder already exists.
-CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker"})
+CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker", "demo"})
 # Read-only commands that, given no ROOT at all, look at a running `orchestrator demo`.
 FOLLOWS_DEMO = frozenset({"status", "gpus", "plan", "logs", "health", "config"})
 
@@ -196,13 +170,20 @@ def _with_running_demo(settings: Settings, args: argparse.Namespace) -> Settings
     if demo is None:
         return settings
     extra = {k: v for k, v in demo.items() if settings.sources.get(k) == "default"}
-    print(f"note: ROOT is not set: using the running demo's root {demo['ROOT']}", file=sys.stderr)
-    return load_settings(os.environ, {**extra, **_flags(args)}, args.config)
+    note(f"note: ROOT is not set: using the running demo's root {demo['ROOT']}")
+    return load_settings(os.environ, {**extra, **config.flag_overrides(args)}, args.config)
+
+
+def _with_demo_root(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``demo`` given no ROOT anywhere runs in a fresh temporary folder (chosen before logging
+    is set up, so that the demo's log file is there from the first line)."""
+    if settings.sources.get("ROOT") != "default":
+        return settings
+    root = tempfile.mkdtemp(prefix="orchestrator-demo-")
+    return load_settings(os.environ, {**config.flag_overrides(args), "ROOT": root}, args.config)
 
 
 def _log_file(settings: Settings, key: str, args: argparse.Namespace) -> Path | None:
-    from orchestrator.core.layout import Layout
-
     if key in {"config", "gpus", "plan", "nodes validate", "health"}:
         return None
     layout = Layout(settings.root)
@@ -216,23 +197,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = _command_key(args)
     settings: Settings | None = None
     try:
-        settings = load_settings(os.environ, _flags(args), args.config)
+        settings = load_settings(os.environ, config.flag_overrides(args), args.config)
         if key in FOLLOWS_DEMO:
             settings = _with_running_demo(settings, args)
-        from orchestrator.cli.logconfig import setup_logging
-
-        setup_logging(
+        elif key == "demo":
+            settings = _with_demo_root(settings, args)
+        # The one place logging is configured: the process's entry point. Undone on return, so
+        # main() called in-process (tests) leaves the logging it found.
+        with setup_logging(
             fmt=settings.log_format,
             level=settings.log_level,
             secrets=settings.secret_values,
             log_file=_log_file(settings, key, args),
-        )
-        return handler_for(key)(settings, args)
+        ):
+            return handler_for(key)(settings, args)
     except OrchestratorError as exc:
         message = str(exc).replace("\n", " ")
         if settings is not None:
             message = settings.redact(message)
-        print(f"error: {message}", file=sys.stderr)
+        error(message)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -1,18 +1,36 @@
-"""`serve` (the monitor) and `health` (the container health check).
-
-TODO(redesign): these delegate to the service modules' old handlers until the handler bodies move here."""
+"""`serve` (the monitor) and `health` (the container health check)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 
+from orchestrator.cli.output import print_line
+from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
-from orchestrator.monitor import service as _service
+from orchestrator.monitor.healthcheck import check_health
+
+log = logging.getLogger(__name__)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return _service.cmd_serve(settings, args)
+    # Imported here: `orchestrator health` (this module too) must not load the web stack.
+    from orchestrator.monitor.api import check_listen
+    from orchestrator.monitor.app import bind_socket, load_plan, serve
+
+    check_listen(settings)
+    plan = load_plan(Layout(settings.root))
+    sock = bind_socket(settings.orchestrator_listen, settings.orchestrator_port)
+    log.info("monitor listening on http://%s:%d", settings.orchestrator_listen, settings.orchestrator_port)
+    try:
+        asyncio.run(serve(settings, plan, sock))
+    finally:
+        sock.close()
+    return 0
 
 
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-    return _service.cmd_health(settings, args)
+    result = check_health(settings, live=bool(getattr(args, "live", False)))
+    print_line(result.message)
+    return 0 if result.ok else 1

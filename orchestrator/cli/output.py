@@ -16,6 +16,11 @@ def print_json(obj: Any, *, file: TextIO | None = None) -> None:
     print(json.dumps(obj, indent=2, default=str), file=file or sys.stdout)
 
 
+def print_json_line(obj: Any, *, file: TextIO | None = None) -> None:
+    """One compact JSON value on one line, flushed (JSON Lines, for streams such as ``logs --json``)."""
+    print(json.dumps(obj, default=str), file=file or sys.stdout, flush=True)
+
+
 def print_line(text: str = "", *, file: TextIO | None = None, flush: bool = False) -> None:
     """One line of human output (stdout unless ``file`` says otherwise)."""
     print(text, file=file or sys.stdout, flush=flush)

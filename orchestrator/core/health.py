@@ -1,4 +1,4 @@
-"""The monitor's health model: one pure state machine, and the views derived from it.
+"""The monitor's health model: one pure state machine (its views: :mod:`orchestrator.core.readiness`).
 
 :func:`decide` combines the previous :class:`Record` of an instance, supervisord's
 :class:`~orchestrator.core.states.ProcessInfo` (``None`` when supervisord did not answer), the latest
@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
-from orchestrator.core.states import InstanceState, ProcessState
+from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
 
-if TYPE_CHECKING:  # types only: `orchestrator health` must import fast
-    from orchestrator.core.gpus import Gpu, GpuSample
-    from orchestrator.core.settings import Settings
-    from orchestrator.core.states import ProcessInfo
-
-_PROBING = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
+# supervisord states in which the instance's process exists and is probed.
+PROBED_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
 # States in which a new process is expected (not worth an event of its own).
-_EXPECTING_NEW_PROCESS = frozenset(
-    {InstanceState.RESTARTING, InstanceState.STARTING, InstanceState.FATAL, InstanceState.BACKOFF}
-)
+_EXPECTING_NEW_PROCESS = frozenset({InstanceState.RESTARTING, InstanceState.STARTING, InstanceState.FATAL,
+                                    InstanceState.BACKOFF})
 _WAITING = "waiting for the first good probe"
 
 
@@ -61,10 +54,6 @@ class HealthConfig:
     backoff_cap: float = 300.0  # never wait longer than 5 minutes between retries
     oom_window: float = 300.0
     oom_restart_count: int = 2  # this many out-of-memory events within the window → restart
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HealthConfig:
-        return cls(startup_timeout=settings.startup_timeout, unhealthy_threshold=settings.unhealthy_threshold)
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -186,9 +175,7 @@ def _restart(b: _Builder, cfg: HealthConfig, cause: str, *, forced: bool = False
         return
     b.change_state(InstanceState.UNHEALTHY, cause)
     delay = backoff_delay(b.rec.attempts, cfg.backoff_base, cfg.backoff_cap)
-    b.update(
-        attempts=b.rec.attempts + 1, retry_at=b.now + delay, failures=0, bound_failures=0, oom_events=()
-    )
+    b.update(attempts=b.rec.attempts + 1, retry_at=b.now + delay, failures=0, bound_failures=0, oom_events=())
     b.actions.append(Action.RESTART)
     # UNHEALTHY -> RESTARTING
     b.change_state(InstanceState.RESTARTING, f"restarting: {cause}")
@@ -198,18 +185,19 @@ def _retry_start(b: _Builder, cfg: HealthConfig, state: InstanceState, cause: st
     """FATAL/EXITED: start again with exponential backoff, never leaving a GPU silently dead."""
     if b.rec.state is not state:
         # entering FATAL/BACKOFF: schedule the next attempt
-        delay = backoff_delay(b.rec.attempts, cfg.backoff_base, cfg.backoff_cap)
-        b.update(retry_at=b.now + delay)
-    if b.now >= b.rec.retry_at:
-        b.actions.append(Action.START)
-        delay = backoff_delay(b.rec.attempts + 1, cfg.backoff_base, cfg.backoff_cap)
-        b.update(attempts=b.rec.attempts + 1, retry_at=b.now + delay)
-        b.change_state(state, f"{cause}; starting it again (attempt {b.rec.attempts})")
+        b.update(retry_at=b.now + backoff_delay(b.rec.attempts, cfg.backoff_base, cfg.backoff_cap))
+    if b.now < b.rec.retry_at:
+        b.change_state(state, f"{cause}; next start in {_fmt(b.rec.retry_at - b.now)}")
         return
-    b.change_state(state, f"{cause}; next start in {_fmt(b.rec.retry_at - b.now)}")
+    b.actions.append(Action.START)
+    delay = backoff_delay(b.rec.attempts + 1, cfg.backoff_base, cfg.backoff_cap)
+    b.update(attempts=b.rec.attempts + 1, retry_at=b.now + delay)
+    b.change_state(state, f"{cause}; starting it again (attempt {b.rec.attempts})")
 
 
-def _apply_logs(b: _Builder, logs: LogFindings) -> None:
+def _apply_logs(b: _Builder, probe: ProbeResult | None) -> None:
+    """What the log lines said: failed custom nodes, the traceback of a failing start."""
+    logs = probe.logs if probe is not None else LogFindings()
     if logs.import_block:
         b.update(failed_nodes=tuple(sorted(set(logs.import_failed))))
     elif logs.import_failed:
@@ -241,9 +229,8 @@ def _new_process(b: _Builder, proc: ProcessInfo) -> None:
     b.change_state(InstanceState.STARTING, f"new process (pid {proc.pid}): {_WAITING}")
 
 
-def _probe_running(
-    b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, proc: ProcessInfo | None
-) -> None:
+def _probe_running(b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, proc: ProcessInfo | None) -> None:
+    """A probe of a running process (or of one supervisord did not report: then never act)."""
     rec = b.rec
     if probe is None:
         return
@@ -252,7 +239,7 @@ def _probe_running(
         queue_running=probe.queue_running, device=probe.device or rec.device,
         comfyui_version=probe.comfyui_version or rec.comfyui_version,
     )
-    _apply_logs(b, probe.logs)
+    _apply_logs(b, probe)
     can_act = proc is not None  # never act on a process supervisord did not report
 
     if probe.logs.oom and can_act and rec.state is InstanceState.READY:
@@ -265,10 +252,8 @@ def _probe_running(
         if rec.state is not InstanceState.READY:
             took = b.now - rec.starting_since
             # STARTING/UNHEALTHY -> READY
-            b.change_state(
-                InstanceState.READY,
-                "first good probe" + (f" after {_fmt(took)}" if rec.state is InstanceState.STARTING else ""),
-            )
+            after = f" after {_fmt(took)}" if rec.state is InstanceState.STARTING else ""
+            b.change_state(InstanceState.READY, f"first good probe{after}")
             b.update(attempts=0, retry_at=0.0, startup_error="")
         elif not b.events:
             b.update(reason="answering")
@@ -349,16 +334,15 @@ def decide(
         return b.decision()
 
     state = proc.state
-    if state in _PROBING and proc.pid > 0:
+    if state in PROBED_STATES and proc.pid > 0:
         _new_process(b, proc)
     if restart_requested:
         _restart(b, cfg, restart_requested, forced=True)
         return b.decision()
 
-    if state in _PROBING:
+    if state in PROBED_STATES:
         if hung and b.rec.state in {InstanceState.READY, InstanceState.STARTING, InstanceState.UNHEALTHY}:
-            if probe is not None:
-                _apply_logs(b, probe.logs)
+            _apply_logs(b, probe)
             _restart(b, cfg, f"reported hung: {hung}")
             return b.decision()
         if b.rec.state in {InstanceState.STOPPED, InstanceState.FATAL, InstanceState.BACKOFF}:
@@ -368,8 +352,7 @@ def decide(
         _probe_running(b, cfg, probe, proc)
         return b.decision()
 
-    if probe is not None:
-        _apply_logs(b, probe.logs)
+    _apply_logs(b, probe)
     b.update(queue_pending=None, queue_running=None, failures=0)
     status = f"exit status {proc.exitstatus}" if proc.exitstatus else ""
     detail = proc.spawnerr or status or proc.description
@@ -412,95 +395,3 @@ def after_action(rec: Record, action: Action, error: str, now: float) -> Decisio
         # RESTARTING -> STARTING
         b.change_state(InstanceState.STARTING, f"restarted through supervisord: {_WAITING}")
     return b.decision()
-
-
-# ---------------------------------------------------------------- views
-@dataclasses.dataclass(frozen=True)
-class InstanceStatus:
-    """One instance as the API, the metrics and the job router see it (epoch times)."""
-
-    gpu: int
-    name: str
-    port: int
-    state: InstanceState
-    reason: str
-    since: float  # epoch seconds the state was entered
-    process_state: str  # supervisord's state name, UNKNOWN when it did not answer
-    pid: int | None
-    start_time: float | None  # epoch seconds the running process started
-    uptime: float | None  # seconds
-    restarts: int
-    failed_custom_nodes: tuple[str, ...]
-    queue_pending: int | None
-    queue_running: int | None
-    last_probe: float | None  # epoch seconds
-    probe_duration: float | None  # seconds
-    device: str | None
-    comfyui_version: str | None = None  # system.comfyui_version of the running process
-
-    @property
-    def up(self) -> bool:
-        return self.process_state == ProcessState.RUNNING.name
-
-    @property
-    def ready(self) -> bool:
-        return self.state is InstanceState.READY
-
-    @property
-    def queue_depth(self) -> int:
-        return (self.queue_pending or 0) + (self.queue_running or 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuStatus:
-    gpu: Gpu
-    sample: GpuSample | None
-    sampled_at: float | None  # epoch seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class Readiness:
-    ready: bool
-    ready_count: int
-    required: int
-    reason: str
-    instances: tuple[InstanceStatus, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Liveness:
-    alive: bool
-    supervisord: bool
-    last_cycle_age: float | None  # seconds since the last supervisord poll answered
-    reason: str
-
-
-def readiness(
-    statuses: Sequence[InstanceStatus],
-    min_ready: int | None,
-    *,
-    saturation: bool = False,
-    max_queue_depth: int = 8,
-    inflight: Mapping[int, int] | None = None,
-) -> Readiness:
-    """Ready when at least ``min_ready`` (default: all) instances are READY.
-
-    With ``saturation``, also not ready while every READY instance holds ``max_queue_depth`` or
-    more jobs (queue depth from the probes, or jobs in flight from the job manager).
-    """
-    # A MIN_READY_INSTANCES above the number of planned instances means "all of them".
-    required = max(1, len(statuses) if min_ready is None else min(min_ready, len(statuses)))
-    ready = [s for s in statuses if s.ready]
-    if len(ready) < required:
-        names = ", ".join(f"{s.name} {s.state.value}: {s.reason}" for s in statuses if not s.ready)
-        reason = f"{len(ready)}/{required} READY; {names}"
-        return Readiness(False, len(ready), required, reason, tuple(statuses))
-    if saturation and ready:
-        inflight = inflight or {}
-        depth = {s.gpu: max(s.queue_depth, inflight.get(s.gpu, 0)) for s in ready}
-        if all(d >= max_queue_depth for d in depth.values()):
-            return Readiness(
-                False, len(ready), required,
-                f"every READY instance holds {max_queue_depth}+ jobs (MAX_QUEUE_DEPTH)", tuple(statuses),
-            )
-    return Readiness(True, len(ready), required, f"{len(ready)}/{len(statuses)} READY", tuple(statuses))

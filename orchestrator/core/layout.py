@@ -13,7 +13,7 @@ from pathlib import Path
 class Layout:
     root: Path
     # Where the shared config is read from when $ROOT/shared has none: set only by
-    # orchestrator.provision.repos.resolve_shared for read-only commands (the shipped defaults, in place).
+    # orchestrator.provision.repos.sync.resolve_shared for read-only commands (the shipped defaults, in place).
     shared: Path | None = dataclasses.field(default=None, compare=False)
 
     @property

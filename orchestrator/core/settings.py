@@ -1,22 +1,42 @@
 """Typed, frozen settings built once at the edge.
 
+Each setting is declared once, as an attribute of :class:`Settings`: its type, and through
+:func:`setting` its default (the text an environment variable would hold), converter, help and old
+names. The variable's name is the attribute's in upper case. :data:`FIELDS` is derived from those
+declarations, and drives loading, ``orchestrator config`` and the README table test.
+
 Precedence: flag (``--set NAME=VALUE`` and dedicated flags) > environment > YAML settings file
-(``--config FILE`` or ``ORCHESTRATOR_CONFIG``) > default. Every field has a pure converter that
-raises ``ValueError`` with what it expected; :func:`load_settings` turns that into a one-line
-:class:`ConfigError` naming the variable and the value.
+(``--config FILE`` or ``ORCHESTRATOR_CONFIG``) > default. Every field has a pure converter
+(:mod:`orchestrator.core.converters`) that raises ``ValueError`` with what it expected;
+:func:`load_settings` turns that into a one-line :class:`ConfigError` naming the variable and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.configfile import load_yaml, read_config
+from orchestrator.core.converters import (
+    choice,
+    int_in,
+    to_args,
+    to_bool,
+    to_duration,
+    to_list,
+    to_listen,
+    to_mock_gpu,
+    to_optional_count,
+    to_optional_path,
+    to_path,
+    to_port,
+    to_positive_duration,
+    to_str,
+)
 from orchestrator.core.errors import ConfigError
 
 FORK_URL = "https://github.com/stakeordie/ComfyUI.git"
@@ -25,292 +45,107 @@ SHARED_URL = "https://github.com/stakeordie/emprops_shared.git"
 PINNED_COMMIT = "02a1b01aad28470f06c8b4f95b90914413d3e4c8"
 
 REDACTED = "***"
+_SPEC = "setting"  # the dataclass metadata key that carries a field's Field
 
 
-# ---------------------------------------------------------------- converters (pure)
-def to_str(raw: str) -> str:
-    return raw.strip()
-
-
-def to_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError("expected true or false (1/0, yes/no, on/off)")
-
-
-def to_port(raw: str) -> int:
-    try:
-        port = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected a port number 1-65535") from None
-    if not 1 <= port <= 65535:
-        raise ValueError("expected a port number 1-65535")
-    return port
-
-
-def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def convert(raw: str) -> int:
-        expected = f"expected an integer >= {lo}" if hi is None else f"expected an integer {lo}-{hi}"
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(expected) from None
-        if value < lo or (hi is not None and value > hi):
-            raise ValueError(expected)
-        return value
-
-    return convert
-
-
-def to_optional_count(raw: str) -> int | None:
-    if not raw.strip():
-        return None
-    return _int_in(1, 1024)(raw)
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def to_duration(raw: str) -> float:
-    """Seconds; accepts ``30``, ``2.5s``, ``15m``, ``1h``, ``500ms``."""
-    match = _DURATION.match(raw)
-    if not match:
-        raise ValueError("expected a duration such as 30, 30s, 15m or 1h")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def to_positive_duration(raw: str) -> float:
-    value = to_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration greater than 0 such as 5s")
-    return value
-
-
-def to_mock_gpu(raw: str) -> str:
-    value = raw.strip().lower()
-    if value in {"auto"}:
-        return "auto"
-    try:
-        return "1" if to_bool(value) else "0"
-    except ValueError:
-        raise ValueError("expected 1 (mock GPUs), 0 (real GPUs) or auto") from None
-
-
-def to_list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def to_args(raw: str) -> tuple[str, ...]:
-    try:
-        return tuple(shlex.split(raw))
-    except ValueError as exc:
-        raise ValueError(f"expected shell-style arguments ({exc})") from None
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def convert(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ValueError("expected one of " + ", ".join(choices))
-        return value
-
-    return convert
-
-
-def _expand(value: str) -> Path:
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:
-        raise ValueError("expected a path (the user after ~ does not exist)") from None
-
-
-def to_path(raw: str) -> Path:
-    value = raw.strip()
-    if not value:
-        raise ValueError("expected a path")
-    return _expand(value)
-
-
-def to_optional_path(raw: str) -> Path | None:
-    return _expand(raw.strip()) if raw.strip() else None
-
-
-def to_listen(raw: str) -> str:
-    value = raw.strip()
-    if not re.fullmatch(r"[0-9A-Za-z.:\-\[\]]+", value):
-        raise ValueError("expected an IP address or host name such as 127.0.0.1")
-    return value
-
-
-# ---------------------------------------------------------------- the fields
 @dataclasses.dataclass(frozen=True)
 class Field:
-    env: str
+    """How one setting is read: its text default, converter, help, old names and whether it is a secret."""
+
     default: str
     convert: Callable[[str], Any]
     help: str
     aliases: tuple[str, ...] = ()
     secret: bool = False
+    attr: str = ""  # the Settings attribute; filled in when FIELDS is derived
 
     @property
-    def attr(self) -> str:
-        return self.env.lower()
+    def env(self) -> str:
+        return self.attr.upper()
+
+    def parse(self, raw: str) -> Any:
+        """The typed value of ``raw``; raises ``ValueError`` saying what was expected."""
+        if "\0" in raw:
+            raise ValueError("a value may not contain a NUL byte")
+        return self.convert(raw)
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("ROOT", "/workspace", to_path, "Root of everything the orchestrator writes"),
-    Field("MOCK_GPU", "0", to_mock_gpu, "1: k CPU instances instead of GPUs; auto: mock only when no driver"),
-    Field("NUM_GPUS", "", to_optional_count, "Mock: number of instances (default 1); real: cap on GPUs used", ("TEST_GPUS",)),
-    Field("GPUS", "", to_list, "Subset of GPUs to run, by index or UUID (e.g. 0,2)"),
-    Field("MOCK_GPU_MEMORY_MB", "24576", _int_in(1), "Memory each mock GPU reports, in MiB"),
-    Field("COMFY_REPO_URL", FORK_URL, to_str, "ComfyUI repository (the fork follows COMFY_BRANCH, others COMFY_COMMIT)"),
-    Field("COMFY_BRANCH", "forward", to_str, "Branch of the fork to follow"),
-    Field("COMFY_COMMIT", PINNED_COMMIT, to_str, "Commit for non-fork repositories and the fallback"),
-    Field("COMFY_FALLBACK_URL", UPSTREAM_URL, to_str, "Repository used at COMFY_COMMIT when COMFY_REPO_URL cannot be cloned"),
-    Field("COMFY_ON_MISSING_BRANCH", "fail", _choice("fail", "fallback"), "COMFY_BRANCH not in the fork: fail (exit 1), or fallback (keep the tree, or COMFY_FALLBACK_URL on a first boot)"),
-    Field("COMFY_UPDATE", "interval", _choice("always", "never", "interval"), "When `up` fetches the ComfyUI branch and the shared repo: every boot, never once cloned, or after COMFY_UPDATE_INTERVAL"),
-    Field("COMFY_UPDATE_INTERVAL", "1h", to_duration, "With COMFY_UPDATE=interval: seconds since the last fetch before `up` fetches again"),
-    Field("COMFY_ARGS", "", to_args, "Extra ComfyUI flags for every instance", ("COMFY_FLAGS",)),
-    Field("COMFY_PYTHON", "", to_str, "Interpreter that runs ComfyUI's main.py (default: the orchestrator's)"),
-    Field("WORKER_BASE_COMFYUI_PORT", "8188", to_port, "Instance N listens on this port + N"),
-    Field("SHARED_REPO_URL", SHARED_URL, to_str, "Shared config repository (empty: use the shipped defaults)"),
-    Field("SHARED_BRANCH", "", to_str, "Branch of the shared repo to follow (empty: its default branch)"),
-    Field("SHARED_COMMIT", "", to_str, "Pin the shared repo to this commit"),
-    Field("STORAGE_TEST_MODE", "false", to_bool, "Use config_nodes_test.json", ("AWS_TEST_MODE", "AZURE_TEST_MODE")),
-    Field("CUT_PK_1", "", to_str, "SSH private key, base64, part 1", secret=True),
-    Field("CUT_PK_2", "", to_str, "SSH private key, base64, part 2", secret=True),
-    Field("CUT_PK_3", "", to_str, "SSH private key, base64, part 3", secret=True),
-    Field("SSH_PRIVATE_KEY", "", to_str, "SSH private key (PEM/OpenSSH text or base64)", secret=True),
-    Field("GIT_TIMEOUT", "300s", to_positive_duration, "Timeout of one git network operation"),
-    Field("NODES_CONCURRENCY", "8", _int_in(1, 64), "Parallel custom-node clones/updates"),
-    Field("NODE_TIMEOUT", "600s", to_positive_duration, "Timeout per custom node (clone, script)"),
-    Field("PIP_TIMEOUT", "1800s", to_positive_duration, "Timeout of the combined requirements install"),
-    Field("HF_TOKEN", "", to_str, "Hugging Face token (bearer)", secret=True),
-    Field("CIVITAI_TOKEN", "", to_str, "CivitAI token", secret=True),
-    Field("MODELS_MANIFEST", "", to_optional_path, "Model manifest (default: models.yaml in the shared repo)"),
-    Field("MODELS_CONCURRENCY", "4", _int_in(1, 64), "Parallel model downloads"),
-    Field("CIVITAI_MODELS", "", to_list, "CivitAI version ids → checkpoints"),
-    Field("CIVITAI_LORAS", "", to_list, "CivitAI version ids → loras"),
-    Field("CIVITAI_VAES", "", to_list, "CivitAI version ids → vae"),
-    Field("CIVITAI_FLUX", "", to_list, "CivitAI version ids → diffusion_models"),
-    Field("HUGGINGFACE_MODELS", "", to_list, "Hugging Face files (owner/repo/path) or whole repos (owner/repo)"),
-    Field("HF_ENDPOINT", "https://huggingface.co", to_str, "Hugging Face server (HF_TOKEN is sent only to this host)"),
-    Field("CIVITAI_ENDPOINT", "https://civitai.com", to_str, "CivitAI server (CIVITAI_TOKEN is sent only to this host)"),
-    Field("CLEANUP_INTERVAL", "15m", to_positive_duration, "How often old outputs are deleted"),
-    Field("OUTPUT_MAX_AGE", "60m", to_duration, "Outputs older than this are deleted (0: off)"),
-    Field("ORCHESTRATOR_LISTEN", "127.0.0.1", to_listen, "Monitor HTTP address"),
-    Field("ORCHESTRATOR_PORT", "9090", to_port, "Monitor HTTP port"),
-    Field("ORCHESTRATOR_TOKEN", "", to_str, "Bearer token for mutating endpoints", secret=True),
-    Field("PROBE_INTERVAL", "5s", to_positive_duration, "Seconds between health probes"),
-    Field("PROBE_TIMEOUT", "3s", to_positive_duration, "Timeout of one probe"),
-    Field("STARTUP_TIMEOUT", "600s", to_positive_duration, "An instance not ready after this is restarted"),
-    Field("UNHEALTHY_THRESHOLD", "3", _int_in(1, 100), "Consecutive failed probes before a restart"),
-    Field("MIN_READY_INSTANCES", "", to_optional_count, "/readyz is 200 with at least this many READY (default: all)"),
-    Field("GPU_METRICS", "dcgm", _choice("dcgm", "off"), "Export dcgm-exporter style GPU gauges"),
-    Field("GPU_METRICS_HOST_LABEL", "Hostname", to_str, "Name of the host label on GPU gauges"),
-    Field("GPU_METRICS_MODEL_LABEL", "model_name", to_str, "GPU model label (modelName: as dcgm-exporter)"),
-    Field("GPU_SAMPLE_INTERVAL", "5s", to_positive_duration, "NVML sampling interval"),
-    Field("MAX_QUEUE_DEPTH", "8", _int_in(1, 10000), "Jobs are refused (503) when every ready instance has this many"),
-    Field("READYZ_SATURATION", "false", to_bool, "/readyz reports not ready while every instance is saturated"),
-    Field("JOB_TIMEOUT", "600s", to_positive_duration, "Default job deadline"),
-    Field("JOB_RESULTS_MAX", "1000", _int_in(1), "Finished jobs kept for GET /jobs/{id}"),
-    Field("JOB_RESULTS_TTL", "1h", to_positive_duration, "How long finished jobs are kept"),
-    Field("MAX_REQUEST_BYTES", "67108864", _int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)"),
-    Field("STOP_TIMEOUT", "10s", to_positive_duration, "Graceful stop time per instance before SIGKILL"),
-    Field("LOG_FORMAT", "text", _choice("text", "json"), "Log format"),
-    Field("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level"),
-    # Secrets that custom nodes receive through their .env files: never printed.
-    Field("AWS_ACCESS_KEY_ID", "", to_str, "Cloud storage (node .env)", secret=True),
-    Field("AWS_SECRET_ACCESS_KEY", "", to_str, "Cloud storage (node .env)", secret=True),
-    Field("AWS_SECRET_ACCESS_KEY_ENCODED", "", to_str, "Cloud storage, '/' as _SLASH_ (node .env)", secret=True),
-    Field("AZURE_STORAGE_KEY", "", to_str, "Cloud storage (node .env)", secret=True),
-    Field("OPENAI_API_KEY", "", to_str, "OpenAI key (node .env)", secret=True),
-)
-
-FIELDS_BY_ENV = {f.env: f for f in FIELDS}
-SECRET_ENV_NAMES = frozenset(f.env for f in FIELDS if f.secret)
-# Any variable whose name looks like one of these is treated as a secret when printed.
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|STORAGE_KEY|^CUT_PK_)", re.I)
+def setting(default: str, convert: Callable[[str], Any], help: str, *aliases: str, secret: bool = False) -> Any:
+    """Declare one :class:`Settings` attribute (a dataclass field without a default: load_settings fills it)."""
+    return dataclasses.field(metadata={_SPEC: Field(default, convert, help, aliases, secret)})
 
 
-def is_secret_name(name: str) -> bool:
-    return name in SECRET_ENV_NAMES or bool(SECRET_NAME.search(name))
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """The effective settings. Attribute names are the variable names in lower case."""
 
-    root: Path
-    mock_gpu: str
-    num_gpus: int | None
-    gpus: tuple[str, ...]
-    mock_gpu_memory_mb: int
-    comfy_repo_url: str
-    comfy_branch: str
-    comfy_commit: str
-    comfy_fallback_url: str
-    comfy_on_missing_branch: str
-    comfy_update: str
-    comfy_update_interval: float
-    comfy_args: tuple[str, ...]
-    comfy_python: str
-    worker_base_comfyui_port: int
-    shared_repo_url: str
-    shared_branch: str
-    shared_commit: str
-    storage_test_mode: bool
-    cut_pk_1: str
-    cut_pk_2: str
-    cut_pk_3: str
-    ssh_private_key: str
-    git_timeout: float
-    nodes_concurrency: int
-    node_timeout: float
-    pip_timeout: float
-    hf_token: str
-    civitai_token: str
-    models_manifest: Path | None
-    models_concurrency: int
-    civitai_models: tuple[str, ...]
-    civitai_loras: tuple[str, ...]
-    civitai_vaes: tuple[str, ...]
-    civitai_flux: tuple[str, ...]
-    huggingface_models: tuple[str, ...]
-    hf_endpoint: str
-    civitai_endpoint: str
-    cleanup_interval: float
-    output_max_age: float
-    orchestrator_listen: str
-    orchestrator_port: int
-    orchestrator_token: str
-    probe_interval: float
-    probe_timeout: float
-    startup_timeout: float
-    unhealthy_threshold: int
-    min_ready_instances: int | None
-    gpu_metrics: str
-    gpu_metrics_host_label: str
-    gpu_metrics_model_label: str
-    gpu_sample_interval: float
-    max_queue_depth: int
-    readyz_saturation: bool
-    job_timeout: float
-    job_results_max: int
-    job_results_ttl: float
-    max_request_bytes: int
-    stop_timeout: float
-    log_format: str
-    log_level: str
-    aws_access_key_id: str
-    aws_secret_access_key: str
-    aws_secret_access_key_encoded: str
-    azure_storage_key: str
-    openai_api_key: str
+    root: Path = setting("/workspace", to_path, "Root of everything the orchestrator writes")
+    mock_gpu: str = setting("0", to_mock_gpu, "1: k CPU instances instead of GPUs; auto: mock only when no driver")
+    num_gpus: int | None = setting("", to_optional_count, "Mock: number of instances (default 1); real: cap on GPUs used", "TEST_GPUS")
+    gpus: tuple[str, ...] = setting("", to_list, "Subset of GPUs to run, by index or UUID (e.g. 0,2)")
+    mock_gpu_memory_mb: int = setting("24576", int_in(1), "Memory each mock GPU reports, in MiB")
+    comfy_repo_url: str = setting(FORK_URL, to_str, "ComfyUI repository (the fork follows COMFY_BRANCH, others COMFY_COMMIT)")
+    comfy_branch: str = setting("forward", to_str, "Branch of the fork to follow")
+    comfy_commit: str = setting(PINNED_COMMIT, to_str, "Commit for non-fork repositories and the fallback")
+    comfy_fallback_url: str = setting(UPSTREAM_URL, to_str, "Repository used at COMFY_COMMIT when COMFY_REPO_URL cannot be cloned")
+    comfy_on_missing_branch: str = setting("fail", choice("fail", "fallback"), "COMFY_BRANCH not in the fork: fail (exit 1), or fallback (keep the tree, or COMFY_FALLBACK_URL on a first boot)")
+    comfy_update: str = setting("interval", choice("always", "never", "interval"), "When `up` fetches the ComfyUI branch and the shared repo: every boot, never once cloned, or after COMFY_UPDATE_INTERVAL")
+    comfy_update_interval: float = setting("1h", to_duration, "With COMFY_UPDATE=interval: seconds since the last fetch before `up` fetches again")
+    comfy_args: tuple[str, ...] = setting("", to_args, "Extra ComfyUI flags for every instance", "COMFY_FLAGS")
+    comfy_python: str = setting("", to_str, "Interpreter that runs ComfyUI's main.py (default: the orchestrator's)")
+    worker_base_comfyui_port: int = setting("8188", to_port, "Instance N listens on this port + N")
+    shared_repo_url: str = setting(SHARED_URL, to_str, "Shared config repository (empty: use the shipped defaults)")
+    shared_branch: str = setting("", to_str, "Branch of the shared repo to follow (empty: its default branch)")
+    shared_commit: str = setting("", to_str, "Pin the shared repo to this commit")
+    storage_test_mode: bool = setting("false", to_bool, "Use config_nodes_test.json", "AWS_TEST_MODE", "AZURE_TEST_MODE")
+    cut_pk_1: str = setting("", to_str, "SSH private key, base64, part 1", secret=True)
+    cut_pk_2: str = setting("", to_str, "SSH private key, base64, part 2", secret=True)
+    cut_pk_3: str = setting("", to_str, "SSH private key, base64, part 3", secret=True)
+    ssh_private_key: str = setting("", to_str, "SSH private key (PEM/OpenSSH text or base64)", secret=True)
+    git_timeout: float = setting("300s", to_positive_duration, "Timeout of one git network operation")
+    nodes_concurrency: int = setting("8", int_in(1, 64), "Parallel custom-node clones/updates")
+    node_timeout: float = setting("600s", to_positive_duration, "Timeout per custom node (clone, script)")
+    pip_timeout: float = setting("1800s", to_positive_duration, "Timeout of the combined requirements install")
+    hf_token: str = setting("", to_str, "Hugging Face token (bearer)", secret=True)
+    civitai_token: str = setting("", to_str, "CivitAI token", secret=True)
+    models_manifest: Path | None = setting("", to_optional_path, "Model manifest (default: models.yaml in the shared repo)")
+    models_concurrency: int = setting("4", int_in(1, 64), "Parallel model downloads")
+    civitai_models: tuple[str, ...] = setting("", to_list, "CivitAI version ids → checkpoints")
+    civitai_loras: tuple[str, ...] = setting("", to_list, "CivitAI version ids → loras")
+    civitai_vaes: tuple[str, ...] = setting("", to_list, "CivitAI version ids → vae")
+    civitai_flux: tuple[str, ...] = setting("", to_list, "CivitAI version ids → diffusion_models")
+    huggingface_models: tuple[str, ...] = setting("", to_list, "Hugging Face files (owner/repo/path) or whole repos (owner/repo)")
+    hf_endpoint: str = setting("https://huggingface.co", to_str, "Hugging Face server (HF_TOKEN is sent only to this host)")
+    civitai_endpoint: str = setting("https://civitai.com", to_str, "CivitAI server (CIVITAI_TOKEN is sent only to this host)")
+    cleanup_interval: float = setting("15m", to_positive_duration, "How often old outputs are deleted")
+    output_max_age: float = setting("60m", to_duration, "Outputs older than this are deleted (0: off)")
+    orchestrator_listen: str = setting("127.0.0.1", to_listen, "Monitor HTTP address")
+    orchestrator_port: int = setting("9090", to_port, "Monitor HTTP port")
+    orchestrator_token: str = setting("", to_str, "Bearer token for mutating endpoints", secret=True)
+    probe_interval: float = setting("5s", to_positive_duration, "Seconds between health probes")
+    probe_timeout: float = setting("3s", to_positive_duration, "Timeout of one probe")
+    startup_timeout: float = setting("600s", to_positive_duration, "An instance not ready after this is restarted")
+    unhealthy_threshold: int = setting("3", int_in(1, 100), "Consecutive failed probes before a restart")
+    min_ready_instances: int | None = setting("", to_optional_count, "/readyz is 200 with at least this many READY (default: all)")
+    gpu_metrics: str = setting("dcgm", choice("dcgm", "off"), "Export dcgm-exporter style GPU gauges")
+    gpu_metrics_host_label: str = setting("Hostname", to_str, "Name of the host label on GPU gauges")
+    gpu_metrics_model_label: str = setting("model_name", to_str, "GPU model label (modelName: as dcgm-exporter)")
+    gpu_sample_interval: float = setting("5s", to_positive_duration, "NVML sampling interval")
+    max_queue_depth: int = setting("8", int_in(1, 10000), "Jobs are refused (503) when every ready instance has this many")
+    readyz_saturation: bool = setting("false", to_bool, "/readyz reports not ready while every instance is saturated")
+    job_timeout: float = setting("600s", to_positive_duration, "Default job deadline")
+    job_results_max: int = setting("1000", int_in(1), "Finished jobs kept for GET /jobs/{id}")
+    job_results_ttl: float = setting("1h", to_positive_duration, "How long finished jobs are kept")
+    max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
+    stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
+    log_format: str = setting("text", choice("text", "json"), "Log format")
+    log_level: str = setting("info", choice("debug", "info", "warning", "error"), "Log level")
+    # Secrets that custom nodes receive through their .env files: never printed.
+    aws_access_key_id: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
+    aws_secret_access_key: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
+    aws_secret_access_key_encoded: str = setting("", to_str, "Cloud storage, '/' as _SLASH_ (node .env)", secret=True)
+    azure_storage_key: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
+    openai_api_key: str = setting("", to_str, "OpenAI key (node .env)", secret=True)
     sources: Mapping[str, str]
     secret_values: frozenset[str]
 
@@ -347,6 +182,19 @@ class Settings:
                 shown = value
             rows.append({"name": f.env, "value": shown, "source": self.sources[f.env], "help": f.help})
         return rows
+
+
+FIELDS: tuple[Field, ...] = tuple(
+    dataclasses.replace(f.metadata[_SPEC], attr=f.name) for f in dataclasses.fields(Settings) if _SPEC in f.metadata
+)
+FIELDS_BY_ENV = {f.env: f for f in FIELDS}
+SECRET_ENV_NAMES = frozenset(f.env for f in FIELDS if f.secret)
+# Any variable whose name looks like one of these is treated as a secret when printed.
+SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|STORAGE_KEY|^CUT_PK_)", re.I)
+
+
+def is_secret_name(name: str) -> bool:
+    return name in SECRET_ENV_NAMES or bool(SECRET_NAME.search(name))
 
 
 def _read_file(path: Path) -> dict[str, str]:
@@ -409,9 +257,7 @@ def load_settings(
         if raw is None:
             raw = f.default
         try:
-            if "\0" in raw:
-                raise ValueError("a value may not contain a NUL byte")
-            values[f.attr] = f.convert(raw)
+            values[f.attr] = f.parse(raw)
         except ValueError as exc:
             shown = "***" if f.secret else raw
             where = f" (in {file_path})" if source == "file" else ""

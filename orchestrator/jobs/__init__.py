@@ -2,5 +2,11 @@
 completion over ComfyUI's WebSocket and history, the result store, job metrics, and the
 RunPod serverless worker over the same API.
 
-May import ``core``, ``machine`` and ``comfy``; the monitor mounts its routes.
+    schemas   request/response models          store    Job records, ResultStore, new_job
+    tracker   JobManager (submit, route, run)  attempt  one instance: submit, collect, stop
+    follow    /ws events backed by /history    metrics  comfyui_jobs_* collectors
+    routes    jobs_router (POST /jobs, GET /jobs/{id})   runpod   the serverless handler
+
+Routing decisions are ``core.routing``; ComfyUI calls and parsing are ``comfy``. May import
+``core``, ``machine`` and ``comfy``; the monitor mounts its routes.
 """

@@ -10,20 +10,19 @@ answers in the same shape the serverless workers did::
     {"status": "error", "error_type": "validation|timeout|internal", "error": "...",
      "execution_time_seconds": 0.5}
 
-Locally: ``orchestrator runpod-worker --test_input '{"input": {...}}'`` (the SDK's test mode).
+Locally: ``orchestrator runpod-worker --test_input '{"input": {...}}'`` (the SDK's test mode); the
+command itself lives in ``orchestrator.cli.jobs``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-import httpx
+import requests
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
@@ -49,7 +48,7 @@ INPUT_KEYS = {
     "return": "return",
 }
 CONNECT_WAIT = 120.0  # seconds to wait for the local job API to come up (cold start)
-_HTTP_ERRORS = (httpx.HTTPError, OSError, ValueError)
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the job API
 
 
 class InputError(ValueError):
@@ -119,7 +118,7 @@ def to_output(status_code: int, body: Any, elapsed: float) -> dict[str, Any]:
 def job_api_url(settings: Settings) -> str:
     """Where this machine's monitor serves the job API."""
     host = settings.orchestrator_listen
-    if host in {"0.0.0.0", "::", "[::]", ""}:
+    if host in {"0.0.0.0", "::", "[::]", ""}:  # noqa: S104 - a wildcard listen is reached on loopback
         host = "127.0.0.1"
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -138,34 +137,45 @@ def make_handler(
     settings: Settings,
     *,
     base_url: str | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    session: requests.Session | None = None,
     connect_wait: float = CONNECT_WAIT,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Handler:
-    """The RunPod handler: ``await handler({"input": {...}})`` → the serverless output shape."""
+    """The RunPod handler: ``await handler({"input": {...}})`` → the serverless output shape.
+
+    Each job's ``POST /jobs`` runs in a worker thread (``requests`` is synchronous), so the SDK
+    can run as many jobs at once as the machine has instances. ``session``: for tests (a mock
+    adapter); by default each job opens its own.
+    """
     url = (base_url or job_api_url(settings)).rstrip("/") + "/jobs"
     token = settings.orchestrator_token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def post(client: httpx.AsyncClient, body: dict[str, Any], deadline: float) -> httpx.Response:
+    def post(http: requests.Session, body: dict[str, Any], deadline: float, limit: float) -> requests.Response:
         """POST /jobs; wait for a monitor still starting, retry 503s until the deadline."""
         started = clock()
         while True:
             try:
-                resp = await client.post(url, json=body, headers=headers)
-            except httpx.TimeoutException:
+                resp = http.post(url, json=body, headers=headers, timeout=(CONNECT_TIMEOUT, limit + 30))
+            except requests.Timeout:
                 raise
-            except httpx.TransportError:
+            except requests.ConnectionError:
                 if clock() - started >= min(connect_wait, deadline - started):
                     raise
-                await asyncio.sleep(1.0)
+                sleep(1.0)
                 continue
             if resp.status_code != 503 or clock() >= deadline:
                 return resp
-            pause = _retry_after(resp.headers.get("retry-after"))
-            await asyncio.sleep(min(pause, max(0.0, deadline - clock())))
+            sleep(min(_retry_after(resp.headers.get("retry-after")), max(0.0, deadline - clock())))
             if clock() >= deadline:
                 return resp
+
+    def call(body: dict[str, Any], deadline: float, limit: float) -> requests.Response:
+        if session is not None:
+            return post(session, body, deadline, limit)
+        with requests.Session() as http:
+            return post(http, body, deadline, limit)
 
     async def handler(job: dict[str, Any]) -> dict[str, Any]:
         started = clock()
@@ -175,13 +185,11 @@ def make_handler(
             return _error("validation", str(exc), clock() - started)
         timeout = body.get("timeout")
         limit = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else settings.job_timeout
-        client_timeout = httpx.Timeout(limit + 30, connect=5)
         try:
-            async with httpx.AsyncClient(transport=transport, timeout=client_timeout) as client:
-                resp = await post(client, body, started + limit)
-        except httpx.TimeoutException:
+            resp = await asyncio.to_thread(call, body, started + limit, limit)
+        except requests.Timeout:
             return _error("timeout", f"no answer from the job API within {limit:g} s", clock() - started)
-        except httpx.TransportError as exc:
+        except requests.RequestException as exc:
             return _error("internal", f"the job API at {url} is unreachable: {exc}", clock() - started)
         if resp.status_code == 503:
             return _error("timeout", f"no instance became free within {limit:g} s", clock() - started)
@@ -201,34 +209,17 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
-def _import_runpod() -> ModuleType:
+def import_runpod() -> ModuleType:
+    """The RunPod SDK (an optional dependency).
+
+    Raises:
+        ConfigError: it is not installed, naming the extra to install.
+    """
     try:
         import runpod  # noqa: PLC0415 - optional dependency, imported only for this command
     except ImportError:
         raise ConfigError(
             "the runpod package is not installed: pip install 'comfy-orchestrator[runpod]' (or pip install runpod)"
         ) from None
-    return runpod
-
-
-def sdk_argv(args: argparse.Namespace) -> list[str]:
-    """The RunPod SDK's flags from our parsed arguments, as the SDK reads them from sys.argv."""
-    argv: list[str] = []
-    for name in ("test_input", "rp_log_level", "rp_api_port", "rp_api_host"):
-        value = getattr(args, name, None)
-        if value is not None:
-            argv += [f"--{name}", str(value)]
-    if getattr(args, "rp_serve_api", False):
-        argv.append("--rp_serve_api")
-    return argv + [a for a in (getattr(args, "runpod_args", None) or []) if a != "--"]
-
-
-def cmd_runpod_worker(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the RunPod serverless worker loop (or one ``--test_input`` job) over the local job API."""
-    runpod = _import_runpod()
-    runpod_args = sdk_argv(args)
-    # The SDK reads its own flags (--test_input, --rp_serve_api, …) from sys.argv.
-    sys.argv = [sys.argv[0], *runpod_args]
-    concurrency = instance_count(settings)
-    runpod.serverless.start({"handler": make_handler(settings), "concurrency_modifier": lambda _current: concurrency})
-    return 0
+    module: ModuleType = runpod
+    return module

@@ -1,40 +1,52 @@
-"""`orchestrator demo`: the full `up` pipeline offline, with simulated GPUs and local git repos."""
+"""``orchestrator demo``: the full ``up`` pipeline offline, with simulated GPUs and local git repos.
+
+The service side: build the local source repositories, the demo's settings, start (``up`` plus
+the pointer that lets read commands find the demo), wait until READY, stop. The CLI chooses the
+root, sets up logging, handles signals and prints the progress lines from these values.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import signal
-import subprocess
-import tempfile
-import threading
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType
 
-import httpx
+import requests
 
-from orchestrator.core.layout import Layout
-from orchestrator.core.settings import Settings, load_settings
-from orchestrator.lifecycle.service import down, up
+from orchestrator.core.errors import ProvisionError
+from orchestrator.core.settings import Settings
+from orchestrator.lifecycle.down import Teardown, down
+from orchestrator.lifecycle.up import UpReport, up
 from orchestrator.machine import runner as subproc
+from orchestrator.machine.clock import wait_for
 from orchestrator.machine.state import remove_demo_pointer, write_demo_pointer
 
 GIT = ["git", "-c", "user.email=demo@localhost", "-c", "user.name=demo", "-c", "init.defaultBranch=main"]
+NODE_INIT = "NODE_CLASS_MAPPINGS = {}\nNODE_DISPLAY_NAME_MAPPINGS = {}\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    """A started demo: what ``up`` did and where its instances and monitor answer."""
+
+    report: UpReport
+    instance_urls: tuple[str, ...]
+    monitor_url: str
 
 
 def _git(cwd: Path, *args: str) -> None:
-    # subproc: a deadline that holds even if a hook leaves a helper holding git's output.
+    # The runner: a deadline that holds even if a hook leaves a helper holding git's output.
     argv = [*GIT, *args]
-    done = subproc.run(argv, cwd=cwd, env=os.environ, timeout=60, merge_stderr=False)
-    if done.timed_out:
-        raise subprocess.TimeoutExpired(argv, 60, done.stdout, done.stderr)
-    if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+    done = subproc.run(argv, cwd=cwd, env=os.environ, timeout=60, merge_stderr=True)
+    if done.timed_out or done.returncode != 0:
+        why = "timed out after 60s" if done.timed_out else f"exit {done.returncode}"
+        tail = done.stdout.decode(errors="replace").strip().splitlines()[-1:]
+        raise ProvisionError(f"demo: `git {' '.join(args)}` in {cwd} failed ({why}) {' '.join(tail)}".rstrip())
 
 
-def _repo(path: Path, files: dict[str, str], branch: str = "main") -> str:
+def _repo(path: Path, files: Mapping[str, str], branch: str = "main") -> str:
     if (path / ".git").exists():
         return path.resolve().as_uri()
     path.mkdir(parents=True, exist_ok=True)
@@ -46,9 +58,6 @@ def _repo(path: Path, files: dict[str, str], branch: str = "main") -> str:
     _git(path, "add", "-A")
     _git(path, "commit", "-q", "-m", "demo")
     return path.resolve().as_uri()
-
-
-NODE_INIT = "NODE_CLASS_MAPPINGS = {}\nNODE_DISPLAY_NAME_MAPPINGS = {}\n"
 
 
 def build_sources(src: Path) -> dict[str, str]:
@@ -102,7 +111,8 @@ def build_sources(src: Path) -> dict[str, str]:
     return {"comfy": comfy_url, "shared": shared_url}
 
 
-def demo_settings(root: Path, gpus: int, urls: dict[str, str]) -> dict[str, str]:
+def demo_settings(root: Path, gpus: int, urls: Mapping[str, str]) -> dict[str, str]:
+    """The settings (as variables) that point ``up`` at the simulated GPUs and local repos."""
     return {
         "ROOT": str(root),
         "MOCK_GPU": "1",
@@ -115,68 +125,34 @@ def demo_settings(root: Path, gpus: int, urls: dict[str, str]) -> dict[str, str]
     }
 
 
-def wait_ready(settings: Settings, timeout: float) -> bool:
-    url = f"http://127.0.0.1:{settings.orchestrator_port}/readyz"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    return False
-
-
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.sources["ROOT"] == "default":
-        root = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
-    else:
-        root = settings.root
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"demo root: {root}", flush=True)
-    urls = build_sources(root / "demo-src")
-    overrides = demo_settings(root, args.gpus, urls)
-    from orchestrator.cli.main import _flags
-
-    settings = load_settings(os.environ, {**overrides, **_flags(args)})
-    from orchestrator.cli.logconfig import setup_logging
-
-    setup_logging(  # the CLI logged to stderr only: the demo's ROOT was not chosen yet
-        fmt=settings.log_format,
-        level=settings.log_level,
-        secrets=settings.secret_values,
-        log_file=Layout(root).orchestrator_log,
+def start(settings: Settings, overrides: Mapping[str, str], gpus: int) -> DemoRun:
+    """``up``, then the pointer that lets `orchestrator status|gpus|plan|logs` without ROOT find
+    this demo while it runs. ``gpus``: how many instances the demo asked for."""
+    report = up(settings, overrides=overrides)
+    effective = {row["name"]: row["value"] for row in settings.effective()}
+    write_demo_pointer({k: str(v) for k, v in effective.items() if v is not None})
+    base = settings.worker_base_comfyui_port
+    return DemoRun(
+        report=report,
+        instance_urls=tuple(f"http://127.0.0.1:{port}/system_stats" for port in range(base, base + gpus)),
+        monitor_url=f"http://127.0.0.1:{settings.orchestrator_port}",
     )
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        up(settings, overrides=overrides)
-        # Lets `orchestrator status|gpus|plan|logs` without ROOT find this demo while it runs.
-        effective = {row["name"]: row["value"] for row in settings.effective()}
-        write_demo_pointer({k: str(v) for k, v in effective.items() if v is not None})
-        for inst_port in range(settings.worker_base_comfyui_port, settings.worker_base_comfyui_port + args.gpus):
-            print(f"instance: http://127.0.0.1:{inst_port}/system_stats", flush=True)
-        mon = f"http://127.0.0.1:{settings.orchestrator_port}"
-        print(f"monitor:  {mon}/readyz  {mon}/metrics  {mon}/instances", flush=True)
-        print("status:   .venv/bin/orchestrator status   (status, gpus, plan, logs find the running demo)", flush=True)
-        print(f"          MOCK_GPU=1 NUM_GPUS={args.gpus} .venv/bin/orchestrator --root {root} status", flush=True)
-        if wait_ready(settings, 90):
-            print(f"all {args.gpus} instances READY; Ctrl-C stops everything", flush=True)
-        else:
-            print("instances are not READY yet: see `orchestrator status`; Ctrl-C stops everything", flush=True)
-        stop.wait()
-    finally:
-        print("stopping...", flush=True)
-        remove_demo_pointer()
-        problems = down(settings)
-        for p in problems:
-            print(f"error: {p}", flush=True)
-        print("demo stopped: no instance, monitor or supervisord left running", flush=True)
-    return 0
+def wait_ready(settings: Settings, timeout: float) -> bool:
+    """Poll the monitor's /readyz until it says 200 or ``timeout`` seconds pass."""
+    url = f"http://127.0.0.1:{settings.orchestrator_port}/readyz"
 
+    def ready() -> bool:
+        try:
+            return requests.get(url, timeout=1.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    return wait_for(ready, timeout, 0.25)
+
+
+def stop(settings: Settings) -> Teardown:
+    """Forget the pointer, then ``down``."""
+    remove_demo_pointer()
+    return down(settings)

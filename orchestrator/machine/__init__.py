@@ -1,6 +1,7 @@
 """The seams to the operating system: GPUs through NVML (or the mock), ports, the supervisord
 XML-RPC client, the one command runner (own process group, deadline, tree kill), atomic file
-writes, the ROOT lock and the machine's own state files.
+writes, the ROOT lock, the machine's own state files, and waiting (``clock.wait_for``, the one
+polling helper).
 
 May import ``core`` only. Everything above reaches the OS through here.
 """

@@ -8,6 +8,7 @@ does not support is omitted from that GPU's sample, and a lost GPU marks only th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -180,10 +181,8 @@ class NvmlBackend:
     def close(self) -> None:
         with self._lock:
             if self._initialised and self._nvml is not None:
-                try:
+                with contextlib.suppress(self._nvml.NVMLError):
                     self._nvml.nvmlShutdown()
-                except self._nvml.NVMLError:
-                    pass
                 self._initialised = False
 
 

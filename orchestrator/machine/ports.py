@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Collection, Iterable
 
@@ -45,10 +46,8 @@ def family(pids: Iterable[int]) -> set[int]:
         if not pid:
             continue
         out.add(pid)
-        try:
+        with contextlib.suppress(*_EXPECTED):
             out.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-        except _EXPECTED:
-            pass
     return out
 
 

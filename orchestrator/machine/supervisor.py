@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import configparser
 import http.client
 import socket
-import time
 import xmlrpc.client
-from collections.abc import Callable
 from typing import Any
 
-from supervisor.xmlrpc import Faults, SupervisorTransport
+from supervisor.xmlrpc import Faults
 
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
@@ -52,17 +51,32 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class TimeoutTransport(SupervisorTransport):
-    """supervisor's XML-RPC transport whose unix-socket connections carry their own timeout."""
+class UnixTransport(xmlrpc.client.Transport):
+    """XML-RPC over supervisord's unix socket with basic auth; each connection carries its own timeout.
+
+    One kept-alive connection per transport, as :class:`xmlrpc.client.Transport` does for TCP.
+    """
 
     def __init__(self, username: str, password: str, path: str, timeout: float) -> None:
-        super().__init__(username, password, f"unix://{path}")
+        super().__init__()
+        self.path = path
         self.timeout = timeout
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._auth = [("Authorization", f"Basic {token}")]
 
-        def get_connection() -> http.client.HTTPConnection:
-            return _UnixConnection(path, self.timeout)
+    @property
+    def connection(self) -> http.client.HTTPConnection | None:
+        """The open connection, if any."""
+        return self._connection[1]
 
-        self._get_connection = get_connection
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        cached_host, cached = self._connection
+        if cached is not None and cached_host == host:
+            return cached
+        self._extra_headers = list(self._auth)  # sent with every request on this connection
+        connection = _UnixConnection(self.path, self.timeout)
+        self._connection = host, connection
+        return connection
 
 
 class Supervisor:
@@ -78,7 +92,7 @@ class Supervisor:
             if not self.layout.socket.exists():
                 raise SupervisorError(NOT_RUNNING)
             user, password = read_credentials(self.layout)
-            transport = TimeoutTransport(user, password, str(self.layout.socket), self.timeout)
+            transport = UnixTransport(user, password, str(self.layout.socket), self.timeout)
             self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         return self._proxy
 
@@ -168,12 +182,3 @@ def _fault_message(fault: xmlrpc.client.Fault, args: tuple[Any, ...]) -> str:
     }
     return messages.get(fault.faultCode, f"supervisord: {fault.faultString}")
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

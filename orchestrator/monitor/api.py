@@ -3,7 +3,9 @@
 ``create_app`` builds the app around a :class:`ControlPlane` (the monitor, or a fake in tests)
 and a metrics registry; other parts add their routers (the job API). Every handler answers from
 cached state and never waits on an instance. Mutating endpoints need ``Authorization: Bearer``
-when ``ORCHESTRATOR_TOKEN`` is set; :func:`check_listen` refuses a non-loopback address without it.
+when ``ORCHESTRATOR_TOKEN`` is set (``core.auth.BearerAuth``); :func:`check_listen` refuses a
+non-loopback address without it. Every error answer has the one shape of ``core.http``:
+``{"error": code, "message": ...}``.
 """
 
 from __future__ import annotations
@@ -13,20 +15,23 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI, Header, Response
+from fastapi import APIRouter, Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import __version__
-from orchestrator.core.auth import bearer_ok
+from orchestrator.core.auth import BearerAuth
 from orchestrator.core.errors import ConfigError
-from orchestrator.core.health import GpuStatus, InstanceStatus, Liveness, Readiness
+from orchestrator.core.http import ApiError, documented, http_error_handler, route_class
+from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness
 from orchestrator.core.settings import Settings
 from orchestrator.monitor.metrics import TextRenderer
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 Responses = dict[int | str, dict[str, Any]]
+_UNKNOWN_GPU = {400: "gpu is not an integer", 404: "no instance on that GPU"}
 
 
 class ControlPlane(Protocol):
@@ -171,10 +176,6 @@ class RestartResponse(BaseModel):
     state: str
 
 
-class ErrorResponse(BaseModel):
-    detail: str
-
-
 def _instance(s: InstanceStatus, redact: Callable[[str], str]) -> InstanceModel:
     return InstanceModel(
         gpu=s.gpu, name=s.name, port=s.port, state=s.state.value, reason=redact(s.reason), since=s.since,
@@ -210,7 +211,7 @@ def _ready(r: Readiness, redact: Callable[[str], str]) -> ReadyResponse:
 def _comfy_code(settings: Settings, redact: Callable[[str], str]) -> ComfyCodeModel | None:
     from orchestrator.core.layout import Layout
     from orchestrator.machine.fs import read_json
-    from orchestrator.provision.repos import code_report
+    from orchestrator.provision.repos.state import code_report
 
     layout = Layout(settings.root)
     if not layout.comfy_dir.is_dir():
@@ -239,9 +240,11 @@ def create_app(
         description="Health, readiness and control of the ComfyUI instances on this machine.",
         lifespan=lifespan,
     )
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    routes = APIRouter(route_class=route_class(settings.max_request_bytes))
+    auth = BearerAuth(settings.orchestrator_token)
     redact = settings.redact
     renderer = TextRenderer()
-    unknown: Responses = {404: {"model": ErrorResponse, "description": "no instance on that GPU"}}
 
     async def health() -> JSONResponse:
         live = control.liveness()
@@ -258,52 +261,50 @@ def create_app(
     not_alive: Responses = {503: {"model": HealthResponse, "description": "supervisord does not answer"}}
     not_ready: Responses = {503: {"model": ReadyResponse, "description": "too few instances are READY"}}
     for path, summary in (("/healthz", "The monitor is alive and supervisord answers"), ("/health", "Alias")):
-        app.add_api_route(
+        routes.add_api_route(
             path, health, methods=["GET"], summary=summary, response_model=HealthResponse, responses=not_alive
         )
     for path, summary in (("/readyz", "Enough instances are READY"), ("/ready", "Alias")):
-        app.add_api_route(
+        routes.add_api_route(
             path, ready, methods=["GET"], summary=summary, response_model=ReadyResponse, responses=not_ready
         )
 
-    @app.get("/instances", response_model=InstancesResponse, summary="Every instance: state, reason, queue")
+    @routes.get("/instances", response_model=InstancesResponse, summary="Every instance: state, reason, queue")
     async def instances() -> InstancesResponse:
         return InstancesResponse(instances=[_instance(s, redact) for s in control.instance_statuses()])
 
-    @app.get("/instances/{gpu}", response_model=InstanceModel, responses=unknown, summary="One instance")
-    async def instance(gpu: int) -> InstanceModel | JSONResponse:
+    def unknown_gpu(exc: KeyError) -> ApiError:
+        return ApiError(404, "not_found", str(exc.args[0]))
+
+    @routes.get(
+        "/instances/{gpu}", response_model=InstanceModel, responses=documented(_UNKNOWN_GPU), summary="One instance"
+    )
+    async def instance(gpu: int) -> InstanceModel:
         try:
             return _instance(control.instance_status(gpu), redact)
         except KeyError as exc:
-            return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+            raise unknown_gpu(exc) from None
 
-    @app.post(
+    @routes.post(
         "/instances/{gpu}/restart",
         response_model=RestartResponse,
         status_code=202,
-        responses={401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}, **unknown},
+        responses=documented({**_UNKNOWN_GPU, 401: "missing or wrong bearer token"}),
+        dependencies=[Depends(auth)],
         summary="Restart an instance through supervisord (needs the token when one is set)",
     )
-    async def restart(
-        gpu: int, authorization: str | None = Header(default=None)
-    ) -> RestartResponse | JSONResponse:
-        if not bearer_ok(settings.orchestrator_token, authorization):
-            return JSONResponse(
-                {"detail": "missing or wrong bearer token: send Authorization: Bearer <ORCHESTRATOR_TOKEN>"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    async def restart(gpu: int) -> RestartResponse:
         try:
             s = control.request_restart(gpu, "restart requested over HTTP")
         except KeyError as exc:
-            return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+            raise unknown_gpu(exc) from None
         return RestartResponse(gpu=s.gpu, name=s.name, accepted=True, state=s.state.value)
 
-    @app.get("/gpus", response_model=GpusResponse, summary="GPUs and their latest telemetry sample")
+    @routes.get("/gpus", response_model=GpusResponse, summary="GPUs and their latest telemetry sample")
     async def gpus() -> GpusResponse:
         return GpusResponse(gpus=[_gpu(g) for g in control.gpu_statuses()])
 
-    @app.get("/status", response_model=StatusResponse, summary="Readiness, instances and GPUs in one answer")
+    @routes.get("/status", response_model=StatusResponse, summary="Readiness, instances and GPUs in one answer")
     async def status() -> StatusResponse:
         r = control.readiness()
         return StatusResponse(
@@ -313,7 +314,7 @@ def create_app(
             comfy=_comfy_code(settings, redact),
         )
 
-    @app.get(
+    @routes.get(
         "/metrics",
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
@@ -323,6 +324,7 @@ def create_app(
         # Collectors read cached samples only, so this runs on the loop without blocking it.
         return Response(renderer.render(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(routes)
     for router in routers:
         app.include_router(router)
     return app

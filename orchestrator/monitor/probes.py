@@ -1,8 +1,9 @@
 """Probing one ComfyUI instance: TCP connect, ``GET /system_stats`` and ``/queue``, new log lines.
 
-The HTTP probe takes an :class:`httpx.AsyncClient` (tests can hand it a mock transport) and never
-takes longer than its timeout. :class:`LogScanner` reads only the bytes written since the last
-scan, follows rotation and truncation, and turns them into :class:`~orchestrator.core.health.LogFindings`.
+The HTTP probe asks through :class:`~orchestrator.comfy.client.ComfyClient` over an aiohttp
+session the caller owns, and never takes longer than its timeout. :class:`LogScanner` reads only
+the bytes written since the last scan, follows rotation and truncation, and turns them into
+:class:`~orchestrator.core.health.LogFindings`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
+from orchestrator.comfy.client import ComfyCallError, ComfyClient, Reply, base_url
+from orchestrator.comfy.protocol import queue_lengths
 from orchestrator.core.gpus import Gpu
 from orchestrator.core.health import LogFindings, ProbeResult
 
@@ -173,13 +176,8 @@ async def tcp_connect(host: str, port: int, timeout: float) -> str:
     return ""
 
 
-def _queue_len(data: Any, key: str) -> int | None:
-    value = data.get(key) if isinstance(data, dict) else None
-    return len(value) if isinstance(value, list) else None
-
-
 async def probe_http(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     port: int,
     gpu: Gpu,
     *,
@@ -191,40 +189,37 @@ async def probe_http(
 ) -> ProbeResult:
     """TCP connect, then ``GET /system_stats`` and ``GET /queue`` together, all within ``timeout``."""
     start = clock()
-    base = f"http://{host}:{port}"
     if tcp:
         error = await tcp_connect(host, port, timeout)
         if error:
             return ProbeResult(ok=False, error=error, duration=clock() - start)
     left = max(0.05, timeout - (clock() - start))
+    comfy = ComfyClient(session, base_url(host, port))
     try:
         async with asyncio.timeout(left):
             stats_resp, queue_resp = await asyncio.gather(
-                client.get(f"{base}/system_stats", timeout=left),
-                client.get(f"{base}/queue", timeout=left),
-                return_exceptions=True,
+                comfy.system_stats(left), comfy.queue(left), return_exceptions=True
             )
     except TimeoutError:
         error = f"no answer within {timeout:g}s"
         return ProbeResult(ok=False, tcp=True, error=error, duration=clock() - start)
     duration = clock() - start
     if isinstance(stats_resp, BaseException):
-        if isinstance(stats_resp, httpx.TimeoutException):
-            error = f"no answer within {timeout:g}s"
-        elif isinstance(stats_resp, httpx.HTTPError):
-            error = f"GET /system_stats failed: {type(stats_resp).__name__}"
-        else:
+        if not isinstance(stats_resp, ComfyCallError):
             raise stats_resp
+        if stats_resp.kind == "timeout":
+            error = f"no answer within {timeout:g}s"
+        else:
+            error = f"GET /system_stats failed: {stats_resp.reason}"
         return ProbeResult(ok=False, tcp=True, error=error, duration=duration)
     pending = running = None
-    if isinstance(queue_resp, httpx.Response) and queue_resp.status_code == 200:
+    if isinstance(queue_resp, Reply) and queue_resp.ok:
         with contextlib.suppress(ValueError):
-            data = queue_resp.json()
-            pending, running = _queue_len(data, "queue_pending"), _queue_len(data, "queue_running")
-    if stats_resp.status_code != 200:
+            pending, running = queue_lengths(queue_resp.json())
+    if not stats_resp.ok:
         return ProbeResult(
-            ok=False, tcp=True, status_code=stats_resp.status_code, duration=duration,
-            error=f"GET /system_stats answered {stats_resp.status_code}",
+            ok=False, tcp=True, status_code=stats_resp.status, duration=duration,
+            error=f"GET /system_stats answered {stats_resp.status}",
             queue_pending=pending, queue_running=running,
         )
     try:
@@ -243,12 +238,12 @@ async def probe_http(
     )
 
 
-async def free_memory(client: httpx.AsyncClient, port: int, timeout: float, host: str = "127.0.0.1") -> str:
+async def free_memory(
+    session: aiohttp.ClientSession, port: int, timeout: float, host: str = "127.0.0.1"
+) -> str:
     """``POST /free`` (unload models, free memory); "" on success, else why it failed."""
     try:
-        resp = await client.post(
-            f"http://{host}:{port}/free", json={"unload_models": True, "free_memory": True}, timeout=timeout
-        )
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}"
-    return "" if resp.status_code == 200 else f"answered {resp.status_code}"
+        reply = await ComfyClient(session, base_url(host, port)).free(timeout)
+    except ComfyCallError as exc:
+        return exc.reason
+    return "" if reply.ok else f"answered {reply.status}"

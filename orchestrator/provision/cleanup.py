@@ -5,24 +5,20 @@ by modification time) are deleted, then folders left empty are removed (a folder
 when it too is older than the cutoff, so a folder ComfyUI just created for a save is left alone).
 The folders themselves (``output/``, ``temp/``) stay. ``OUTPUT_MAX_AGE=0`` turns cleanup off.
 
-It runs as ``orchestrator cleanup`` (a supervisord program) or inside the monitor with
-:func:`run_loop`; totals go to ``Layout.cleanup_status_file`` and :class:`CleanupCollector`.
+It runs as ``orchestrator cleanup`` (a supervisord program: ``orchestrator.cli.models``) or inside
+the monitor with :func:`run_loop`; totals go to ``Layout.cleanup_status_file`` and :class:`CleanupCollector`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
-import signal
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -33,7 +29,6 @@ from orchestrator.machine.fs import read_json, write_json
 from orchestrator.machine.state import applied_plan
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,39 +177,6 @@ def run_loop(
             if on_result is not None:
                 on_result(result)
         stop.wait(settings.cleanup_interval)
-
-
-def cmd_cleanup(settings: Settings, args: argparse.Namespace) -> int:
-    """``orchestrator cleanup [--once] [--json]``."""
-    if settings.output_max_age <= 0:
-        print("cleanup is off (OUTPUT_MAX_AGE=0)")
-        return 0
-    layout = Layout(settings.root)
-
-    def show(result: CleanupResult) -> None:
-        if args.json:
-            print(json.dumps(result.to_dict()), flush=True)
-        else:
-            print(f"cleanup: deleted {result.files_deleted} files ({result.bytes_freed} bytes), "
-                  f"removed {result.dirs_removed} empty folders in {len(result.dirs)} folders", flush=True)
-
-    if args.once:
-        show(cleanup_once(settings, layout))
-        return 0
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        log.info("cleanup: every %.0f s, deleting outputs older than %.0f s", settings.cleanup_interval,
-                 settings.output_max_age)
-        run_loop(settings, layout, stop, on_result=show)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
 
 
 class CleanupCollector:

@@ -45,7 +45,7 @@ class Faults:
 
 def _seconds(value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"expected seconds, got {value!r}")
+        raise TypeError(f"expected seconds, got {value!r}")
     number = float(value)
     if number < 0 or number != number:
         raise ValueError(f"expected seconds >= 0, got {value!r}")
@@ -54,7 +54,7 @@ def _seconds(value: Any) -> float:
 
 def _bytes(value: Any) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"expected a byte count, got {value!r}")
+        raise TypeError(f"expected a byte count, got {value!r}")
     number = int(float(value))
     if number <= 0:
         raise ValueError(f"expected a byte count > 0, got {value!r}")
@@ -67,7 +67,7 @@ def _names(value: Any) -> tuple[str, ...]:
     elif isinstance(value, list):
         items = [str(v) for v in value]
     else:
-        raise ValueError(f"expected a comma list of names, got {value!r}")
+        raise TypeError(f"expected a comma list of names, got {value!r}")
     return tuple(s.strip() for s in items if s.strip())
 
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
-from orchestrator.simulator.nodes import ANY, Files, Input, NodeDef
+from orchestrator.simulator.nodedefs import ANY, Files, Input, NodeDef
 
 Prompt = Mapping[str, Any]
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from real.comfy_env import REAL_GROUP, RealUnavailable, Server, ensure_python, unpack_comfy
+from real.comfy_env import REAL_GROUP, RealUnavailable, ensure_python, unpack_comfy
+from support import ComfyServer
 
 from orchestrator.machine.ports import free_port_block
 
@@ -57,10 +58,10 @@ def tree(kind: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 
 @pytest.fixture(scope="module")
-def server(kind: str, tree: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(kind: str, tree: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
     """One instance shared by the tests that only read or add their own prompts."""
     python, code = tree
-    srv = Server(kind, python, code, tmp_path_factory.mktemp(f"inst-{kind}"), free_port_block(1))
+    srv = ComfyServer(code, tmp_path_factory.mktemp(f"inst-{kind}"), free_port_block(1), python=python, kind=kind)
     try:
         srv.wait_ready()
         yield srv
@@ -69,10 +70,10 @@ def server(kind: str, tree: tuple[Path, Path], tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture
-def fresh_server(kind: str, tree: tuple[Path, Path], tmp_path: Path) -> Iterator[Server]:
+def fresh_server(kind: str, tree: tuple[Path, Path], tmp_path: Path) -> Iterator[ComfyServer]:
     """An instance of its own (for tests that stop it); started, not yet waited for."""
     python, code = tree
-    srv = Server(kind, python, code, tmp_path / "inst", free_port_block(1))
+    srv = ComfyServer(code, tmp_path / "inst", free_port_block(1), python=python, kind=kind)
     try:
         yield srv
     finally:

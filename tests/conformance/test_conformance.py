@@ -7,20 +7,20 @@ it there (orchestrator/simulator/), never by loosening the assertion for one ser
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import random
 import re
 import signal
 import socket
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-import aiohttp
-import httpx
 import pytest
-from conftest import wait_for as poll
-from real.comfy_env import READY_LINE, Server
+from real.comfy_env import READY_LINE
+from support import ComfyServer
 
+from orchestrator.comfy.client import ComfyClient, new_session
 from orchestrator.monitor.probes import parse_lines
 from orchestrator.simulator.png import png_bytes, png_size
 
@@ -29,13 +29,26 @@ from .conftest import BROKEN_NODE
 pytestmark = pytest.mark.integration
 
 WAIT = 60.0  # seconds a prompt may take on a loaded 2-core machine (real ComfyUI on CPU)
+T = TypeVar("T")
 
 
-def client(server: Server) -> httpx.Client:
-    return httpx.Client(base_url=server.url, timeout=30)
+def talk(server: ComfyServer, scenario: Callable[[ComfyClient], Awaitable[T]]) -> T:
+    """Run ``scenario`` against ``server`` through the orchestrator's one ComfyUI client."""
+
+    async def main() -> T:
+        async with new_session(total=30) as session:
+            return await scenario(ComfyClient(session, server.url))
+
+    return asyncio.run(main())
 
 
-wait_for = functools.partial(poll, timeout=WAIT, interval=0.1)
+async def wait_for(check: Callable[[], Awaitable[T]]) -> T:
+    """Await ``check()`` every 0.1 s until it is truthy (at most WAIT seconds), and return that."""
+    deadline = time.monotonic() + WAIT
+    while not (result := await check()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert result, f"timed out after {WAIT} s"
+    return result
 
 
 def image_graph(prefix: str, color: int | None = None, width: int = 64, height: int = 48) -> dict[str, Any]:
@@ -48,19 +61,19 @@ def image_graph(prefix: str, color: int | None = None, width: int = 64, height: 
     }
 
 
-def run_prompt(c: httpx.Client, prompt: dict[str, Any], **body: Any) -> tuple[str, dict[str, Any]]:
-    r = c.post("/prompt", json={"prompt": prompt, **body})
-    assert r.status_code == 200, r.text
+async def run_prompt(c: ComfyClient, prompt: dict[str, Any], client_id: str = "conformance") -> tuple[str, dict[str, Any]]:
+    r = await c.post_prompt(prompt, client_id)
+    assert r.status == 200, r.text
     answer = r.json()
     assert set(answer) == {"prompt_id", "number", "node_errors"}
     assert answer["node_errors"] == {}
     pid = answer["prompt_id"]
-    entry = wait_for(lambda: c.get(f"/history/{pid}").json().get(pid))
+    entry = await wait_for(lambda: c.history(pid))
     return pid, entry
 
 
 # ---------------------------------------------------------------- startup and probes
-def test_startup_log_names_folders_device_version_and_the_gui_line(server: Server) -> None:
+def test_startup_log_names_folders_device_version_and_the_gui_line(server: ComfyServer) -> None:
     log = server.log()
     assert f"{READY_LINE}: http://127.0.0.1:{server.port}" in log
     assert f"Setting output directory to: {server.base / 'output'}" in log
@@ -71,7 +84,7 @@ def test_startup_log_names_folders_device_version_and_the_gui_line(server: Serve
     assert log.index("Import times for custom nodes:") < log.index(READY_LINE)
 
 
-def test_a_custom_node_that_raises_at_import_is_named_in_an_import_failed_line(server: Server) -> None:
+def test_a_custom_node_that_raises_at_import_is_named_in_an_import_failed_line(server: ComfyServer) -> None:
     lines = server.log().splitlines()
     failed = [ln for ln in lines if "(IMPORT FAILED)" in ln]
     path = server.tree / "custom_nodes" / BROKEN_NODE
@@ -80,10 +93,13 @@ def test_a_custom_node_that_raises_at_import_is_named_in_an_import_failed_line(s
     assert BROKEN_NODE in parse_lines(lines).import_failed
 
 
-def test_system_stats_has_the_fields_the_probe_reads_and_a_cpu_device(server: Server) -> None:
-    with client(server) as c:
-        stats = c.get("/system_stats").json()
-        assert c.get("/api/system_stats").status_code == 200  # every route is also under /api
+def test_system_stats_has_the_fields_the_probe_reads_and_a_cpu_device(server: ComfyServer) -> None:
+    async def scenario(c: ComfyClient) -> tuple[Any, int]:
+        stats = (await c.system_stats()).json()
+        return stats, (await c.request("GET", "/api/system_stats")).status
+
+    stats, api_status = talk(server, scenario)
+    assert api_status == 200  # every route is also under /api
     system = stats["system"]
     for key in ("os", "ram_total", "ram_free", "comfyui_version", "python_version", "pytorch_version",
                 "embedded_python", "argv"):
@@ -98,29 +114,30 @@ def test_system_stats_has_the_fields_the_probe_reads_and_a_cpu_device(server: Se
     assert dev["vram_total"] == system["ram_total"]
 
 
-def test_queue_and_prompt_info_shapes(server: Server) -> None:
-    with client(server) as c:
-        q = c.get("/queue").json()
-        info = c.get("/prompt").json()
+def test_queue_and_prompt_info_shapes(server: ComfyServer) -> None:
+    async def scenario(c: ComfyClient) -> tuple[Any, Any]:
+        return (await c.queue()).json(), (await c.request("GET", "/prompt")).json()
+
+    q, info = talk(server, scenario)
     assert set(q) == {"queue_running", "queue_pending"}
     assert isinstance(q["queue_running"], list)
     assert isinstance(q["queue_pending"], list)
     assert isinstance(info["exec_info"]["queue_remaining"], int)
 
 
-def test_a_foreign_origin_gets_403_with_an_empty_body(server: Server) -> None:
-    with client(server) as c:
-        r = c.get("/system_stats", headers={"Origin": "http://evil.example"})
-    assert r.status_code == 403
-    assert r.content == b""
+def test_a_foreign_origin_gets_403_with_an_empty_body(server: ComfyServer) -> None:
+    r = talk(server, lambda c: c.request("GET", "/system_stats", headers={"Origin": "http://evil.example"}))
+    assert r.status == 403
+    assert r.body == b""
 
 
 # ---------------------------------------------------------------- prompts
-def test_a_model_free_prompt_writes_its_png_and_records_history(server: Server) -> None:
+def test_a_model_free_prompt_writes_its_png_and_records_history(server: ComfyServer) -> None:
     prefix = f"conf_{random.randint(0, 10**9)}"
     graph = image_graph(prefix, width=40, height=24)
-    with client(server) as c:
-        pid, entry = run_prompt(c, graph, client_id="conformance")
+
+    async def scenario(c: ComfyClient) -> None:
+        pid, entry = await run_prompt(c, graph, client_id="conformance")
         assert entry["status"]["status_str"] == "success"
         assert entry["status"]["completed"] is True
         events = [m[0] for m in entry["status"]["messages"]]
@@ -135,48 +152,58 @@ def test_a_model_free_prompt_writes_its_png_and_records_history(server: Server) 
         assert image == {"filename": f"{prefix}_00001_.png", "subfolder": "", "type": "output"}
         data = (server.output / image["filename"]).read_bytes()
         assert png_size(data) == (40, 24)
-        view = c.get("/view", params=image)
-        assert view.status_code == 200
-        assert view.content == data
-        assert c.get("/view", params={"filename": "missing.png", "type": "output"}).status_code == 404
-        assert c.get("/history/no-such-id").json() == {}
-        assert len(c.get("/history", params={"max_items": 1}).json()) == 1
+        view = await c.request("GET", "/view", params=image)
+        assert view.status == 200
+        assert view.body == data
+        assert await c.view(image["filename"], image["subfolder"], image["type"]) == data
+        missing = await c.request("GET", "/view", params={"filename": "missing.png", "type": "output"})
+        assert missing.status == 404
+        assert (await c.request("GET", "/history/no-such-id")).json() == {}
+        assert await c.history("no-such-id") is None
+        assert len((await c.request("GET", "/history", params={"max_items": 1})).json()) == 1
+
+    talk(server, scenario)
 
 
-def test_an_identical_prompt_is_served_from_cache_without_a_new_file(server: Server) -> None:
+def test_an_identical_prompt_is_served_from_cache_without_a_new_file(server: ComfyServer) -> None:
     prefix = f"cache_{random.randint(0, 10**9)}"
     graph = image_graph(prefix)
-    with client(server) as c:
-        _, first = run_prompt(c, graph)
-        _, second = run_prompt(c, graph)
+
+    async def scenario(c: ComfyClient) -> tuple[dict[str, Any], dict[str, Any]]:
+        _, first = await run_prompt(c, graph)
+        _, second = await run_prompt(c, graph)
+        return first, second
+
+    first, second = talk(server, scenario)
     assert second["outputs"] == first["outputs"]
     cached = dict(second["status"]["messages"])["execution_cached"]["nodes"]
     assert sorted(cached) == ["1", "2", "3"]
     assert len(list(server.output.glob(f"{prefix}_*.png"))) == 1
 
 
-def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> None:
+def test_prompt_errors_have_comfyui_types_and_node_errors(server: ComfyServer) -> None:
     graph = image_graph("errors")
-    with client(server) as c:
-        r = c.post("/prompt", json={})
-        assert r.status_code == 400
+
+    async def scenario(c: ComfyClient) -> None:
+        r = await c.request("POST", "/prompt", json={})
+        assert r.status == 400
         assert r.json()["error"]["type"] == "no_prompt"
 
-        r = c.post("/prompt", json={"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
-        assert r.status_code == 400
+        r = await c.post_prompt({"1": {"class_type": "NoSuchNode", "inputs": {}}}, "conformance")
+        assert r.status == 400
         assert r.json()["error"] == {
             "type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.",
             "details": "Node ID '#1'", "extra_info": {},
         }
 
-        r = c.post("/prompt", json={"prompt": {"1": graph["1"]}})
-        assert r.status_code == 400
+        r = await c.post_prompt({"1": graph["1"]}, "conformance")
+        assert r.status == 400
         assert r.json()["error"]["type"] == "prompt_no_outputs"
 
         bad = json.loads(json.dumps(graph))
         bad["1"]["inputs"]["width"] = 0
-        r = c.post("/prompt", json={"prompt": bad})
-        assert r.status_code == 400
+        r = await c.post_prompt(bad, "conformance")
+        assert r.status == 400
         body = r.json()
         assert body["error"]["type"] == "prompt_outputs_failed_validation"
         (err,) = body["node_errors"]["1"]["errors"]
@@ -189,57 +216,71 @@ def test_prompt_errors_have_comfyui_types_and_node_errors(server: Server) -> Non
 
         missing = json.loads(json.dumps(graph))
         del missing["1"]["inputs"]["height"]
-        r = c.post("/prompt", json={"prompt": missing})
+        r = await c.post_prompt(missing, "conformance")
         (err,) = r.json()["node_errors"]["1"]["errors"]
-        assert r.status_code == 400
+        assert r.status == 400
         assert err["type"] == "required_input_missing"
         assert err["details"] == "height"
 
-        r = c.post("/prompt", json={"prompt": {"1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
-                                               "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}})
-        assert r.status_code == 400
+        r = await c.post_prompt({"1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
+                                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, "conformance")
+        assert r.status == 400
         assert r.json()["error"]["type"] == "prompt_outputs_failed_validation"
         assert "1" in r.json()["node_errors"]
 
-        r = c.post("/prompt", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert r.status_code == 500
-        assert b"prompt_id" not in r.content
-        assert c.get("/system_stats").status_code == 200  # and it keeps serving
+        r = await c.request("POST", "/prompt", data=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status == 500
+        assert b"prompt_id" not in r.body
+        assert (await c.system_stats()).status == 200  # and it keeps serving
+
+    talk(server, scenario)
 
 
-def test_upload_image_then_load_and_scale_it(server: Server) -> None:
+def test_upload_image_then_load_and_scale_it(server: ComfyServer) -> None:
     name = f"up_{random.randint(0, 10**9)}.png"
     data = png_bytes(30, 20, seed=5)
-    with client(server) as c:
-        r = c.post("/upload/image", files={"image": (name, data, "image/png")})
-        assert r.status_code == 200
+    prefix = f"scaled_{random.randint(0, 10**9)}"
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                     "width": 60, "height": 0, "crop": "disabled"}},
+        "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 1, "sigma": 1.0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+
+    async def scenario(c: ComfyClient) -> dict[str, Any]:
+        r = await c.upload_image(name, data)
+        assert r.status == 200
         assert r.json() == {"name": name, "subfolder": "", "type": "input"}
         assert (server.input / name).read_bytes() == data
-        assert c.post("/upload/image", data={"x": "1"}).status_code == 400
-        choices = c.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
+        assert (await c.request("POST", "/upload/image", data={"x": "1"})).status == 400
+        info = (await c.request("GET", "/object_info/LoadImage")).json()
+        choices = info["LoadImage"]["input"]["required"]["image"][0]
         assert name in choices
-        prefix = f"scaled_{random.randint(0, 10**9)}"
-        graph = {
-            "1": {"class_type": "LoadImage", "inputs": {"image": name}},
-            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                         "width": 60, "height": 0, "crop": "disabled"}},
-            "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 1, "sigma": 1.0}},
-            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
-        }
-        _, entry = run_prompt(c, graph)
+        _, entry = await run_prompt(c, graph)
+        return entry
+
+    entry = talk(server, scenario)
     (image,) = entry["outputs"]["4"]["images"]
     assert png_size((server.output / image["filename"]).read_bytes()) == (60, 40)  # height 0 keeps the aspect
 
 
-def test_interrupt_free_and_queue_and_history_posts_answer_200_with_an_empty_body(server: Server) -> None:
-    with client(server) as c:
-        pid, _ = run_prompt(c, image_graph("posts"))
-        for path, body in (("/interrupt", None), ("/interrupt", {"prompt_id": "x"}),
-                           ("/free", {"unload_models": True, "free_memory": True}),
-                           ("/queue", {"clear": True}), ("/history", {"delete": [pid]})):
-            r = c.post(path, json=body) if body is not None else c.post(path)
-            assert (r.status_code, r.content) == (200, b""), (path, r.status_code, r.content)
-        assert c.get(f"/history/{pid}").json() == {}
+def test_interrupt_free_and_queue_and_history_posts_answer_200_with_an_empty_body(server: ComfyServer) -> None:
+    async def scenario(c: ComfyClient) -> None:
+        pid, _ = await run_prompt(c, image_graph("posts"))
+        calls = (
+            ("/interrupt", lambda: c.request("POST", "/interrupt")),
+            ("/interrupt", lambda: c.interrupt("x")),
+            ("/free", lambda: c.free(unload_models=True, free_memory=True)),
+            ("/queue", lambda: c.request("POST", "/queue", json={"clear": True})),
+            ("/history", lambda: c.request("POST", "/history", json={"delete": [pid]})),
+        )
+        for path, call in calls:
+            r = await call()
+            assert (r.status, r.body) == (200, b""), (path, r.status, r.body)
+        assert (await c.request("GET", f"/history/{pid}")).json() == {}
+
+    talk(server, scenario)
 
 
 # Input names, their types (a list = a combo) and outputs, read from ComfyUI 0.3.64's nodes.py and
@@ -266,19 +307,23 @@ LIMITS = {  # (class, input): (default, min, max)
 }
 
 
-def test_object_info_declares_the_nodes_a_model_free_workflow_uses(server: Server) -> None:
-    with client(server) as c:
-        every = c.get("/object_info").json()
-        assert c.get("/object_info/NoSuchNode").json() == {}
+def test_object_info_declares_the_nodes_a_model_free_workflow_uses(server: ComfyServer) -> None:
+    async def scenario(c: ComfyClient) -> dict[str, Any]:
+        every: dict[str, Any] = (await c.request("GET", "/object_info")).json()
+        assert (await c.request("GET", "/object_info/NoSuchNode")).json() == {}
         for name, (inputs, outputs, output_node) in NODES.items():
-            info = c.get(f"/object_info/{name}").json()[name]
+            info = (await c.request("GET", f"/object_info/{name}")).json()[name]
             assert info == every[name]
             required = info["input"]["required"]
             assert list(required) == list(inputs) == info["input_order"]["required"], name
             for field, kind in inputs.items():
                 declared = required[field][0]
                 assert isinstance(declared, list) if kind is list else declared == kind, (name, field, declared)
-            assert info["output"] == outputs and info["output_node"] is output_node, name
+            assert info["output"] == outputs, name
+            assert info["output_node"] is output_node, name
+        return every
+
+    every = talk(server, scenario)
     for (name, field), (default, lo, hi) in LIMITS.items():
         options = every[name]["input"]["required"][field][1]
         assert (options["default"], options["min"], options["max"]) == (default, lo, hi), (name, field)
@@ -287,38 +332,34 @@ def test_object_info_declares_the_nodes_a_model_free_workflow_uses(server: Serve
 
 
 # ---------------------------------------------------------------- WebSocket (upstream protocol)
-async def _events(server: Server, graph: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]], list[Any]]:
+async def _events(c: ComfyClient, graph: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]], list[Any]]:
     me, other = f"me{random.randint(0, 10**9)}", f"other{random.randint(0, 10**9)}"
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(f"{server.url}/ws?clientId={me}") as ws, \
-                s.ws_connect(f"{server.url}/ws?clientId={other}") as ws2:
-            first = await ws.receive_json(timeout=WAIT)
-            r = await s.post(f"{server.url}/prompt", json={"prompt": graph, "client_id": me})
-            pid = (await r.json())["prompt_id"]
-            seen: list[tuple[str, Any]] = []
-            while True:
-                msg = await ws.receive(timeout=WAIT)
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary previews
-                data = json.loads(msg.data)
-                seen.append((data["type"], data["data"]))
-                if data["type"] == "executing" and data["data"].get("node") is None and data["data"].get("prompt_id") == pid:
-                    break
-            leaked: list[Any] = []
-            with_timeout = asyncio.wait_for(ws2.receive(), 0.5)
-            while True:
-                try:
-                    msg = await with_timeout
-                except TimeoutError:
-                    break
-                if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] != "status":
-                    leaked.append(json.loads(msg.data))
-                with_timeout = asyncio.wait_for(ws2.receive(), 0.5)
+    async with await c.connect(me, greet=False) as ws, await c.connect(other, greet=False) as ws2:
+        first = await ws.receive(WAIT)
+        r = await c.post_prompt(graph, me)
+        pid = r.json()["prompt_id"]
+        seen: list[tuple[str, Any]] = []
+        while True:
+            data = await ws.receive(WAIT)  # binary previews are skipped
+            assert data is not None, "the socket closed"
+            seen.append((data["type"], data["data"]))
+            if data["type"] == "executing" and data["data"].get("node") is None and data["data"].get("prompt_id") == pid:
+                break
+        leaked: list[Any] = []
+        while True:
+            try:
+                message = await ws2.receive(0.5)
+            except TimeoutError:
+                break
+            if message is None:
+                break
+            if message["type"] != "status":
+                leaked.append(message)
     return {"first": first, "me": me, "pid": pid}, seen, leaked
 
 
-def test_websocket_events_reach_only_the_prompts_client_in_order(server: Server) -> None:
-    info, seen, leaked = asyncio.run(_events(server, image_graph(f"ws_{random.randint(0, 10**9)}")))
+def test_websocket_events_reach_only_the_prompts_client_in_order(server: ComfyServer) -> None:
+    info, seen, leaked = talk(server, lambda c: _events(c, image_graph(f"ws_{random.randint(0, 10**9)}")))
     assert info["first"] == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
                                                          "sid": info["me"]}}
     flow = [(t, d.get("node") if t in ("executing", "executed") else None)
@@ -337,7 +378,7 @@ def test_websocket_events_reach_only_the_prompts_client_in_order(server: Server)
 
 
 # ---------------------------------------------------------------- stopping
-def test_sigterm_stops_an_instance_within_seconds_and_frees_its_port(fresh_server: Server) -> None:
+def test_sigterm_stops_an_instance_within_seconds_and_frees_its_port(fresh_server: ComfyServer) -> None:
     srv = fresh_server
     srv.wait_ready()
     srv.proc.send_signal(signal.SIGTERM)

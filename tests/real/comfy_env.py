@@ -1,5 +1,7 @@
 """Real ComfyUI for tests and benchmarks: its venv (built once, cached outside the clone) and its code.
 
+Starting one is ``support.ComfyServer(tree, base, python=ensure_python(), kind="real")``.
+
 The venv lives at ``${COMFY_REAL_CACHE:-$HOME/.cache/comfy-orchestrator}/comfyui-venv-<hash>``, where
 the hash covers the torch pins and ComfyUI's ``requirements.txt``. It is built in a temporary folder
 next to it and renamed into place when complete, under a file lock, so two pytest-xdist workers (or
@@ -16,7 +18,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -116,6 +117,16 @@ def _pip(python: Path, *args: str, deadline: float) -> None:
         raise RealUnavailable(f"real tier: cannot build the ComfyUI venv (pip install {args[0]} …: {last[:200]})")
 
 
+def _check_imports(python: Path) -> None:
+    check = subprocess.run(
+        [str(python), "-c", "import torch, torchvision, torchaudio, aiohttp, requests"],
+        capture_output=True, text=True, timeout=300,
+    )
+    if check.returncode != 0:
+        tail = (check.stderr.strip().splitlines() or ["?"])[-1]
+        raise RealUnavailable(f"real tier: the ComfyUI venv does not import torch: {tail[:200]}")
+
+
 _FAILED: dict[str, str] = {}  # per process: a build that failed is not retried for every test
 
 
@@ -146,13 +157,7 @@ def ensure_python(log: object = None) -> Path:
             req = tmp / "comfyui-requirements.txt"
             req.write_text(requirements)
             _pip(tmp / "bin" / "python", "-r", str(req), *EXTRA_PINS, deadline=deadline)
-            check = subprocess.run(
-                [str(tmp / "bin" / "python"), "-c", "import torch, torchvision, torchaudio, aiohttp, requests"],
-                capture_output=True, text=True, timeout=300,
-            )
-            if check.returncode != 0:
-                tail = (check.stderr.strip().splitlines() or ["?"])[-1]
-                raise RealUnavailable(f"real tier: the ComfyUI venv does not import torch: {tail[:200]}")
+            _check_imports(tmp / "bin" / "python")
             (tmp / COMPLETE).write_text("\n".join([*TORCH_PINS, *EXTRA_PINS, "+ requirements.txt"]) + "\n")
             if venv.exists():  # an incomplete leftover
                 shutil.rmtree(venv)
@@ -180,101 +185,13 @@ def unpack_comfy(dest: Path, tarball: Path = TARBALL) -> Path:
 
 def comfy_repo(dest: Path, branch: str = "main") -> str:
     """ComfyUI unpacked under ``dest`` and committed into a local git repo; returns its file:// URL."""
-    from conftest import git  # tests/conftest.py: only the tests make repos
+    from support import git  # tests/support.py: only the tests make repos
 
     src = unpack_comfy(dest)
     git(src, "init", "-q", "-b", branch)
     git(src, "add", "-A")
     git(src, "commit", "-q", "-m", "ComfyUI 0.3.64")
     return f"file://{src}"
-
-
-def comfy_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a hand-started ComfyUI: CPU only, unbuffered, nothing from a developer's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIM_", "PYTHONPATH", "VIRTUAL_ENV"))}
-    env.update({"PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "DO_NOT_TRACK": "1"})
-    env.update(extra or {})
-    return env
-
-
-def instance_argv(python: Path | str, base: Path, port: int, *extra: str) -> list[str]:
-    """``main.py`` with its own port and folders, as the orchestrator starts an instance."""
-    for sub in ("output", "temp", "input", "user"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    return [
-        str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-        "--output-directory", str(base / "output"), "--temp-directory", str(base / "temp"),
-        "--input-directory", str(base / "input"), "--user-directory", str(base / "user"),
-        "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}", "--disable-auto-launch", *extra,
-    ]
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
-    """SIGTERM, then SIGKILL: the process is gone when this returns."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
-    return int(proc.returncode)
-
-
-class Server:
-    """One ComfyUI (real or simulated) started by hand with its own port and folders."""
-
-    def __init__(self, kind: str, python: Path, tree: Path, base: Path, port: int, *extra: str) -> None:
-        self.kind, self.python, self.tree, self.base, self.port = kind, python, tree, base, port
-        self.log_path = base / "comfyui.log"
-        self.argv = instance_argv(python, base, port, *extra)
-        env = comfy_env()
-        if kind == "simulator":  # the simulator is this repo's package: run it from here
-            env["PYTHONPATH"] = str(REPO)
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.started = time.monotonic()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def output(self) -> Path:
-        return self.base / "output"
-
-    @property
-    def input(self) -> Path:
-        return self.base / "input"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def answers(self) -> bool:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.url}/system_stats", timeout=2) as r:  # noqa: S310
-                return bool(r.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        """Seconds from start to the first 200 on /system_stats; raises if it exits or times out."""
-        deadline = self.started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.kind} ComfyUI exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if self.answers():
-                return time.monotonic() - self.started
-            time.sleep(0.1)
-        raise AssertionError(f"{self.kind} ComfyUI not answering after {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> int:
-        return stop(self.proc)
 
 
 if __name__ == "__main__":  # .ci/run: build (or find) the venv before the tests, outside any test timeout

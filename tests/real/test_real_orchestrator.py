@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
-from conftest import Machine, clean_env, make_repo, wait_until
+import requests
+from support import Machine, clean_env, http_client, make_repo, wait_until
 
 from orchestrator.machine.ports import free_port_block
 from orchestrator.simulator.png import png_size
@@ -58,8 +58,8 @@ def slow_graph(prefix: str) -> dict[str, Any]:
 
 def instances(m: Machine) -> list[dict[str, Any]]:
     try:
-        r = httpx.get(f"{m.monitor_url}/instances", timeout=5)
-    except httpx.HTTPError:
+        r = requests.get(f"{m.monitor_url}/instances", timeout=5)
+    except requests.RequestException:
         return []
     return list(r.json()["instances"]) if r.status_code == 200 else []
 
@@ -148,7 +148,7 @@ def test_both_real_instances_are_ready_with_their_own_port_folders_and_database(
         cmd = psutil.Process(inst["pid"]).cmdline()
         assert cmd[0] == m.env["COMFY_PYTHON"]
         assert "main.py" in cmd
-        stats = httpx.get(f"http://127.0.0.1:{port}/system_stats", timeout=10).json()
+        stats = requests.get(f"http://127.0.0.1:{port}/system_stats", timeout=10).json()
         assert stats["system"]["comfyui_version"] == "0.3.64"
         assert stats["system"]["pytorch_version"].startswith("2.11.0")
         argv = stats["system"]["argv"]
@@ -176,7 +176,7 @@ def test_a_model_free_job_lands_its_png_in_the_routed_instances_output_folder(ma
     m = machine
     ensure_ready(m)
     prefix = f"job_{random.randint(0, 10**9)}"
-    r = httpx.post(f"{m.monitor_url}/jobs", json={"workflow": graph(prefix), "timeout": 120}, timeout=150)
+    r = requests.post(f"{m.monitor_url}/jobs", json={"workflow": graph(prefix), "timeout": 120}, timeout=150)
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["status"] == "success", job
@@ -194,7 +194,7 @@ def test_a_model_free_job_lands_its_png_in_the_routed_instances_output_folder(ma
 def test_jobs_spread_over_both_real_instances(machine: Machine) -> None:
     m = machine
     ensure_ready(m)
-    with httpx.Client(base_url=m.monitor_url, timeout=150) as c:
+    with http_client(m.monitor_url, timeout=150) as c:
         ids = []
         for n in range(4):
             r = c.post("/jobs", json={"workflow": slow_graph(f"spread_{n}_{random.randint(0, 10**9)}"), "wait": False})
@@ -218,7 +218,7 @@ def test_a_sigkilled_real_instance_comes_back_ready(machine: Machine) -> None:
     assert wait_until(lambda: _recovered(m, 1, before[1]), READY_TIMEOUT, 0.25), instances(m)
     print(f"SIGKILL -> READY in {time.monotonic() - started:.1f}s")
     assert {i["gpu"]: i["pid"] for i in instances(m)}[0] == before[0]
-    assert httpx.get(f"http://127.0.0.1:{m.ports[1]}/system_stats", timeout=10).status_code == 200
+    assert requests.get(f"http://127.0.0.1:{m.ports[1]}/system_stats", timeout=10).status_code == 200
 
 
 def test_a_sigstopped_real_instance_is_restarted_to_ready(machine: Machine) -> None:

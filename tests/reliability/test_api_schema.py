@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
+import requests
 import schemathesis
-from conftest import Machine, clean_env, free_port_block, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.core.failures import FailureGroup
@@ -27,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from support import Machine, simulated_machine, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,29 +53,13 @@ CHECKS = [
 ]
 
 
-def _ready(m: Machine) -> bool:
-    try:
-        return httpx.get(f"{m.monitor_url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def api_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    from orchestrator.simulator.tree import write_code_tree
-
-    root = tmp_path_factory.mktemp("api-machine")
-    write_code_tree(root / "ComfyUI")
-    base = free_port_block(3)
-    env = clean_env(
-        ROOT=str(root), MOCK_GPU="1", NUM_GPUS="2", WORKER_BASE_COMFYUI_PORT=str(base),
-        ORCHESTRATOR_PORT=str(free_port_block(1)), SHARED_REPO_URL="", PROBE_INTERVAL="0.5", PROBE_TIMEOUT="1",
-        STOP_TIMEOUT="5", ORCHESTRATOR_TOKEN=TOKEN, JOB_TIMEOUT="15s", GPU_SAMPLE_INTERVAL="0.5",
-    )
-    m = Machine(root, env, base, int(env["ORCHESTRATOR_PORT"]), 2)
+    m = simulated_machine(tmp_path_factory.mktemp("api-machine"), 2, ORCHESTRATOR_TOKEN=TOKEN, JOB_TIMEOUT="15s",
+                          GPU_SAMPLE_INTERVAL="0.5")
     try:
         m.up()
-        assert wait_until(lambda: _ready(m), 60, 0.2), m.run("status").stdout
+        assert wait_until(m.ready, 60, 0.2), m.run("status").stdout
         yield m
     finally:
         m.down()
@@ -125,39 +109,40 @@ def test_every_operation_answers_within_its_schema_and_never_with_an_undocumente
                 failures.append(failure)
     print("\n" + "\n".join(f"{label}: {len(codes)} calls, statuses {sorted(set(codes))}" for label, codes in seen.items()))
     assert all(seen.values()), seen
-    assert "POST /instances/{gpu}/restart" in labels and "GET /metrics" in labels, labels
+    assert "POST /instances/{gpu}/restart" in labels, labels
+    assert "GET /metrics" in labels, labels
     assert len(labels) >= 12, labels
     assert not failures, "\n\n".join(failures)
 
 
 def documented(api_machine: Machine, method: str, path: str) -> dict[str, Any]:
-    doc = httpx.get(f"{api_machine.monitor_url}/openapi.json", timeout=5).json()
+    doc = requests.get(f"{api_machine.monitor_url}/openapi.json", timeout=5).json()
     return dict(doc["paths"][path][method]["responses"])
 
 
 def test_a_job_body_that_is_not_utf8_gets_the_documented_400_body(api_machine: Machine) -> None:
-    r = httpx.post(f"{api_machine.monitor_url}/jobs", content=b"\xff\xfe{",
-                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(f"{api_machine.monitor_url}/jobs", data=b"\xff\xfe{",
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
     assert {"error", "message"} <= set(r.json()), r.text
 
 
 def test_a_job_body_that_is_not_json_gets_the_documented_400_body(api_machine: Machine) -> None:
-    r = httpx.post(f"{api_machine.monitor_url}/jobs", content=b"{not json",
-                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(f"{api_machine.monitor_url}/jobs", data=b"{not json",
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
     assert {"error", "message"} <= set(r.json()), r.text
 
 
 def test_a_bad_wait_on_get_job_gets_a_documented_status(api_machine: Machine) -> None:
-    r = httpx.get(f"{api_machine.monitor_url}/jobs/some-id", params={"wait": "abc"}, timeout=10)
+    r = requests.get(f"{api_machine.monitor_url}/jobs/some-id", params={"wait": "abc"}, timeout=10)
     assert str(r.status_code) in documented(api_machine, "get", "/jobs/{job_id}"), (r.status_code, r.text)
 
 
 def test_the_schema_lists_the_contracted_endpoints(api_machine: Machine) -> None:
-    paths = set(httpx.get(f"{api_machine.monitor_url}/openapi.json", timeout=5).json()["paths"])
+    paths = set(requests.get(f"{api_machine.monitor_url}/openapi.json", timeout=5).json()["paths"])
     for path in ("/healthz", "/readyz", "/instances", "/instances/{gpu}", "/gpus", "/metrics",
                  "/instances/{gpu}/restart", "/health", "/ready", "/status"):
         assert path in paths
     # after the generated restarts, every instance comes back
-    assert wait_until(lambda: _ready(api_machine), 60, 0.2)
+    assert wait_until(api_machine.ready, 60, 0.2)

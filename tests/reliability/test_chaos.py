@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -30,11 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
-from conftest import Machine, answers, wait_until
+import requests
 from prometheus_client.parser import text_string_to_metric_families
+from support import Machine, answers, http_client, wait_until
+
+from orchestrator.machine.ports import port_free
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ class HealthzPoller:
     def __init__(self, url: str) -> None:
         self.url = url
         # A slow answer on a loaded box is not a failed one (latency: bench/chaos_report.py).
-        self.client = httpx.Client(timeout=15.0, trust_env=False)
+        self.client = http_client(timeout=15.0, trust_env=False)
         self.polls = 0
         self.last_poll = 0.0  # time.monotonic() when the latest poll began
         self.ok = 0
@@ -95,7 +96,7 @@ class HealthzPoller:
         self.last_poll = start
         try:
             resp = self.client.get(self.url)
-        except httpx.HTTPError as exc:
+        except requests.RequestException as exc:
             self.failures.append(f"t={start - self.t0:.1f}s {type(exc).__name__}")
             return
         self.latencies.append(time.monotonic() - start)
@@ -120,7 +121,7 @@ def restarts_by_gpu(text: str) -> dict[int, float]:
 class MetricsScraper:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = httpx.Client(timeout=15.0, trust_env=False)
+        self.client = http_client(timeout=15.0, trust_env=False)
         self.scrapes = 0
         self.failures: list[str] = []
         self.series: list[dict[int, float]] = []
@@ -133,7 +134,7 @@ class MetricsScraper:
         try:
             text = self.client.get(self.url).text
             self.series.append(restarts_by_gpu(text))
-        except (httpx.HTTPError, ValueError) as exc:
+        except (requests.RequestException, ValueError) as exc:
             self.failures.append(f"t={start - self.t0:.1f}s {type(exc).__name__}: {exc}")
             return
         self.latencies.append(time.monotonic() - start)
@@ -153,7 +154,7 @@ class Watcher:
 
     def __init__(self, m: Machine, sup_pid: int) -> None:
         self.url = f"{m.monitor_url}/instances"
-        self.client = httpx.Client(timeout=2.0, trust_env=False)
+        self.client = http_client(timeout=2.0, trust_env=False)
         self.sup_pid = sup_pid
         self.latest: dict[int, dict[str, Any]] = {}
         self.seen: set[tuple[int, float]] = set()  # (pid, create_time): immune to pid reuse
@@ -162,7 +163,7 @@ class Watcher:
 
     def __call__(self) -> None:
         self.ticks += 1
-        with contextlib.suppress(httpx.HTTPError, ValueError):
+        with contextlib.suppress(requests.RequestException, ValueError):
             items = self.client.get(self.url).json()["instances"]
             with self.lock:
                 self.latest = {int(i["gpu"]): i for i in items}
@@ -189,16 +190,6 @@ def alive(pid: int, create_time: float | None = None) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def held_locks(root: Path) -> list[str]:
@@ -414,7 +405,7 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
         ready = Chaos(m, watcher, rng)
         assert ready.settle(60) is not None, f"not READY before the chaos: {watcher.snapshot()}"
         watcher.record_tree()
-        baseline = restarts_by_gpu(httpx.get(f"{m.monitor_url}/metrics", timeout=5).text)
+        baseline = restarts_by_gpu(requests.get(f"{m.monitor_url}/metrics", timeout=5).text)
         assert wait_until(lambda: healthz.polls > 0 and metrics.scrapes > 0, 60, 0.1)  # observed from the start
         chaos = Chaos(m, watcher, rng)
         chaos.run(seconds)
@@ -428,7 +419,7 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
         for t in threads:
             t.stop()
     watcher.record_tree()
-    final = restarts_by_gpu(httpx.get(f"{m.monitor_url}/metrics", timeout=5).text)
+    final = restarts_by_gpu(requests.get(f"{m.monitor_url}/metrics", timeout=5).text)
     monitor_log = (m.root / "logs" / "monitor.log").read_text(errors="replace")
 
     down_start = time.monotonic()
@@ -483,7 +474,8 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
     # really polled throughout: from before the chaos until after it (the rate: bench/chaos_report.py)
     assert healthz.last_poll > chaos_ended, figures
     assert healthz.ok == healthz.polls, f"/healthz failed {len(healthz.failures)} polls: {healthz.failures[:10]}"
-    assert metrics.scrapes > 0 and not metrics.failures, metrics.failures[:5]
+    assert metrics.scrapes > 0
+    assert not metrics.failures, metrics.failures[:5]
     assert not metrics.decreases(), metrics.decreases()
     # >= and not ==: the monitor also restarts on its own (two out-of-memory errors within its
     # window force a restart; a probe that times out three times on this loaded 2-core box is a
@@ -496,7 +488,8 @@ def chaos_run(make: Callable[..., Machine], seconds: float) -> dict[str, Any]:
     assert counted >= caused
     for inj in chaos.injections:
         if inj.kind == "slow_start":
-            assert inj.recovered_after is not None and inj.recovered_after >= SLOW_START - 0.5, inj
+            assert inj.recovered_after is not None, inj
+            assert inj.recovered_after >= SLOW_START - 0.5, inj
     # Every OOM line was noticed (POST /free, or a restart after the second one in the window).
     assert figures["oom_events_in_monitor_log"] >= by_kind["oom"], monitor_log[-3000:]
     # A SIGSTOPped process is gone without anyone sending it SIGCONT from here.

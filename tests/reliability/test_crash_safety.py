@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import clean_env, free_port_block, git, make_repo, wait_until
+from support import answers, clean_env, git, make_repo, wait_for, wait_until
 
 from orchestrator.core.layout import Layout
-from orchestrator.provision import git as gitops
-from orchestrator.provision import nodes
+from orchestrator.machine.ports import free_port_block
+from orchestrator.provision.git import worktree as git_worktree
+from orchestrator.provision.nodes import state as nodes_state
 
 pytestmark = pytest.mark.integration
 
@@ -322,14 +322,12 @@ def run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.Com
                           timeout=timeout)
 
 
-def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out = Orchestrators.output(proc)
-            raise AssertionError(f"the orchestrator ended (exit {proc.returncode}) before {what}:\n{out[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def wait_while_running(predicate: Callable[[], bool], proc: subprocess.Popen[str], timeout: float, what: str) -> None:
+    """Wait for ``predicate`` while the orchestrator ``proc`` runs; its output if it ends first."""
+    wait_for(lambda: predicate() or proc.poll() is not None, timeout, what=what)
+    if not predicate():
+        out = Orchestrators.output(proc)
+        raise AssertionError(f"the orchestrator ended (exit {proc.returncode}) before {what}:\n{out[-3000:]}")
 
 
 def holds_a_lock_in(pid: int, folder: Path) -> bool:
@@ -372,7 +370,7 @@ def assert_no_half_node(root: Path) -> None:
     for entry in custom.iterdir():
         if entry.name.startswith(".") or entry.name == "__pycache__" or not entry.is_dir():
             continue  # ComfyUI skips dot folders and *.disabled; clones are staged as .<name>.partial-….disabled
-        assert gitops.read_head(entry) is not None, f"{entry} is visible to ComfyUI but has no valid HEAD"
+        assert git_worktree.read_head(entry) is not None, f"{entry} is visible to ComfyUI but has no valid HEAD"
 
 
 def assert_no_partial_model(root: Path, name: str, data: bytes) -> None:
@@ -385,10 +383,7 @@ def venv_has(python: Path, module: str) -> bool:
 
 
 def monitor_ready(env: dict[str, str]) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{env['ORCHESTRATOR_PORT']}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return answers(int(env["ORCHESTRATOR_PORT"]), "/readyz")
 
 
 # ---------------------------------------------------------------- the tests
@@ -418,13 +413,13 @@ def test_up_killed_mid_clone_mid_pip_and_mid_download_completes_on_the_next_run(
     # 1. mid-clone: git has written slow-node's files into its staging folder when we strike.
     stall_clone.touch()
     proc = orchestrators.start({**env, "STALL_CLONE": "slow-node", "STALL_SWITCH": str(stall_clone)}, "up")
-    wait_for(lambda: Path(f"{stall_clone}.started").exists(), proc, 120, "the clone of slow-node")
+    wait_while_running(lambda: Path(f"{stall_clone}.started").exists(), proc, 120, "the clone of slow-node")
     staged = [p for p in custom.iterdir() if p.name.startswith(".slow-node") and ".partial-" in p.name]
     assert staged
     assert (staged[0] / "big.bin").exists()
     orchestrators.kill(proc)
     assert not (custom / "slow-node").exists()
-    assert "slow-node" not in nodes.load_state(layout)
+    assert "slow-node" not in nodes_state.load_state(layout)
     assert_no_half_node(root)
     assert_state_parses(root)
     assert not layout.socket.exists()  # killed before supervisord was started
@@ -433,11 +428,11 @@ def test_up_killed_mid_clone_mid_pip_and_mid_download_completes_on_the_next_run(
     # 2. mid-pip: the requirements of pip-node are being built when we strike.
     stall_pip.touch()
     proc = orchestrators.start(env, "up")
-    wait_for(lambda: Path(f"{stall_pip}.started").exists(), proc, 120, "pip building pip-node's requirements")
+    wait_while_running(lambda: Path(f"{stall_pip}.started").exists(), proc, 120, "pip building pip-node's requirements")
     orchestrators.kill(proc)
     stall_pip.unlink()
-    state = nodes.load_state(layout)
-    assert gitops.read_head(custom / "slow-node") is not None  # the killed clone was redone
+    state = nodes_state.load_state(layout)
+    assert git_worktree.read_head(custom / "slow-node") is not None  # the killed clone was redone
     assert state["pip-node"].requirements is None  # the interrupted install is not recorded as done
     assert not venv_has(world.python, "orchtest_slowpkg")
     assert_no_half_node(root)
@@ -452,12 +447,12 @@ def test_up_killed_mid_clone_mid_pip_and_mid_download_completes_on_the_next_run(
         parts = list(ckpt.glob(".*.part")) if ckpt.exists() else []
         return bool(parts) and parts[0].stat().st_size > 256 * 1024
 
-    wait_for(part_grew, proc, 120, "the model download")
+    wait_while_running(part_grew, proc, 120, "the model download")
     orchestrators.kill(proc)
     assert not (ckpt / "model.safetensors").exists()  # no partial file under its final name
     assert_no_partial_model(root, "model.safetensors", world.model)
     assert venv_has(world.python, "orchtest_slowpkg")  # pip ran to the end this time
-    assert nodes.load_state(layout)["pip-node"].requirements not in (None, "off", "absent")
+    assert nodes_state.load_state(layout)["pip-node"].requirements not in (None, "off", "absent")
     assert_state_parses(root)
     assert_no_half_node(root)
 
@@ -475,7 +470,7 @@ def test_up_killed_mid_clone_mid_pip_and_mid_download_completes_on_the_next_run(
     ]
     for name in ("alpha-node", "slow-node", "pip-node"):
         src = Path(world.node_urls[name].removeprefix("file://"))
-        assert gitops.read_head(custom / name) == git(src, "rev-parse", "HEAD")
+        assert git_worktree.read_head(custom / name) == git(src, "rev-parse", "HEAD")
     assert_state_parses(root)
     warm = run(env, "nodes", "sync", "--json")
     assert warm.returncode == 0, warm.stderr
@@ -514,16 +509,17 @@ def test_random_sigkills_during_nodes_sync_never_leave_a_torn_state_file_or_a_ha
         proc = orchestrators.start(env, "nodes", "sync", "--file", str(config))
         # Strike only once the sync holds its lock (past Python's start-up, into the work), at a
         # random moment of a run whose node scripts alone take 0.3 s each.
-        assert wait_until(lambda: proc.poll() is not None or holds_a_lock_in(proc.pid, state_dir), 120, 0.01)
+        wait_for(lambda p=proc: p.poll() is not None or holds_a_lock_in(p.pid, state_dir), 120, 0.01,
+                 "the sync to end or take its lock")
         time.sleep(rng.uniform(0.0, 1.0))  # the random kill point, not a wait for a state
         if proc.poll() is None:
             kills += 1
         orchestrators.kill(proc)
         assert_state_parses(root)
         assert_no_half_node(root)
-        for name, rec in nodes.load_state(Layout(root)).items():
+        for name, rec in nodes_state.load_state(Layout(root)).items():
             # whatever the state says was checked out really is there
-            assert gitops.read_head(Layout(root).custom_nodes_dir / name) == rec.resolved
+            assert git_worktree.read_head(Layout(root).custom_nodes_dir / name) == rec.resolved
     assert kills == wanted, f"only {kills} syncs were still running when killed"
     config.write_text(sync_config(urls, sorted(urls), "final"))
     r = run(env, "nodes", "sync", "--file", str(config), "--json")
@@ -542,12 +538,9 @@ def test_random_sigkills_during_nodes_sync_never_leave_a_torn_state_file_or_a_ha
 # Direct writes (not through fsutil.atomic_write/write_json) that are allowed, and why.
 ALLOWED_DIRECT_WRITES = {
     ("lifecycle/demo.py", "write_text"): "the demo's own source repositories, outside any state",
-    ("provision/models/downloads.py", "open"): "the .part file: partial by design, renamed to its final name only when verified",
-    ("provision/models/downloads.py", "fdopen"): "replace_json: temp file + rename, atomic against a kill (no fsync: progress only)",
-    ("provision/models/downloads.py", "dump"): "replace_json (as above)",
-    ("provision/git.py", "write_text"): "a marker inside a clone being adopted",
-    ("provision/nodes.py", "open"): "the flock file of `nodes sync` (opened for append, nothing written)",
-    ("machine/fs.py", "fdopen"): "atomic_write itself: temp file, fsync, rename",
+    ("provision/models/partfile.py", "open"): "the .part file: partial by design, renamed to its final name only when verified",
+    ("provision/git/client.py", "write_text"): "a marker inside a clone being adopted",
+    ("machine/fs.py", "fdopen"): "atomic_write itself: temp file, fsync (unless durable=False), rename",
 }
 
 
@@ -608,7 +601,7 @@ def test_atomic_write_killed_at_any_moment_leaves_the_old_or_the_new_file(tmp_pa
         before = json.loads(target.read_text())["v"]
         proc = subprocess.Popen([sys.executable, "-c", script, str(target)])
         # Strike only once the writer has replaced the file at least once (past Python's start-up)...
-        assert wait_until(lambda: json.loads(target.read_text())["v"] != before, 60, 0.01)
+        wait_for(lambda v=before: json.loads(target.read_text())["v"] != v, 60, 0.01, "the first write")
         assert proc.poll() is None
         time.sleep(rng.uniform(0.0, 0.5))  # ...at a random moment of its writes (not a wait for a state)
         proc.kill()

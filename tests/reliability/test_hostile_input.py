@@ -14,14 +14,12 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -35,10 +33,10 @@ from orchestrator.cli import main as cli
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import FIELDS, load_settings
-from orchestrator.provision import git as gitops
-from orchestrator.provision import nodes
+from orchestrator.provision.git import urls as git_urls
 from orchestrator.provision.models import manifest
 from orchestrator.provision.models import tree as modeltree
+from orchestrator.provision.nodes import config as nodes_config
 
 SHIPPED = Path(__file__).resolve().parents[2] / "shared"
 # A file that a successful command injection would create. It must never exist.
@@ -80,29 +78,13 @@ def snapshot(top: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple[Any, 
     return out
 
 
-@contextlib.contextmanager
-def restored_logging() -> Iterator[None]:
-    """cli.main configures the root logger for its process: undo that for the next test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for h in list(root.handlers):
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
-        for h in handlers:
-            if h not in root.handlers:
-                root.addHandler(h)
-        root.setLevel(level)
-
-
 def run_cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """``orchestrator <args>`` in this process (fast enough for hypothesis). Any exception escapes."""
+    """``orchestrator <args>`` in this process (fast enough for hypothesis). Any exception escapes.
+
+    ``cli.main`` undoes its own logging set-up on return, so nothing needs restoring here."""
     out, err = io.StringIO(), io.StringIO()
     base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    with restored_logging(), mock.patch.dict(os.environ, {**base, **env}, clear=True), \
+    with mock.patch.dict(os.environ, {**base, **env}, clear=True), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = cli.main(args)
@@ -340,16 +322,16 @@ manifests = st.one_of(
 @given(config=nodes_configs)
 def test_any_config_nodes_json_is_a_clear_error_or_a_config_whose_every_field_is_safe(config: Any) -> None:
     try:
-        parsed = nodes.parse_config_text(json.dumps(config), Path("config_nodes.json"))
+        parsed = nodes_config.parse_config_text(json.dumps(config), Path("config_nodes.json"))
     except ConfigError as exc:
         assert_clear(str(exc))
         return
     for spec in parsed.nodes:
-        assert nodes.name_problem(spec.name) is None
+        assert nodes_config.name_problem(spec.name) is None
         assert Path(spec.name).name == spec.name
         assert spec.name not in {".", ".."}
         assert "/" not in spec.name
-        assert gitops.url_problem(spec.url) is None
+        assert git_urls.url_problem(spec.url) is None
         assert not spec.url.startswith("-")
         assert "::" not in spec.url
         assert spec.branch is None or not spec.branch.startswith("-")

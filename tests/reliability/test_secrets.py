@@ -21,10 +21,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-from conftest import wait_until
+from support import http_client, wait_until
 
 from orchestrator.core.layout import Layout
 from reliability.test_crash_safety import World, build_world, monitor_ready, run
@@ -148,7 +147,7 @@ def test_no_secret_reaches_output_logs_metrics_or_files_and_secret_files_are_060
         assert ("/owner/repo/resolve/main/model.safetensors", f"Bearer {markers['HF_TOKEN']}") in sent
         assert ("/api/download/models/4242", f"Bearer {markers['CIVITAI_TOKEN']}") in sent
 
-        with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
+        with http_client(base, timeout=10, trust_env=False) as client:
             for url_path in ("/healthz", "/health", "/readyz", "/ready", "/instances", "/instances/0", "/gpus",
                              "/status", "/metrics", "/openapi.json", "/jobs/nope", "/instances/7"):
                 resp = client.get(url_path)

@@ -1,5 +1,15 @@
-"""Weights: the shared model tree (``comfy_dir_config.yaml``), the manifest of what to fetch,
-the verified, resumable download engine, and the sync that ties them together.
+"""Weights: the shared model tree, the manifest of what to fetch, the download engine, the sync.
 
-Part of ``provision``: may import ``core`` and ``machine``.
+    tree        comfy_dir_config.yaml → the category folders and ComfyUI's extra_model_paths
+    manifest    models.yaml / env lists → ModelEntry values (what to fetch, where, when)
+    sources     ModelEntry → DownloadTask (URL per source kind, the token for that host only)
+    tasks       the engine's values: DownloadTask, DownloadOptions, DownloadResult, ProgressSink
+    downloads   the engine: verified, resumable, parallel (Engine), with retries and a space check
+      responses   reading a server's answer (status → error, file name, ranges, the body)
+      partfile    the .part file: resume state, streaming with a parallel hash, the final rename
+      verified    the verified-files record, so a sync skips files it already checked
+    status      the status file (StatusWriter, read_status) and its Prometheus gauges
+    sync        sync_models: tree + manifest + sources + engine → ModelsReport
+
+Part of ``provision``: may import ``core`` and ``machine``; returns reports, never prints.
 """

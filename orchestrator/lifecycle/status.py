@@ -1,0 +1,141 @@
+"""``status``: one row per instance (supervisord's state joined with the monitor's health), as
+frozen values; the table and ``--json`` are both rendered from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+
+from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.layout import Layout
+from orchestrator.core.settings import Settings
+from orchestrator.core.states import ProcessInfo, ProcessState
+from orchestrator.machine.fs import read_json
+from orchestrator.machine.state import applied_plan
+from orchestrator.machine.supervisor import Supervisor
+
+# States whose supervisord message (spawn error or description) is the instance's last error.
+_FAILED = frozenset({ProcessState.FATAL, ProcessState.BACKOFF, ProcessState.EXITED})
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRow:
+    """One ComfyUI instance as supervisord and the monitor see it."""
+
+    gpu: int
+    uuid: str
+    name: str
+    port: int
+    pid: int  # 0 when not running
+    state: str  # supervisord's state name; STOPPED when it does not know the program
+    uptime_seconds: float
+    restarts: int | None  # None: the monitor did not answer
+    health: str | None
+    reason: str
+    failed_custom_nodes: tuple[str, ...]
+    comfyui_version: str | None
+    last_error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["failed_custom_nodes"] = list(self.failed_custom_nodes)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineStatus:
+    """The whole machine: supervisord, the code that runs, provisioning results, every instance."""
+
+    supervisord_running: bool
+    supervisord_pid: int
+    monitor_answering: bool
+    comfy: Mapping[str, Any]  # provision.repos.state.code_report
+    nodes: Mapping[str, Any]  # the last nodes sync: counts, failed
+    stages: Mapping[str, Any]  # the last up's stage timings, seconds
+    instances: tuple[InstanceRow, ...]
+    programs: Mapping[str, Mapping[str, Any]]  # the other programs: name -> state, pid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "supervisord": {"running": self.supervisord_running, "pid": self.supervisord_pid},
+            "monitor_answering": self.monitor_answering,
+            "comfy": dict(self.comfy),
+            "nodes": dict(self.nodes),
+            "stages": dict(self.stages),
+            "instances": [i.to_dict() for i in self.instances],
+            "programs": {k: dict(v) for k, v in self.programs.items()},
+        }
+
+
+def monitor_instances(settings: Settings) -> dict[int, dict[str, Any]]:
+    """The monitor's ``/instances`` by GPU index; empty when it does not answer within 1 s."""
+    host = "127.0.0.1" if settings.orchestrator_listen in {"0.0.0.0", "::"} else settings.orchestrator_listen  # noqa: S104 - a comparison, not a bind
+    try:
+        resp = requests.get(f"http://{host}:{settings.orchestrator_port}/instances", timeout=1.0)
+        data = resp.json()
+    except (requests.RequestException, ValueError):
+        return {}
+    items = data.get("instances", data) if isinstance(data, dict) else data
+    out: dict[int, dict[str, Any]] = {}
+    if isinstance(items, list):
+        for item in items:
+            if isinstance(item, dict) and "gpu" in item:
+                out[int(item["gpu"])] = item
+    return out
+
+
+def status(settings: Settings) -> MachineStatus:
+    """Read supervisord, the monitor and the last ``up``'s records.
+
+    Raises:
+        OrchestratorError: nothing was ever started under this ROOT.
+    """
+    from orchestrator.provision.repos.state import code_report
+
+    layout = Layout(settings.root)
+    plan = applied_plan(layout)
+    if plan is None:
+        raise OrchestratorError("nothing has been started here: run `orchestrator up`")
+    sup = Supervisor(layout)
+    running = sup.is_running()
+    procs: dict[str, ProcessInfo] = {p.name: p for p in sup.processes()} if running else {}
+    health = monitor_instances(settings) if running else {}
+    prov = read_json(layout.status_file, {}) or {}
+    rows = []
+    for inst in plan.instances:
+        info = procs.get(inst.name)
+        mon = health.get(inst.index, {})
+        last_error = ""
+        if info and info.state in _FAILED:
+            last_error = info.spawnerr or info.description
+        rows.append(
+            InstanceRow(
+                gpu=inst.index,
+                uuid=inst.gpu.uuid,
+                name=inst.name,
+                port=inst.port,
+                pid=info.pid if info else 0,
+                state=info.state.name if info else "STOPPED",
+                uptime_seconds=round(info.uptime, 1) if info else 0.0,
+                restarts=mon.get("restarts"),
+                health=mon.get("state"),
+                reason=mon.get("reason") or "",
+                failed_custom_nodes=tuple(mon.get("failed_custom_nodes") or ()),
+                comfyui_version=mon.get("comfyui_version"),
+                last_error=last_error or mon.get("reason") or "",
+            )
+        )
+    others = {n: {"state": p.state.name, "pid": p.pid} for n, p in procs.items() if not n.startswith("comfyui_gpu")}
+    return MachineStatus(
+        supervisord_running=running,
+        supervisord_pid=sup.pid() if running else 0,
+        monitor_answering=bool(health),
+        comfy=code_report(layout.comfy_dir, prov.get("comfy", {})),
+        nodes=prov.get("nodes", {}),
+        stages=prov.get("stages", {}),
+        instances=tuple(rows),
+        programs=others,
+    )

@@ -1,0 +1,203 @@
+"""``up``: prepare the machine, then start or reconcile supervisord, as a pipeline of stages.
+
+    detect → provision (sync, nodes, models) → plan → render → start (supervisord or reconcile)
+
+Each stage is a function that takes values and returns one (``provision`` here, ``render``,
+``start_supervisord`` and ``reconcile`` in ``lifecycle.launch``); :class:`StageTimer` records
+how long each took, for status.json, the metric and the returned :class:`UpReport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from orchestrator.core.errors import PlanError
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import build_plan, supported_flags
+from orchestrator.core.settings import Settings
+from orchestrator.lifecycle import launch
+from orchestrator.machine import gpu as gpu_mod
+from orchestrator.machine import lock as oplock
+from orchestrator.machine.fs import write_json
+from orchestrator.machine.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Records how long each bootstrap stage took (for status.json and the metric)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}  # seconds, in the order the stages ran
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(time.monotonic() - start, 4)
+            log.info("stage %s done in %.2fs", name, self.stages[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class UpReport:
+    """What one ``up`` did: stage timings (seconds), program changes, and the provisioning
+    record that status.json keeps (``comfy``, ``shared``, ``nodes``, ``model_tree``, ``models``)."""
+
+    stages: Mapping[str, float]
+    changes: launch.Changes
+    record: Mapping[str, Any]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.stages.values())
+
+    @property
+    def comfy_fallback(self) -> bool:
+        return bool(self.record.get("comfy", {}).get("fallback"))
+
+    @property
+    def failed_nodes(self) -> tuple[str, ...]:
+        return tuple(self.record.get("nodes", {}).get("failed") or ())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stages": dict(self.stages),
+            **{k: list(v) for k, v in dataclasses.asdict(self.changes).items()},
+            "status": dict(self.record),
+        }
+
+
+def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bool) -> dict[str, Any]:
+    """Code tree, shared config, custom nodes, models. Returns what status.json records."""
+    from orchestrator.provision.repos import sync as repos
+    from orchestrator.provision.repos.shipped import has_shared_config
+
+    status: dict[str, Any] = {}
+    if not skip:
+        with timer.stage("sync"):
+            comfy = repos.sync_comfy(settings, layout)
+            status["comfy"] = comfy.to_dict()
+            if comfy.fallback:
+                log.error(
+                    "ComfyUI: running the FALLBACK %s %s at %s, not the configured %s",
+                    comfy.url, comfy.ref, comfy.commit, comfy.wanted,
+                )
+            status["shared"] = repos.sync_shared(settings, layout).to_dict()
+    elif not settings.shared_repo_url and not has_shared_config(layout.shared_dir):
+        status["shared"] = repos.sync_shared(settings, layout).to_dict()
+    if not (layout.comfy_dir / "main.py").exists():
+        raise PlanError(
+            f"no ComfyUI code tree at {layout.comfy_dir} (main.py missing): "
+            "run `orchestrator up` without --skip-provision, or check COMFY_REPO_URL"
+        )
+    if not skip:
+        from orchestrator.provision.nodes import sync as nodes
+
+        with timer.stage("nodes"):
+            report = nodes.sync_nodes(settings, layout)
+            status["nodes"] = {"counts": dict(report.counts), "failed": list(report.failed)}
+            if report.failed:
+                log.error("custom nodes failed: %s (instances start without them)", ", ".join(report.failed))
+    with timer.stage("models"):
+        if (layout.shared_dir / "comfy_dir_config.yaml").exists():
+            from orchestrator.provision.models import tree as modeltree
+
+            status["model_tree"] = modeltree.prepare(settings, layout).to_dict()
+        if not skip:
+            from orchestrator.provision.models import sync as models
+            from orchestrator.provision.models.manifest import load_entries
+
+            mreport = models.sync_models(settings, layout, tier="before_start")
+            status["models"] = {
+                "failed": list(mreport.failed),
+                "background": sum(1 for e in load_entries(settings, layout) if e.when == "background"),
+            }
+            if mreport.failed:
+                log.error("models failed before start: %s", ", ".join(mreport.failed))
+    return status
+
+
+def up(
+    settings: Settings,
+    *,
+    overrides: Mapping[str, str] | None = None,
+    foreground: bool = False,
+    skip_provision: bool = False,
+    execve: launch.Execve = os.execve,
+) -> UpReport:
+    """Prepare the machine, then start or reconcile supervisord.
+
+    Args:
+        overrides: settings given as flags, passed on to supervisord's programs as variables.
+        foreground: exec supervisord in the foreground (containers); returns only with a fake ``execve``.
+        skip_provision: use the code, nodes and models already on disk.
+
+    Raises:
+        PlanError: no code tree, a busy port, a plan that cannot be built.
+        SupervisorError: supervisord did not start or refused the new config.
+    """
+    layout = Layout(settings.root)
+    for d in (layout.state_dir, layout.logs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    layout.state_dir.chmod(0o700)
+    launch.private_dir(layout.socket.parent)
+    # One up/nodes sync per ROOT; released when provisioning and the reconcile are done (and
+    # before an exec of a foreground supervisord, which must not hold it for its whole life).
+    with oplock.hold(layout) as lock:
+        return _pipeline(
+            settings, layout, lock, overrides=overrides or {}, foreground=foreground,
+            skip_provision=skip_provision, execve=execve,
+        )
+
+
+def _pipeline(
+    settings: Settings,
+    layout: Layout,
+    lock: oplock.RootLock,
+    *,
+    overrides: Mapping[str, str],
+    foreground: bool,
+    skip_provision: bool,
+    execve: launch.Execve,
+) -> UpReport:
+    timer = StageTimer()
+    with timer.stage("detect"):
+        gpus = gpu_mod.detect(settings)
+    record = provision(settings, layout, timer, skip=skip_provision)
+    with timer.stage("plan"):
+        plan = build_plan(settings, gpus, supported_flags(layout.comfy_dir))
+    sup = Supervisor(layout)
+    running = sup.is_running()
+    with timer.stage("render"):
+        launch.render(
+            settings, layout, plan,
+            background_models=bool(record.get("models", {}).get("background")),
+            supervisord_pid=sup.pid() if running else None,
+        )
+    env = launch.child_environment(settings, overrides)
+    with timer.stage("start"):
+        if running:
+            changes = launch.reconcile(sup)
+        elif foreground:
+            _write_status(layout, timer, record)
+            lock.release()
+            launch.exec_supervisord(layout, env, execve)
+            changes = launch.Changes()  # only reached with a fake execve in tests
+        else:
+            launch.start_supervisord(layout, env)
+            changes = launch.Changes(started=tuple(i.name for i in plan.instances))
+    if not (foreground and not running):
+        _write_status(layout, timer, record)
+    return UpReport(stages=dict(timer.stages), changes=changes, record=record)
+
+
+def _write_status(layout: Layout, timer: StageTimer, record: Mapping[str, Any]) -> None:
+    write_json(layout.status_file, {**record, "stages": dict(timer.stages), "updated": time.time()})

@@ -1,0 +1,87 @@
+"""Wiring ``orchestrator serve``: the monitor, its metrics registry, the job manager and the
+FastAPI app, served by uvicorn on a socket bound beforehand."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import MachinePlan
+from orchestrator.core.settings import Settings
+from orchestrator.jobs.routes import jobs_router
+from orchestrator.jobs.tracker import JobManager
+from orchestrator.machine.state import applied_plan
+from orchestrator.monitor.api import create_app
+from orchestrator.monitor.loop import Monitor
+from orchestrator.monitor.metrics import build_registry
+
+
+def load_plan(layout: Layout) -> MachinePlan:
+    """The plan `orchestrator up` applied. Raises OrchestratorError when there is none."""
+    plan = applied_plan(layout)
+    if plan is None:
+        raise OrchestratorError(f"no readable plan at {layout.plan_file}: run `orchestrator up` first")
+    return plan
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for the HTTP server. Raises OrchestratorError (one line) for a busy port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
+    # the socket says it is TCP. Without it a response written as headers + body waits for a
+    # delayed ACK (~40 ms per request on a keep-alive connection).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise OrchestratorError(
+            f"the monitor cannot listen on {host}:{port} ({exc.strerror or exc}): "
+            "set ORCHESTRATOR_PORT to a free port or ORCHESTRATOR_LISTEN to a local address"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = None) -> tuple[FastAPI, Monitor]:
+    """The monitor, its metrics registry, the job manager and the FastAPI app, wired together."""
+    monitor = monitor or Monitor(settings, plan)
+    registry = build_registry(monitor, settings, Layout(settings.root))
+    manager = JobManager(settings, monitor, registry)
+    monitor.set_inflight(manager.inflight)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await monitor.start()
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.close()
+            await monitor.close()
+
+    app = create_app(monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan)
+    return app, monitor
+
+
+async def serve(settings: Settings, plan: MachinePlan, sock: socket.socket) -> None:
+    """Run the monitor and its HTTP API on ``sock`` until SIGTERM/SIGINT."""
+    app, monitor = build_app(settings, plan)
+    # A dead probe loop must not leave a monitor that serves stale answers: stop, and let
+    # supervisord start a fresh one.
+    monitor.on_loop_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        server_header=False, ws="none",  # no WebSocket routes: do not load a WebSocket stack
+    )
+    await uvicorn.Server(config).serve(sockets=[sock])

@@ -1,0 +1,293 @@
+"""The monitor's Prometheus collectors: instances, GPUs (dcgm-exporter names) and provisioning.
+
+Every collector builds fresh metric families on each scrape from cached state (the monitor's
+latest probe results, the GPU sampler's latest sample, small status files), so a scrape never
+waits on NVML or on a hung instance, and an instance that disappears takes its series with it.
+
+Instance metrics carry ``gpu``, ``instance`` (``comfyui_gpu{N}``) and ``port``.
+``comfyui_instance_state`` is one series per instance whose value is the state's code
+(STOPPED 0, STARTING 1, READY 2, UNHEALTHY 3, RESTARTING 4, BACKOFF 5, FATAL 6) and whose
+``state`` label names it, so both ``comfyui_instance_state == 2`` and
+``count by (state) (comfyui_instance_state)`` work.
+
+GPU gauges use dcgm-exporter's names, units (MiB, %, °C, W, MHz) and labels (``gpu``, ``UUID``,
+``pci_bus_id``, ``device``, the model name label, and the host label named by
+``GPU_METRICS_HOST_LABEL``), so NVIDIA's Grafana dashboards work unchanged. dcgm-exporter calls
+the model label ``modelName``, which ``promtool check metrics`` rejects as camelCase; the label
+is ``GPU_METRICS_MODEL_LABEL`` (default ``model_name``; set ``modelName`` for exact parity).
+A field the GPU does not support is omitted, never exported as 0.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from orchestrator import __version__
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.layout import Layout
+from orchestrator.core.readiness import GpuStatus, InstanceStatus
+from orchestrator.core.states import InstanceState
+from orchestrator.machine.fs import read_json
+from orchestrator.provision.repos.state import code_report
+
+INSTANCE_LABELS = ("gpu", "instance", "port")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+MIB = 1024 * 1024
+
+
+class StatusSource(Protocol):
+    """What the collectors read (the :class:`~orchestrator.monitor.loop.Monitor`; faked in tests)."""
+
+    def instance_statuses(self) -> list[InstanceStatus]: ...
+
+    def gpu_statuses(self) -> list[GpuStatus]: ...
+
+    @property
+    def supervisord_ok(self) -> bool: ...
+
+
+def _labels(s: InstanceStatus) -> list[str]:
+    return [str(s.gpu), s.name, str(s.port)]
+
+
+class InstanceCollector(Collector):
+    """``comfyui_instance_*`` from the monitor's latest view of each instance."""
+
+    def __init__(self, source: StatusSource) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.source.instance_statuses())
+        sup = GaugeMetricFamily("orchestrator_supervisord_up", "1 when supervisord answered the last poll")
+        sup.add_metric([], 1.0 if self.source.supervisord_ok else 0.0)
+        yield sup
+
+    @staticmethod
+    def _families(statuses: Sequence[InstanceStatus]) -> Iterator[Metric]:
+        labels = INSTANCE_LABELS
+        up = GaugeMetricFamily(
+            "comfyui_instance_up", "1 when supervisord reports the instance's process RUNNING", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "comfyui_instance_ready", "1 when the instance is READY (answers /system_stats on its device)",
+            labels=labels,
+        )
+        state = GaugeMetricFamily(
+            "comfyui_instance_state",
+            "Instance state code (STOPPED 0, STARTING 1, READY 2, UNHEALTHY 3, RESTARTING 4, BACKOFF 5, "
+            "FATAL 6); the state label names it",
+            labels=(*labels, "state"),
+        )
+        restarts = CounterMetricFamily(
+            "comfyui_instance_restarts", "New processes after the first one (crashes and restarts)",
+            labels=INSTANCE_LABELS,
+        )
+        probe = GaugeMetricFamily(
+            "comfyui_instance_probe_duration_seconds", "Duration of the last health probe", labels=labels
+        )
+        pending = GaugeMetricFamily(
+            "comfyui_instance_queue_pending", "Prompts waiting in the instance's queue (last probe)",
+            labels=INSTANCE_LABELS,
+        )
+        running = GaugeMetricFamily(
+            "comfyui_instance_queue_running", "Prompts executing on the instance (last probe)", labels=labels
+        )
+        start = GaugeMetricFamily(
+            "comfyui_instance_start_time_seconds", "Start time of the instance's process since the epoch",
+            labels=INSTANCE_LABELS,
+        )
+        failed = GaugeMetricFamily(
+            "comfyui_instance_failed_custom_nodes",
+            "1 per custom node whose import failed in the instance's latest start",
+            labels=(*INSTANCE_LABELS, "node"),
+        )
+        version = GaugeMetricFamily(
+            "comfyui_instance_version_info",
+            "The ComfyUI version the instance's process reports in /system_stats (value 1)",
+            labels=(*INSTANCE_LABELS, "comfyui_version"),
+        )
+        for s in statuses:
+            values = _labels(s)
+            up.add_metric(values, 1.0 if s.up else 0.0)
+            ready.add_metric(values, 1.0 if s.state is InstanceState.READY else 0.0)
+            state.add_metric([*values, s.state.value], float(s.state.code))
+            restarts.add_metric(values, float(s.restarts))
+            if s.probe_duration is not None:
+                probe.add_metric(values, s.probe_duration)
+            if s.queue_pending is not None:
+                pending.add_metric(values, float(s.queue_pending))
+            if s.queue_running is not None:
+                running.add_metric(values, float(s.queue_running))
+            if s.start_time is not None:
+                start.add_metric(values, s.start_time)
+            for node in s.failed_custom_nodes:
+                failed.add_metric([*values, node], 1.0)
+            if s.comfyui_version:
+                version.add_metric([*values, s.comfyui_version], 1.0)
+        yield from (up, ready, state, restarts, probe, pending, running, start, failed, version)
+
+
+# (metric name, help, GpuSample field, scale)
+DCGM_GAUGES: tuple[tuple[str, str, str, float], ...] = (
+    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "utilization", 1.0),
+    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "memory_used", 1.0 / MIB),
+    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", "memory_free", 1.0 / MIB),
+    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "temperature", 1.0),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power", 1.0),
+    ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock", 1.0),
+    ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "memory_clock", 1.0),
+)
+
+
+def gpu_label_names(host_label: str, model_label: str) -> tuple[str, ...]:
+    """The dcgm-exporter label set. Raises ConfigError for an unusable label name."""
+    names = ("gpu", "UUID", "pci_bus_id", "device")
+    for env, value in (("GPU_METRICS_HOST_LABEL", host_label), ("GPU_METRICS_MODEL_LABEL", model_label)):
+        if not _LABEL_NAME.match(value) or value.startswith("__"):
+            raise ConfigError(f"invalid {env}={value!r}: expected a Prometheus label name such as Hostname")
+        if value in names:
+            raise ConfigError(f"invalid {env}={value!r}: that label already exists on the GPU gauges")
+    if host_label == model_label:
+        raise ConfigError("GPU_METRICS_HOST_LABEL and GPU_METRICS_MODEL_LABEL must differ")
+    return (*names, model_label, host_label)
+
+
+class GpuCollector(Collector):
+    """dcgm-exporter style gauges from the GPU sampler's latest sample."""
+
+    def __init__(
+        self, source: StatusSource, host_label: str, hostname: str, model_label: str = "model_name"
+    ) -> None:
+        self.source = source
+        self.hostname = hostname
+        self.label_names = gpu_label_names(host_label, model_label)
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.source.gpu_statuses())
+
+    def _families(self, statuses: Sequence[GpuStatus]) -> Iterator[Metric]:
+        names = self.label_names
+        families = [GaugeMetricFamily(name, text, labels=names) for name, text, _, _ in DCGM_GAUGES]
+        failed = GaugeMetricFamily(
+            "orchestrator_gpu_failed", "1 when the last telemetry read found the GPU lost or failing",
+            labels=self.label_names,
+        )
+        for st in statuses:
+            g = st.gpu
+            labels = [str(g.index), g.uuid, g.pci_bus_id, f"nvidia{g.index}", g.name, self.hostname]
+            sample = st.sample
+            if sample is None:
+                continue
+            failed.add_metric(labels, 1.0 if sample.failed else 0.0)
+            if sample.failed:
+                continue
+            for family, (_, _, field, scale) in zip(families, DCGM_GAUGES, strict=True):
+                value = getattr(sample, field)
+                if value is not None:  # not supported on this GPU: omit, never 0
+                    scaled = round(float(value) * scale, 3) if scale != 1.0 else float(value)
+                    family.add_metric(labels, scaled)
+        yield from families
+        yield failed
+
+
+def _redact_url(url: str) -> str:
+    """A repository URL without credentials."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
+
+
+class ProvisioningCollector(Collector):
+    """``orchestrator_stage_duration_seconds``, ``orchestrator_nodes``, the fallback flag, build info.
+
+    Reads ``status.json`` (written by ``orchestrator up``) again only when its mtime changes.
+    """
+
+    def __init__(self, layout: Layout, redact: Callable[[str], str] = lambda s: s) -> None:
+        self.path = layout.status_file
+        self.comfy_dir = layout.comfy_dir
+        self.redact = redact
+        self._stamp: tuple[int, int] | None = None
+        self._status: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._stamp, self._status = None, {}
+            return self._status
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            data = read_json(self.path, {})
+            self._status = data if isinstance(data, dict) else {}
+            self._stamp = stamp
+        return self._status
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._read()
+        if self.comfy_dir.is_dir():
+            # What is checked out now, read from the tree: a failed branch switch never shows
+            # the branch that was asked for while the old code runs.
+            status = {**status, "comfy": code_report(self.comfy_dir, status.get("comfy"))}
+        yield from self._families(status)
+
+    def _families(self, status: dict[str, Any]) -> Iterator[Metric]:
+        stages = GaugeMetricFamily(
+            "orchestrator_stage_duration_seconds", "Duration of each stage of the last `orchestrator up`",
+            labels=("stage",),
+        )
+        for stage, value in sorted((status.get("stages") or {}).items()):
+            seconds = value.get("seconds", value.get("duration")) if isinstance(value, dict) else value
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+                stages.add_metric([str(stage)], float(seconds))
+        nodes = GaugeMetricFamily(
+            "orchestrator_nodes", "Custom nodes by outcome of the last sync", labels=("state",)
+        )
+        counts = (status.get("nodes") or {}).get("counts") or {}
+        for state, count in sorted(counts.items()):
+            if isinstance(count, (int, float)) and not isinstance(count, bool):
+                nodes.add_metric([str(state)], float(count))
+        comfy = status.get("comfy") or {}
+        fallback = GaugeMetricFamily(
+            "orchestrator_comfy_fallback",
+            "1 when the ComfyUI tree is not what was configured (fallback repository, or another branch)",
+        )
+        fallback.add_metric([], 1.0 if comfy.get("fallback") else 0.0)
+        info = GaugeMetricFamily(
+            "orchestrator_build_info", "Orchestrator version and the ComfyUI code it runs (value 1)",
+            labels=("version", "python_version", "comfy_repo", "comfy_ref", "comfy_commit", "comfy_fallback"),
+        )
+        info.add_metric(
+            [
+                __version__,
+                platform.python_version(),
+                self.redact(_redact_url(str(comfy.get("url") or ""))),
+                self.redact(str(comfy.get("ref") or "")),
+                str(comfy.get("commit") or ""),
+                "true" if comfy.get("fallback") else "false",
+            ],
+            1.0,
+        )
+        yield from (stages, nodes, fallback, info)

@@ -1,0 +1,174 @@
+"""The steps after git: ONE pip install for every changed requirements.txt, ``.env`` files,
+and each node's custom_script (in install order)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from orchestrator.machine.fs import atomic_write
+from orchestrator.provision.git.worktree import read_head
+from orchestrator.provision.nodes.config import NodeSpec
+from orchestrator.provision.nodes.deps import TORCH_QUERY, constraints_text, pip_command, render_env
+from orchestrator.provision.nodes.engine import Outcome, RunState
+from orchestrator.provision.nodes.state import env_marker, requirements_marker, script_marker
+
+log = logging.getLogger(__name__)
+
+
+def pip_step(run: RunState, specs: Sequence[NodeSpec]) -> None:
+    """One pip install for every changed requirements.txt; node by node only to find a culprit."""
+    pending: list[tuple[NodeSpec, str]] = []
+    for spec in specs:
+        rec = run.records.get(spec.name)
+        if rec is None or not run.ok(spec.name):
+            continue
+        marker = requirements_marker(spec, run.dir / spec.name)
+        if rec.requirements == marker:
+            continue
+        if marker in {"off", "absent"}:
+            run.update_record(spec.name, requirements=marker)
+        else:
+            pending.append((spec, marker))
+    if not pending:
+        return
+    env = {**run.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    constraints = _constraints(run, env)
+    uv = shutil.which("uv", path=env.get("PATH"))
+    files = [run.dir / s.name / "requirements.txt" for s, _ in pending]
+    names = [s.name for s, _ in pending]
+    log.info(
+        "pip: installing the requirements of %d node(s) in one go: %s", len(pending), ", ".join(names)
+    )
+    result = run.runner(
+        pip_command(run.settings.python, files, constraints, uv),
+        cwd=run.dir,
+        env=env,
+        timeout=run.settings.pip_timeout,
+    )
+    run.pip = {
+        "ran": True,
+        "nodes": names,
+        "ok": result.ok,
+        "seconds": round(result.seconds, 3),
+        "constraints": str(constraints) if constraints else None,
+        "per_node": False,
+    }
+    run.log_output("pip", result)
+    if result.ok:
+        for spec, marker in pending:
+            run.update_record(spec.name, requirements=marker)
+        return
+    log.warning(
+        "pip: the combined install failed (%s); installing node by node to find the culprit(s)",
+        run.clean(result.tail(1)),
+    )
+    run.pip["per_node"] = True
+    culprits: list[str] = []
+    for spec, marker in pending:
+        one = run.runner(
+            pip_command(
+                run.settings.python, [run.dir / spec.name / "requirements.txt"], constraints, uv
+            ),
+            cwd=run.dir / spec.name,
+            env=env,
+            timeout=run.settings.pip_timeout,
+        )
+        run.outcomes.setdefault(spec.name, Outcome()).seconds += one.seconds
+        run.log_output(f"pip {spec.name}", one)
+        if one.ok:
+            run.update_record(spec.name, requirements=marker)
+        else:
+            culprits.append(spec.name)
+            why = "timed out (PIP_TIMEOUT)" if one.timed_out else one.tail(2)
+            run.fail(spec.name, f"pip install -r requirements.txt failed: {why}")
+    run.pip["culprits"] = culprits
+    if not culprits:
+        w = "pip: the combined install failed, yet each node's requirements install alone (conflict?)"
+        run.warnings.append(w)
+        log.warning("%s", w)
+
+
+def _constraints(run: RunState, env: Mapping[str, str]) -> Path | None:
+    """Write pip-constraints.txt pinning the installed torch stack; None when none is installed."""
+    result = run.runner([run.settings.python, "-c", TORCH_QUERY], cwd=None, env=env, timeout=60.0)
+    versions: dict[str, str] = {}
+    if result.ok:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(result.output.strip().splitlines()[-1])
+            versions = {str(k): str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
+    else:
+        log.warning(
+            "cannot read the installed torch version from %s: %s", run.settings.python, result.tail(1)
+        )
+    if not versions:
+        return None
+    path = run.layout.state_dir / "pip-constraints.txt"
+    atomic_write(path, constraints_text(versions))
+    log.info("pip: protecting %s", ", ".join(f"{k}=={v}" for k, v in sorted(versions.items())))
+    return path
+
+
+def env_step(run: RunState, spec: NodeSpec) -> None:
+    """Write (or remove) the node's .env from its config template."""
+    rec = run.records.get(spec.name)
+    if rec is None or read_head(run.dir / spec.name) is None:
+        return  # written even when pip failed: the folder is there and the values are known
+    path = run.dir / spec.name / ".env"
+    marker = env_marker(spec)
+    try:
+        if spec.env:
+            text, unset = render_env(spec.env, run.environ)
+            if unset:
+                names = ", ".join(sorted(set(unset)))
+                w = f"node {spec.name}: .env: unset variable(s) written empty: {names}"
+                run.warnings.append(w)
+                log.warning("%s", w)
+            if atomic_write(path, text, mode=0o600):
+                log.info("node %s: wrote .env (%d variables)", spec.name, len(spec.env))
+        elif rec.env not in (None, "none") and path.exists():
+            path.unlink()  # we wrote it; the config no longer asks for one
+    except OSError as exc:
+        run.fail(spec.name, f"cannot write {path}: {exc.strerror or exc}")
+        return
+    if rec.env != marker:
+        run.update_record(spec.name, env=marker)
+
+
+def script_step(run: RunState, spec: NodeSpec) -> None:
+    """Run the node's custom_script with bash when it changed since it last succeeded."""
+    rec = run.records.get(spec.name)
+    if rec is None or not run.ok(spec.name) or not spec.custom_script:
+        return
+    marker = script_marker(spec)
+    if rec.script == marker:
+        return
+    env = {
+        **run.environ,
+        "COMFY_PYTHON": run.settings.python,
+        "COMFYUI_DIR": str(run.layout.comfy_dir),
+        "NODE_DIR": str(run.dir / spec.name),
+    }
+    log.info("node %s: running custom_script", spec.name)
+    result = run.runner(
+        ["bash", "-c", spec.custom_script],
+        cwd=run.dir / spec.name,
+        env=env,
+        timeout=run.settings.node_timeout,
+    )
+    run.outcomes.setdefault(spec.name, Outcome()).seconds += result.seconds
+    for line in result.output.splitlines()[-200:]:
+        if line.strip():
+            log.info("node %s: script: %s", spec.name, run.clean(line.rstrip()))
+    if result.ok:
+        run.update_record(spec.name, script=marker)
+    elif result.timed_out:
+        run.fail(
+            spec.name, f"custom_script timed out after {run.settings.node_timeout:g}s (NODE_TIMEOUT)"
+        )
+    else:
+        run.fail(spec.name, f"custom_script failed (exit {result.returncode}): {result.tail(2)}")

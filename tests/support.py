@@ -1,0 +1,323 @@
+"""Helpers shared by the tests and the benchmarks: ports, polling, HTTP, git repos, servers, machines.
+
+How to import it: ``from support import wait_for, ComfyServer, ...``. Under pytest ``tests/`` is on
+``sys.path`` (rootdir-relative ``prepend`` import of the test modules), so the plain name works from
+every test package; a bench script puts ``<repo>`` and ``<repo>/tests`` on ``sys.path`` before its
+first import from here. It is a plain module, not a conftest: fixtures stay in ``tests/conftest.py``
+and call into this module.
+
+- :func:`free_port`: one free TCP port on 127.0.0.1.
+- :func:`wait_for`: poll until truthy, return the value, or fail naming what was awaited;
+  :func:`wait_until` is its boolean form for callers that decide what to do on a timeout.
+- :func:`http_client`: a ``requests`` session with a base URL and a default timeout (the sync
+  HTTP client of the tests; ``aiohttp`` where they need async or WebSocket).
+- :class:`ComfyServer`: one ComfyUI started by hand (the simulator by default; real ComfyUI from
+  ``tests/real`` given its interpreter and tree), as the orchestrator starts an instance.
+- :class:`Machine` and :func:`simulated_machine`: a whole machine (`orchestrator up`, supervisord,
+  the monitor) whose ComfyUI is the simulator, driven through the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+
+from orchestrator.machine.ports import free_port_block
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- ports and polling
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    return free_port_block(1)
+
+
+def wait_for(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: not truthy within ``timeout`` seconds (a failed expectation, for pytest);
+            the message names ``what`` was awaited.
+    """
+    result = _poll(check, timeout, interval)
+    if not result:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what or 'the condition'}")
+    return result
+
+
+def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:
+    """:func:`wait_for` as a bool: for ``if not wait_until(...)`` recovery and lazy failure messages."""
+    return bool(_poll(check, timeout, interval))
+
+
+def _poll(check: Callable[[], T], timeout: float, interval: float) -> T:
+    """``check()`` every ``interval`` s until truthy or past ``timeout`` s; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- HTTP
+class BaseUrlSession(requests.Session):
+    """``requests.Session`` whose relative URLs (``"/queue"``) go to ``base_url``, with a default timeout."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        super().__init__()
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self.timeout)
+        if isinstance(url, str) and url.startswith("/"):
+            url = self.base_url + url
+        return super().request(method, url, *args, **kwargs)
+
+
+def http_client(base_url: str = "", timeout: float = 5.0, trust_env: bool = True) -> BaseUrlSession:
+    """The tests' sync HTTP client (``httpx.Client(base_url=, timeout=)`` before); close it or use ``with``.
+
+    ``trust_env=False`` ignores proxy variables from the environment.
+    """
+    session = BaseUrlSession(base_url, timeout)
+    session.trust_env = trust_env
+    return session
+
+
+def answers(port: int, path: str = "/system_stats", timeout: float = 1.0) -> bool:
+    """Whether 127.0.0.1:``port`` answers ``path`` with 200."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# ---------------------------------------------------------------- environment and git
+# Variables a developer's shell might set that would change what a test machine does.
+_SCRUB = {"MOCK_GPU", "NUM_GPUS", "TEST_GPUS", "GPUS", "ROOT", "COMFY_ARGS", "COMFY_FLAGS", "ORCHESTRATOR_TOKEN",
+          "ORCHESTRATOR_CONFIG", "SHARED_REPO_URL", "WORKER_BASE_COMFYUI_PORT", "ORCHESTRATOR_PORT"}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the machine-shaping variables and SIM_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SIM_")}
+    env.update(extra)
+    return env
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "init.defaultBranch=main",
+         "-c", "protocol.file.allow=always", *args],
+        cwd=cwd, check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def make_repo(path: Path, files: dict[str, str], branch: str = "main") -> str:
+    """Create a git repo with ``files`` committed on ``branch``; returns the commit sha."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", branch)
+    for rel, text in files.items():
+        f = path / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "init")
+    return git(path, "rev-parse", "HEAD")
+
+
+def commit_file(path: Path, rel: str, text: str, message: str = "change") -> str:
+    f = path / rel
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", message)
+    return git(path, "rev-parse", "HEAD")
+
+
+# ---------------------------------------------------------------- one ComfyUI, started by hand
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    """SIGCONT + SIGTERM, then SIGKILL: the process is gone when this returns; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return int(proc.returncode)
+
+
+class ComfyServer:
+    """One ComfyUI started by hand, as the orchestrator starts an instance: ``python main.py`` in
+    ``tree`` with its own port and its output/temp/input/user folders under ``base``.
+
+    The simulator by default (``tree`` written by ``write_code_tree``, this interpreter); real
+    ComfyUI with ``python`` set to its venv's interpreter and ``kind="real"``. ``env`` adds to a
+    clean environment (no SIM_* from the shell: pass them here). The output goes to ``log_path``
+    (default ``base/comfyui.log``).
+    """
+
+    def __init__(
+        self,
+        tree: Path,
+        base: Path,
+        port: int | None = None,
+        *args: str,
+        python: Path | str = sys.executable,
+        kind: str = "simulator",
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.kind, self.python, self.tree, self.base = kind, python, tree, base
+        self.port = port or free_port()
+        for sub in ("output", "temp", "input", "user"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        self.argv = [
+            str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--output-directory", str(base / "output"), "--temp-directory", str(base / "temp"),
+            "--input-directory", str(base / "input"), "--user-directory", str(base / "user"),
+            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}", "--disable-auto-launch", *args,
+        ]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SIM_", "PYTHONPATH", "VIRTUAL_ENV"))}
+        full_env.update({"PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "DO_NOT_TRACK": "1"})
+        if kind == "simulator":  # the simulator is this repo's package: run it from here
+            full_env["PYTHONPATH"] = str(REPO)
+        full_env.update(env or {})
+        self.log_path = log_path or base / "comfyui.log"
+        self.started = time.monotonic()
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=tree, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def input(self) -> Path:
+        return self.base / "input"
+
+    @property
+    def user(self) -> Path:
+        return self.base / "user"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def answers(self) -> bool:
+        return answers(self.port, timeout=2.0)
+
+    def ready(self) -> bool:
+        """Whether it answers /system_stats; AssertionError (with its log) once it has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.kind} ComfyUI exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return self.answers()
+
+    def wait_ready(self, timeout: float = 120, interval: float = 0.05) -> float:
+        """Seconds from start to the first 200 on /system_stats; AssertionError if it exits or times out."""
+        if not wait_until(self.ready, max(0.0, self.started + timeout - time.monotonic()), interval):
+            raise AssertionError(f"{self.kind} ComfyUI not answering after {timeout}s:\n{self.log()[-3000:]}")
+        return time.monotonic() - self.started
+
+    def stop(self) -> int:
+        return stop_process(self.proc)
+
+
+# ---------------------------------------------------------------- a whole machine under test
+@dataclasses.dataclass
+class Machine:
+    """A ROOT run through the CLI (``python -m orchestrator``) with its environment."""
+
+    root: Path
+    env: dict[str, str]
+    port_base: int
+    monitor_port: int
+    num_gpus: int
+
+    @property
+    def layout(self):  # type: ignore[no-untyped-def]
+        from orchestrator.core.layout import Layout
+
+        return Layout(self.root)
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port_base + i for i in range(self.num_gpus)]
+
+    def run(self, *args: str, check: bool = False, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            env={**self.env, **env}, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"orchestrator {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return r
+
+    def up(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.run("up", "--skip-provision", *extra, check=True, **env)
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        return self.run("down", timeout=180)
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.run("status", "--json", check=True).stdout)
+
+    def ready(self) -> bool:
+        """Whether the monitor's /readyz answers 200."""
+        return answers(self.monitor_port, "/readyz", timeout=2.0)
+
+    def wait_all_answer(self, timeout: float = 60) -> bool:
+        return wait_until(lambda: all(answers(p) for p in self.ports), timeout, 0.2)
+
+
+# What a test machine changes from the product defaults: probes and stops fast enough for tests.
+TEST_SETTINGS = {"PROBE_INTERVAL": "0.5", "PROBE_TIMEOUT": "1", "STOP_TIMEOUT": "5", "OUTPUT_MAX_AGE": "60m"}
+
+
+def simulated_machine(root: Path, num_gpus: int = 2, *, fast: bool = True, **extra_env: str) -> Machine:
+    """A Machine in ``root`` (created) whose ComfyUI is the simulator, on free ports, MOCK_GPU=1.
+
+    Args:
+        fast: add :data:`TEST_SETTINGS`; False keeps the product's defaults (what benchmarks measure).
+        extra_env: settings on top (they win).
+
+    Not started: call ``up()``, and ``down()`` at the end.
+    """
+    from orchestrator.simulator.tree import write_code_tree
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_code_tree(root / "ComfyUI")
+    base = free_port_block(num_gpus + 1)
+    monitor_port = free_port_block(1)
+    env = clean_env(
+        ROOT=str(root), MOCK_GPU="1", NUM_GPUS=str(num_gpus), WORKER_BASE_COMFYUI_PORT=str(base),
+        ORCHESTRATOR_PORT=str(monitor_port), SHARED_REPO_URL="",
+    )
+    env.update({**(TEST_SETTINGS if fast else {}), **extra_env})
+    return Machine(root, env, base, int(env["ORCHESTRATOR_PORT"]), num_gpus)
