@@ -44,7 +44,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from support import ComfyServer, free_port  # noqa: E402
+from support import ComfyServer, free_port, jobs_app  # noqa: E402
 
 WORKFLOW = json.loads((ROOT / "examples" / "workflow.json").read_text())["workflow"]
 RESULTS = ROOT / "bench" / "results" / "bench_jobs.json"
@@ -102,13 +102,11 @@ class Procs:
 # ---------------------------------------------------------------- the job API process
 def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
     import uvicorn
-    from fastapi import FastAPI
     from prometheus_client import CollectorRegistry
 
     from orchestrator.core.instances import InstanceView
     from orchestrator.core.settings import load_settings
     from orchestrator.core.states import InstanceState
-    from orchestrator.jobs.routes import jobs_router
     from orchestrator.jobs.tracker import JobManager
 
     class Directory:
@@ -132,16 +130,7 @@ def serve(port: int, sim_ports: list[int], silent_socket: bool = False) -> None:
 
     settings = load_settings({"ROOT": tempfile.gettempdir(), "MAX_QUEUE_DEPTH": "10000", "JOB_TIMEOUT": "300"})
     manager = JobManager(settings, Directory(), CollectorRegistry())
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        await manager.start()
-        yield
-        await manager.close()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(jobs_router(manager))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(jobs_app(manager), host="127.0.0.1", port=port, log_level="warning")
 
 
 # ---------------------------------------------------------------- clients

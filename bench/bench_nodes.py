@@ -46,9 +46,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
+from support import Recording  # noqa: E402
 
 from orchestrator.core.layout import Layout  # noqa: E402
 from orchestrator.core.settings import load_settings  # noqa: E402
@@ -153,31 +154,9 @@ def legacy(
     }
 
 
-class Commands:
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
-    ) -> Any:
-        self.calls.append(list(argv))
-        return nodes_deps.run_command(argv, cwd=cwd, env=env, timeout=timeout)
-
-
-class GitCalls:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(
-        self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
-    ) -> str:
-        self.calls += 1
-        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
-
-
 def ours(root: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
     settings = load_settings({**env, "ROOT": str(root)})
-    commands, git_calls = Commands(), GitCalls()
+    commands, git_calls = Recording(nodes_deps.run_command), Recording(git_command.git_runner)
     client = git_client.GitClient(timeout=settings.git_timeout, runner=git_calls)
     start = time.perf_counter()
     report = nodes_sync.sync_nodes(
@@ -193,7 +172,7 @@ def ours(root: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
         "seconds": seconds,
         "counts": report.counts,
         "pip_runs": pip_runs,
-        "git_commands": git_calls.calls,
+        "git_commands": len(git_calls.calls),
         "pip_seconds": float(report.pip.get("seconds", 0.0)),
     }
 

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -37,7 +36,7 @@ from orchestrator.simulator.tree import write_code_tree  # noqa: E402
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from benchutil import fmt, machine_note, spread  # noqa: E402
-from support import ComfyServer  # noqa: E402
+from support import ComfyServer, txt2img  # noqa: E402
 
 
 def start(tree: Path, base: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, float]:
@@ -53,39 +52,14 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def graph(seed: int) -> dict[str, Any]:
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": 20,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
-    }
-
-
 async def round_trips(port: int, seeds: list[int]) -> list[float]:
     url = f"http://127.0.0.1:{port}"
     out = []
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId=bench") as ws:
         for seed in seeds:
             t0 = time.perf_counter()
-            async with session.post(f"{url}/prompt", json={"prompt": graph(seed), "client_id": "bench"}) as r:
+            body = {"prompt": txt2img("bench", seed, steps=20, height=64), "client_id": "bench"}
+            async with session.post(f"{url}/prompt", json=body) as r:
                 prompt_id = (await r.json())["prompt_id"]
             while True:
                 msg = await ws.receive_json()

@@ -15,6 +15,10 @@ and call into this module.
   ``tests/real`` given its interpreter and tree), as the orchestrator starts an instance.
 - :class:`Machine` and :func:`simulated_machine`: a whole machine (`orchestrator up`, supervisord,
   the monitor) whose ComfyUI is the simulator, driven through the CLI.
+- :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
+- :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
+- :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
+  ComfyUI's ``node_errors`` for that workflow with seed -1.
 """
 
 from __future__ import annotations
@@ -27,13 +31,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 
 from orchestrator.machine.ports import free_port_block
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from orchestrator.jobs.tracker import JobManager
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -151,6 +160,101 @@ def commit_file(path: Path, rel: str, text: str, message: str = "change") -> str
     return git(path, "rev-parse", "HEAD")
 
 
+class Recording:
+    """A command runner (``git_runner``, ``run_command``) that records each argv and then runs it.
+
+    ``calls`` holds every argv as a list, in order; each call goes on to ``runner`` with the same
+    arguments, so the wrapper fits wherever the wrapped runner does.
+    """
+
+    def __init__(self, runner: Callable[..., Any]) -> None:
+        self.runner = runner
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], **kwargs: Any) -> Any:
+        self.calls.append(list(argv))
+        return self.runner(argv, **kwargs)
+
+
+# ---------------------------------------------------------------- workflows and the job API
+def txt2img(
+    prefix: str,
+    seed: int = 1,
+    steps: int = 4,
+    width: int = 64,
+    height: int = 48,
+    batch: int = 1,
+    text: str = "a cat",
+) -> dict[str, Any]:
+    """The default text-to-image workflow in API format, small enough for the simulator.
+
+    The graph of ``examples/workflow.json`` (same nodes and links) with test-sized values: a tiny
+    latent, few steps, a short prompt, and the SaveImage ``filename_prefix`` given.
+    """
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+        "5": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch},
+        },
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
+    }
+
+
+def seed_below_min_node_errors() -> dict[str, Any]:
+    """ComfyUI's ``node_errors`` (POST /prompt, 400) for the default workflow with seed -1 on node 3."""
+    return {
+        "3": {
+            "errors": [
+                {
+                    "type": "value_smaller_than_min",
+                    "message": "Value -1 smaller than min of 0",
+                    "details": "seed",
+                    "extra_info": {"input_name": "seed"},
+                }
+            ],
+            "dependent_outputs": ["9"],
+            "class_type": "KSampler",
+        }
+    }
+
+
+def jobs_app(manager: JobManager) -> FastAPI:
+    """The job API as the monitor serves it: ``jobs_router(manager)``, the manager started and
+    closed by the app's lifespan. Serve it with uvicorn."""
+    from fastapi import FastAPI
+
+    from orchestrator.jobs.routes import jobs_router
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await manager.start()
+        yield
+        await manager.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(jobs_router(manager))
+    return app
+
+
 # ---------------------------------------------------------------- one ComfyUI, started by hand
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
     """SIGCONT + SIGTERM, then SIGKILL: the process is gone when this returns; its exit status."""
@@ -166,7 +270,34 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
     return int(proc.returncode)
 
 
-class ComfyServer:
+class InstanceFolders:
+    """What a started ComfyUI offers a test: its URL and the folders under ``base``, and its log."""
+
+    port: int
+    base: Path  # the instance folder: output/ temp/ input/ user/
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def input(self) -> Path:
+        return self.base / "input"
+
+    @property
+    def user(self) -> Path:
+        return self.base / "user"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class ComfyServer(InstanceFolders):
     """One ComfyUI started by hand, as the orchestrator starts an instance: ``python main.py`` in
     ``tree`` with its own port and its output/temp/input/user folders under ``base``.
 
@@ -206,25 +337,6 @@ class ComfyServer:
         self.started = time.monotonic()
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv, cwd=tree, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def output(self) -> Path:
-        return self.base / "output"
-
-    @property
-    def input(self) -> Path:
-        return self.base / "input"
-
-    @property
-    def user(self) -> Path:
-        return self.base / "user"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def answers(self) -> bool:
         return answers(self.port, timeout=2.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
-from support import ComfyServer, free_port, http_client, wait_for
+from support import ComfyServer, free_port, http_client, jobs_app, seed_below_min_node_errors, wait_for
 
 from orchestrator.comfy.client import ComfySocket
 from orchestrator.comfy.protocol import (
@@ -33,7 +32,6 @@ from orchestrator.core.routing import RouteError, all_saturated, instance_load, 
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.core.workflow import WorkflowError
-from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.schemas import InputImage, decode_image
 from orchestrator.jobs.store import Job, ResultStore
 from orchestrator.jobs.tracker import JobManager
@@ -229,19 +227,7 @@ def test_history_gives_the_outcome_and_execution_time() -> None:
 def test_a_refused_prompt_names_the_node_and_input() -> None:
     body = {
         "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
-        "node_errors": {
-            "3": {
-                "errors": [
-                    {
-                        "type": "value_smaller_than_min",
-                        "message": "Value -1 smaller than min of 0",
-                        "details": "seed",
-                        "extra_info": {"input_name": "seed"},
-                    }
-                ],
-                "class_type": "KSampler",
-            }
-        },
+        "node_errors": seed_below_min_node_errors(),
     }
     info = prompt_rejection(body, example())
     assert info.type == "validation"
@@ -416,21 +402,12 @@ class JobApi:
 
     def __init__(self, settings: Settings, directory: FakeDirectory) -> None:
         import uvicorn
-        from fastapi import FastAPI
         from fastapi.responses import PlainTextResponse
 
         self.registry = CollectorRegistry()
         self.manager = JobManager(settings, directory, self.registry, poll_interval=0.1, check_interval=0.1)
         self.directory = directory
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: FastAPI) -> Any:
-            await self.manager.start()
-            yield
-            await self.manager.close()
-
-        app = FastAPI(lifespan=lifespan)
-        app.include_router(jobs_router(self.manager))
+        app = jobs_app(self.manager)
 
         @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
         def metrics() -> str:

@@ -17,12 +17,12 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import commit_file, git, make_repo
+from support import Recording, commit_file, git, make_repo
 
 from orchestrator.cli.nodes import cmd_nodes_sync
 from orchestrator.core.errors import ConfigError, ProvisionError
@@ -66,32 +66,15 @@ def build_wheel(directory: Path, name: str, version: str, module: str) -> Path:
     return path
 
 
-class Commands:
+class Commands(Recording):
     """Records every command the sync runs (pip, the torch query, scripts) and runs it."""
 
     def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self, argv: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], timeout: float
-    ) -> Any:
-        self.calls.append(list(argv))
-        return nodes_deps.run_command(argv, cwd=cwd, env=env, timeout=timeout)
+        super().__init__(nodes_deps.run_command)
 
     @property
     def pip_installs(self) -> list[list[str]]:
         return [c for c in self.calls if "install" in c and "pip" in " ".join(c)]
-
-
-class GitCalls:
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
-    ) -> str:
-        self.calls.append(list(args))
-        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -524,7 +507,7 @@ def test_a_cold_sync_installs_everything_and_a_warm_sync_starts_nothing(
     assert "tok-123" not in json.dumps(state)
     env_mtime = dotenv.stat().st_mtime_ns
 
-    warm_commands, warm_git = Commands(), GitCalls()
+    warm_commands, warm_git = Commands(), Recording(git_command.git_runner)
     warm = sync(root, venv, world, config, commands=warm_commands, git_runner=warm_git, env=env)
     # How fast a warm sync is (target ≤ 1 s) is measured by bench/bench_nodes.py, not here.
     assert warm.counts["unchanged"] == 5
@@ -548,7 +531,7 @@ def test_a_change_touches_only_the_changed_nodes(
         beta={},  # removed from the config
     )
     (root / "ComfyUI" / "custom_nodes" / "stranger").mkdir()
-    commands, calls = Commands(), GitCalls()
+    commands, calls = Commands(), Recording(git_command.git_runner)
     report = sync(root, venv, world, changed, commands=commands, git_runner=calls)
     states = {r.name: r.state for r in report.results}
     assert states == {

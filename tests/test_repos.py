@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from support import commit_file, git, make_repo
+from support import Recording, commit_file, git, make_repo
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
@@ -55,17 +55,6 @@ def quick_git(runner: git_command.GitRunner = git_command.git_runner, attempts: 
         retry=RetryPolicy(attempts=attempts, initial=0, maximum=0),
         sleep=lambda s: None,
     )
-
-
-class Counting:
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def __call__(
-        self, args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]
-    ) -> str:
-        self.calls.append(list(args))
-        return git_command.git_runner(args, cwd=cwd, timeout=timeout, env=env)
 
 
 def no_git(args: Sequence[str], *, cwd: Path | None, timeout: float | None, env: Mapping[str, str]) -> str:
@@ -177,7 +166,7 @@ def test_connection_failures_are_retried_before_falling_back(
         COMFY_FALLBACK_URL=f"file://{upstream[0]}",
         COMFY_COMMIT=upstream[1],
     )
-    runner = Counting()
+    runner = Recording(git_command.git_runner)
     result = repos_sync.sync_comfy(s, Layout(root), git=quick_git(runner, attempts=3))
     primary = [c for c in runner.calls if "clone" in c and any("127.0.0.1" in a for a in c)]
     assert len(primary) == 3
@@ -278,7 +267,7 @@ def test_a_warm_sync_within_the_update_interval_runs_no_fetch(
     newer = commit_file(fork, "main.py", "print('fork forward 2')\n")
     newer_shared = commit_file(shared, "config_nodes.json", '{"custom_nodes": []}\n')
 
-    counting = Counting()
+    counting = Recording(git_command.git_runner)
     warm = repos_sync.sync_comfy(s, layout, git=quick_git(counting), clock=lambda: 1000.0 + 3599)
     warm_shared = repos_sync.sync_shared(s, layout, git=quick_git(counting), clock=lambda: 1000.0 + 3599)
     assert counting.calls == []  # no fetch, no git subprocess at all

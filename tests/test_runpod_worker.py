@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import importlib.util
 import json
 import os
@@ -20,14 +19,13 @@ import pytest
 import requests
 import requests.adapters
 from prometheus_client import CollectorRegistry
-from support import ComfyServer, free_port
+from support import ComfyServer, free_port, jobs_app
 
 from orchestrator.cli.jobs import cmd_runpod_worker
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.instances import InstanceView
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
-from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.runpod import (
     InputError,
     instance_count,
@@ -257,21 +255,11 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
 def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
     """The job router served by uvicorn in a thread, with a token; yields (settings, port)."""
     import uvicorn
-    from fastapi import FastAPI
 
     port = free_port()
     settings = settings_for(port, orchestrator_token="rp-secret-token")
     manager = JobManager(settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        await manager.start()
-        yield
-        await manager.close()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(jobs_router(manager))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(jobs_app(manager), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -22,10 +22,10 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import http_client
+from support import InstanceFolders, http_client, txt2img
 from support import wait_for as poll
 
-from orchestrator.core.plan import supported_flags
+from orchestrator.core.plan import BASELINE_FLAGS, OWNED_FLAGS, supported_flags
 from orchestrator.machine.ports import free_port_block
 from orchestrator.simulator import faults as faultlib
 from orchestrator.simulator import folders as fp
@@ -57,27 +57,12 @@ def ignored_signals(pid: int) -> set[int]:
 
 
 @dataclass
-class Sim:
+class Sim(InstanceFolders):
     proc: subprocess.Popen[bytes]
     port: int
     base: Path  # the instance folder: output/ temp/ input/ user/
     log_path: Path
     argv: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def output(self) -> Path:
-        return self.base / "output"
-
-    @property
-    def user(self) -> Path:
-        return self.base / "user"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def http(self, timeout: float = 5.0) -> requests.Session:
         return http_client(self.url, timeout)
@@ -189,44 +174,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Sim
     la.stop_all()
 
 
-def graph(
-    prefix: str,
-    seed: int = 1,
-    width: int = 64,
-    height: int = 48,
-    batch: int = 1,
-    steps: int = 4,
-    text: str = "a cat",
-) -> dict[str, Any]:
-    """The default text-to-image workflow in API format."""
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
-        "5": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": width, "height": height, "batch_size": batch},
-        },
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": seed,
-                "steps": steps,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
-    }
-
-
 async def _run_over_ws(sim: Sim, body: dict[str, Any], client_id: str) -> list[dict[str, Any]]:
     """POST ``body`` with ``client_id`` while listening on /ws; messages until ``executing`` null."""
     messages: list[dict[str, Any]] = []
@@ -261,18 +208,8 @@ def types(
 def test_the_tree_declares_flags_that_the_orchestrator_can_read_as_text(tree: Path) -> None:
     flags = supported_flags(tree)
     assert flags is not None
-    assert {
-        "--listen",
-        "--port",
-        "--cpu",
-        "--cuda-device",
-        "--extra-model-paths-config",
-        "--output-directory",
-        "--temp-directory",
-        "--input-directory",
-        "--user-directory",
-        "--database-url",
-        "--base-directory",
+    # every flag the plan owns or falls back to (v0.3.33's), and the others the orchestrator passes
+    assert OWNED_FLAGS | BASELINE_FLAGS | {
         "--disable-auto-launch",
         "--disable-all-custom-nodes",
         "--disable-api-nodes",
@@ -496,7 +433,7 @@ def test_start_delay_postpones_binding(launcher: Launcher) -> None:
 
 
 def test_a_prompt_streams_events_in_order_writes_a_png_and_records_history(shared: Sim) -> None:
-    messages = run_over_ws(shared, {"prompt": graph("order/run", seed=11)}, "client-order")
+    messages = run_over_ws(shared, {"prompt": txt2img("order/run", seed=11)}, "client-order")
     seq = types(messages)
     assert seq[:2] == ["execution_start", "execution_cached"]
     assert seq[-2:] == ["execution_success", "executing"]
@@ -538,15 +475,15 @@ def test_a_prompt_streams_events_in_order_writes_a_png_and_records_history(share
 
 
 def test_an_identical_graph_is_served_from_cache_without_a_new_file(shared: Sim) -> None:
-    first = run_over_ws(shared, {"prompt": graph("cache/run", seed=21)}, "client-cache")
-    second = run_over_ws(shared, {"prompt": graph("cache/run", seed=21)}, "client-cache")
+    first = run_over_ws(shared, {"prompt": txt2img("cache/run", seed=21)}, "client-cache")
+    second = run_over_ws(shared, {"prompt": txt2img("cache/run", seed=21)}, "client-cache")
     cached = [m["data"]["nodes"] for m in second if m["type"] == "execution_cached"][0]
-    assert sorted(cached) == sorted(graph("x"))
+    assert sorted(cached) == sorted(txt2img("x"))
     assert [m["data"]["node"] for m in second if m["type"] == "executing"] == [None]
     outputs = [m["data"]["output"] for m in first + second if m["type"] == "executed"]
     assert outputs[0] == outputs[1]
     assert sorted(p.name for p in (shared.output / "cache").iterdir()) == ["run_00001_.png"]
-    third = run_over_ws(shared, {"prompt": graph("cache/run", seed=22)}, "client-cache")
+    third = run_over_ws(shared, {"prompt": txt2img("cache/run", seed=22)}, "client-cache")
     (executed,) = [m["data"] for m in third if m["type"] == "executed"]
     assert executed["output"]["images"][0]["filename"] == "run_00002_.png"
     assert "4" in [m["data"]["nodes"] for m in third if m["type"] == "execution_cached"][0]
@@ -555,7 +492,7 @@ def test_an_identical_graph_is_served_from_cache_without_a_new_file(shared: Sim)
 def test_save_counter_continues_from_existing_files(shared: Sim) -> None:
     (shared.output / "counter").mkdir(parents=True, exist_ok=True)
     (shared.output / "counter" / "img_00041_.png").write_bytes(b"x")
-    messages = run_over_ws(shared, {"prompt": graph("counter/img", seed=31, batch=2)}, "client-counter")
+    messages = run_over_ws(shared, {"prompt": txt2img("counter/img", seed=31, batch=2)}, "client-counter")
     (executed,) = [m["data"] for m in messages if m["type"] == "executed"]
     assert [i["filename"] for i in executed["output"]["images"]] == ["img_00042_.png", "img_00043_.png"]
 
@@ -594,7 +531,7 @@ def test_invalid_prompts_are_rejected_with_400(
 
 
 def test_a_bad_link_fails_validation_with_node_errors(shared: Sim) -> None:
-    prompt = graph("bad")
+    prompt = txt2img("bad")
     prompt["8"]["inputs"]["samples"] = ["5", 3]  # EmptyLatentImage has one output
     del prompt["3"]
     resp = requests.post(f"{shared.url}/prompt", json={"prompt": prompt}, timeout=5)
@@ -609,7 +546,7 @@ def test_a_bad_link_fails_validation_with_node_errors(shared: Sim) -> None:
 def test_a_foreign_origin_gets_403_with_an_empty_body(shared: Sim) -> None:
     resp = requests.post(
         f"{shared.url}/prompt",
-        json={"prompt": graph("origin")},
+        json={"prompt": txt2img("origin")},
         timeout=5,
         headers={"Origin": "http://evil.example"},
     )
@@ -620,7 +557,7 @@ def test_a_foreign_origin_gets_403_with_an_empty_body(shared: Sim) -> None:
 
 
 def test_a_failing_node_reports_execution_error_and_history_error(shared: Sim) -> None:
-    prompt = graph("fail", text="__fail__")
+    prompt = txt2img("fail", text="__fail__")
     messages = run_over_ws(shared, {"prompt": prompt}, "client-fail")
     (error,) = [m["data"] for m in messages if m["type"] == "execution_error"]
     assert error["node_id"] == "6"
@@ -655,7 +592,7 @@ def test_fork_websocket_messages_ping_and_prompt(launcher: Launcher) -> None:
             got.append(await ws.receive_json())
             await ws.send_json({"type": "ping"})
             await ws.send_json(
-                {"type": "prompt", "data": {"prompt": graph("fork", seed=41), "extra_data": {}}}
+                {"type": "prompt", "data": {"prompt": txt2img("fork", seed=41), "extra_data": {}}}
             )
             await ws.send_json({"type": "prompt", "data": {"prompt": {"1": {"class_type": "Nope"}}}})
             while True:
@@ -697,7 +634,7 @@ def test_fork_prompt_posted_with_its_own_client_id_sends_no_events(launcher: Lau
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{sim.url}/ws?clientId=mine") as ws,
         ):
-            async with session.post(f"{sim.url}/prompt", json={"prompt": graph("own", seed=5), "client_id": "mine"}) as r:
+            async with session.post(f"{sim.url}/prompt", json={"prompt": txt2img("own", seed=5), "client_id": "mine"}) as r:
                 prompt_id = (await r.json())["prompt_id"]
             got: list[dict[str, Any]] = []
             with contextlib.suppress(asyncio.TimeoutError):
@@ -716,7 +653,7 @@ def test_upstream_websocket_honours_client_id_and_ignores_fork_messages(shared: 
         async with aiohttp.ClientSession() as session, session.ws_connect(f"{shared.url}/ws?clientId=up-1") as ws:
             got.append(await ws.receive_json())
             await ws.send_json({"type": "ping"})
-            await ws.send_json({"type": "prompt", "data": {"prompt": graph("upstream", seed=43)}})
+            await ws.send_json({"type": "prompt", "data": {"prompt": txt2img("upstream", seed=43)}})
             with contextlib.suppress(asyncio.TimeoutError):
                 while True:
                     got.append(await asyncio.wait_for(ws.receive_json(), timeout=0.5))
@@ -733,7 +670,7 @@ def test_interrupt_stops_the_running_prompt(launcher: Launcher) -> None:
     async def scenario() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as session, session.ws_connect(f"{sim.url}/ws?clientId=int") as ws:
-            resp = await session.post(f"{sim.url}/prompt", json={"prompt": graph("int"), "client_id": "int"})
+            resp = await session.post(f"{sim.url}/prompt", json={"prompt": txt2img("int"), "client_id": "int"})
             prompt_id = (await resp.json())["prompt_id"]
             while True:
                 msg = await asyncio.wait_for(ws.receive_json(), timeout=DEADLINE)
@@ -758,7 +695,7 @@ def test_queue_and_history_can_be_cleared_and_deleted(launcher: Launcher) -> Non
     sim = launcher.start(env={"SIM_EXEC_TIME": "20"})
     with sim.http() as http:
         ids = [
-            http.post("/prompt", json={"prompt": graph("q", seed=i)}).json()["prompt_id"] for i in range(3)
+            http.post("/prompt", json={"prompt": txt2img("q", seed=i)}).json()["prompt_id"] for i in range(3)
         ]
         wait_for(lambda: http.get("/queue").json()["queue_running"])
         queue = http.get("/queue").json()
@@ -992,18 +929,18 @@ def test_save_counter_matches_only_the_same_prefix() -> None:
 
 def test_validation_and_order_of_the_default_workflow() -> None:
     defs = catalogue()
-    result = validate(graph("p"), defs)
+    result = validate(txt2img("p"), defs)
     assert result.ok
     assert result.outputs == ["9"]
     assert result.node_errors == {}
-    order = execution_order(graph("p"), ["9"])
+    order = execution_order(txt2img("p"), ["9"])
     assert order.index("4") < order.index("6") < order.index("3") < order.index("8") < order.index("9")
-    bad = graph("p")
+    bad = txt2img("p")
     bad["3"]["inputs"]["sampler_name"] = "nope"
     bad["3"]["inputs"]["steps"] = 0
     errors = validate(bad, defs).node_errors["3"]["errors"]
     assert {e["type"] for e in errors} == {"value_not_in_list", "value_smaller_than_min"}
-    a, b = signatures(graph("p", seed=1)), signatures(graph("p", seed=2))
+    a, b = signatures(txt2img("p", seed=1)), signatures(txt2img("p", seed=2))
     assert a["4"] == b["4"]
     assert a["3"] != b["3"]
     assert a["9"] != b["9"]

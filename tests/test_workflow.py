@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import seed_below_min_node_errors
 
 from orchestrator.core.workflow import (
     Override,
@@ -193,20 +194,7 @@ def test_shorthand_ranges_are_checked(wf: dict[str, Any]) -> None:
 
 
 def test_comfyui_node_errors_become_one_line_naming_node_and_input() -> None:
-    node_errors = {
-        "3": {
-            "errors": [
-                {
-                    "type": "value_smaller_than_min",
-                    "message": "Value -1 smaller than min of 0",
-                    "details": "seed",
-                    "extra_info": {"input_name": "seed"},
-                }
-            ],
-            "dependent_outputs": ["9"],
-            "class_type": "KSampler",
-        }
-    }
+    node_errors = seed_below_min_node_errors()
     line = format_node_errors(node_errors)
     assert line == "node 3 (KSampler) input 'seed': Value -1 smaller than min of 0 (seed)"
     assert first_node_error(node_errors) == ("3", "inputs.seed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from orchestrator.cli.output import print_line
@@ -16,6 +15,8 @@ log = logging.getLogger(__name__)
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: `orchestrator health` (this module too) must not load the web stack.
+    import asyncio
+
     from orchestrator.monitor.api import check_listen
     from orchestrator.monitor.app import bind_socket, load_plan, serve
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.cli.output import print_line
+from orchestrator.cli.output import print_line, table
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
@@ -19,25 +18,16 @@ from orchestrator.provision.nodes.sync import sync_nodes
 from orchestrator.provision.repos.sync import resolve_shared
 
 
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
 def format_report(report: NodesReport) -> str:
     """The table ``nodes sync`` prints: the plan in a dry run, else what each node went through."""
     if report.dry_run:
         rows = [[r.name, r.action, ", ".join(r.reasons)] for r in report.results]
-        body = _table(rows, ["NODE", "ACTION", "WHY"])
+        body = table(rows, ["NODE", "ACTION", "WHY"])
     else:
         rows = [
             [r.name, r.action, r.status, r.commit[:12], f"{r.seconds:.1f}s", r.error] for r in report.results
         ]
-        body = _table(rows, ["NODE", "ACTION", "STATUS", "COMMIT", "TIME", "ERROR"])
+        body = table(rows, ["NODE", "ACTION", "STATUS", "COMMIT", "TIME", "ERROR"])
     counts = report.counts
     planned = "planned: " if report.dry_run else ""
     summary = f"{len(report.results)} nodes, {planned}" + ", ".join(f"{counts[k]} {k}" for k in STATE_NAMES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 
@@ -36,19 +36,9 @@ def error(text: str) -> None:
     print(f"error: {text}", file=sys.stderr, flush=True)
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, file: TextIO | None = None) -> None:
-    """Left-aligned columns under an upper-case header; missing cells print as ``-``."""
-    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
-    out = file or sys.stdout
-    print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip(), file=out)
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
-
-
-def _cell(value: Any) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    return str(value)
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """Left-aligned columns, two spaces apart, under ``header``; trailing spaces trimmed."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -162,6 +163,29 @@ class Sandbox:
         after = snapshot(self.b["root"], skip=(self.logs,))
         changed = sorted(set(after.items()) ^ set(self.inside.items()))
         assert not changed, changed[:10]
+
+    def assert_untouched(self) -> None:
+        """Nothing changed in ROOT nor around it."""
+        self.assert_root_unchanged()
+        self.assert_nothing_outside()
+
+
+def input_file(box: dict[str, Path], name: str, doc: Any, dump: Callable[[Any], str]) -> tuple[Path, Sandbox]:
+    """Write fuzzed ``doc`` to ``inputs/name`` (a string as it is, anything else through ``dump``),
+    then snapshot ROOT and around it: (the file, the sandbox)."""
+    path = box["inputs"] / name
+    path.write_text(doc if isinstance(doc, str) else dump(doc))
+    return path, Sandbox(box)
+
+
+def dry_run_on(sandbox: Sandbox, args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run a dry-run (or read-only) CLI command on fuzzed input: it succeeds or exits 2 in one clear
+    line, and writes nothing in ROOT nor around it; its (code, stdout, stderr)."""
+    code, out, err = run_cli(args, env)
+    check_outcome(code, out, err)
+    assert code in (0, 2), (code, err)
+    sandbox.assert_untouched()
+    return code, out, err
 
 
 # ---------------------------------------------------------------- strategies
@@ -343,16 +367,10 @@ def test_any_config_nodes_json_is_a_clear_error_or_a_config_whose_every_field_is
 def test_nodes_validate_and_a_dry_run_sync_end_in_one_line_or_success_and_write_nothing(
     config: Any, box: dict[str, Path]
 ) -> None:
-    path = box["inputs"] / "config_nodes.json"
-    path.write_text(config if isinstance(config, str) else json.dumps(config))
-    sandbox = Sandbox(box)
+    path, sandbox = input_file(box, "config_nodes.json", config, json.dumps)
     env = {"ROOT": str(box["root"])}
     for args in (["nodes", "validate", str(path)], ["nodes", "sync", "--dry-run", "--file", str(path)]):
-        code, out, err = run_cli(args, env)
-        check_outcome(code, out, err)
-        assert code in (0, 2), (code, err)
-        sandbox.assert_root_unchanged()  # a dry run writes nothing, valid input or not
-        sandbox.assert_nothing_outside()
+        dry_run_on(sandbox, args, env)  # a dry run writes nothing, valid input or not
 
 
 # ---------------------------------------------------------------- comfy_dir_config.yaml
@@ -370,8 +388,7 @@ def test_any_comfy_dir_config_is_a_clear_error_or_a_tree_that_stays_inside_root(
         tree = modeltree.prepare(settings_, Layout(root))
     except ConfigError as exc:
         assert_clear(str(exc))
-        sandbox.assert_root_unchanged()
-        sandbox.assert_nothing_outside()
+        sandbox.assert_untouched()
         return
     for folder in tree.folders:
         assert root in folder.resolve().parents, f"{folder} is outside ROOT"
@@ -394,8 +411,7 @@ def test_any_static_models_json_is_a_clear_error_or_links_that_stay_inside_root(
         tree = modeltree.prepare(load_settings({"ROOT": str(root)}), Layout(root))
     except ConfigError as exc:
         assert_clear(str(exc))
-        sandbox.assert_root_unchanged()
-        sandbox.assert_nothing_outside()
+        sandbox.assert_untouched()
         return
     for link in tree.links:
         assert root in link.target.parent.resolve().parents or link.target.parent.resolve() == root.resolve()
@@ -425,17 +441,11 @@ def test_any_manifest_is_a_clear_error_or_entries_with_safe_destinations_and_fil
 def test_models_sync_dry_run_on_any_manifest_ends_in_one_line_or_success_and_writes_nothing(
     doc: Any, box: dict[str, Path]
 ) -> None:
-    path = box["inputs"] / "models.yaml"
-    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
-    sandbox = Sandbox(box)
-    code, out, err = run_cli(["models", "sync", "--dry-run", "--json"],
-                             {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
-    check_outcome(code, out, err)
-    assert code in (0, 2), (code, err)
+    path, sandbox = input_file(box, "models.yaml", doc, yaml.safe_dump)
+    code, out, _ = dry_run_on(sandbox, ["models", "sync", "--dry-run", "--json"],
+                              {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
     if code == 0:
         json.loads(out)
-    sandbox.assert_root_unchanged()
-    sandbox.assert_nothing_outside()
 
 
 # ---------------------------------------------------------------- settings
@@ -517,8 +527,7 @@ def test_named_hostile_node_entries_are_refused_before_any_git_or_write(case: st
         check_outcome(code, out, err)
         assert code == 2, (case, out, err)
         assert "custom_nodes[0]" in err
-        sandbox.assert_root_unchanged()
-        sandbox.assert_nothing_outside()
+        sandbox.assert_untouched()
 
 
 def test_every_named_hostile_node_entry_is_named_in_one_line_by_the_real_cli(box: dict[str, Path]) -> None:
@@ -531,8 +540,7 @@ def test_every_named_hostile_node_entry_is_named_in_one_line_by_the_real_cli(box
         assert r is not None
         for i in range(len(NAMED_NODES)):
             assert f"custom_nodes[{i}]" in r.stderr
-    sandbox.assert_root_unchanged()
-    sandbox.assert_nothing_outside()
+    sandbox.assert_untouched()
 
 
 def test_an_ssh_url_whose_host_is_an_option_never_runs_a_command(box: dict[str, Path]) -> None:
@@ -570,8 +578,7 @@ def test_named_model_paths_with_dotdot_or_slash_are_refused_in_one_line(
         code, out, err = run_cli(args, {"ROOT": str(box["root"]), "MODELS_MANIFEST": str(path)})
         check_outcome(code, out, err)
         assert code == 2, (field, value, out, err)
-        sandbox.assert_root_unchanged()
-        sandbox.assert_nothing_outside()
+        sandbox.assert_untouched()
 
 
 # ---------------------------------------------------------------- YAML alias bombs
@@ -756,8 +763,9 @@ def test_a_nul_byte_in_a_settings_file_value_is_a_config_error(box: dict[str, Pa
 
 
 # ---------------------------------------------------------------- writes outside ROOT
-@pytest.mark.parametrize("base", ["../outside", "/workspace/../outside"])
-def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, Path]) -> None:
+def models_sync_with_base_path(box: dict[str, Path], base: str | Path) -> int:
+    """``models sync`` with comfy_dir_config's base_path set to ``base``: it ends in one clear line
+    or success and creates nothing outside ROOT; its exit code."""
     (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
         f"comfyui:\n  base_path: {base}\n  checkpoints: models/checkpoints/\n"
     )
@@ -765,18 +773,16 @@ def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, P
     code, out, err = run_cli(["models", "sync"], {"ROOT": str(box["root"])})
     check_outcome(code, out, err)
     sandbox.assert_nothing_outside()
-    assert code == 2
+    return code
+
+
+@pytest.mark.parametrize("base", ["../outside", "/workspace/../outside"])
+def test_a_base_path_climbing_out_of_root_is_refused(base: str, box: dict[str, Path]) -> None:
+    assert models_sync_with_base_path(box, base) == 2
 
 
 def test_an_absolute_base_path_outside_root_creates_nothing_outside_root(box: dict[str, Path]) -> None:
-    elsewhere = box["outside"] / "elsewhere"
-    (box["root"] / "shared" / "comfy_dir_config.yaml").write_text(
-        f"comfyui:\n  base_path: {elsewhere}\n  checkpoints: models/checkpoints/\n"
-    )
-    sandbox = Sandbox(box)
-    code, out, err = run_cli(["models", "sync"], {"ROOT": str(box["root"])})
-    check_outcome(code, out, err)
-    sandbox.assert_nothing_outside()
+    models_sync_with_base_path(box, box["outside"] / "elsewhere")
 
 
 def test_a_model_folder_name_longer_than_the_filesystem_allows_is_a_clear_error_before_any_write(
