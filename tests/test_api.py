@@ -14,7 +14,8 @@ from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
-from orchestrator.monitor.api import check_listen, create_app, is_loopback
+from orchestrator.monitor.api import create_app
+from orchestrator.monitor.preflight import check_listen, is_loopback
 
 TOKEN = "s3cret-token-value"
 

@@ -16,6 +16,7 @@ from orchestrator.core.layout import Layout
 from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
+from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.machine.fs import write_json
 from orchestrator.monitor.metrics import build_registry
 
@@ -80,6 +81,7 @@ def exported_names(tmp_path: Path) -> set[str]:
     write_json(layout.status_file, {"stages": {"detect": 1.0}, "nodes": {"counts": {"installed": 1}},
                                     "comfy": {"fallback": False}})
     registry = build_registry(Source(), load_settings({"ROOT": str(tmp_path)}), layout, hostname="h")
+    JobMetrics(registry, lambda: {0: 1}, lambda: [])  # the job API's, registered by the JobManager
     return {s.name for family in registry.collect() for s in family.samples}
 
 

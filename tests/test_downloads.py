@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import http.server
 import logging
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +20,14 @@ from typing import Any
 import pytest
 
 from orchestrator.cli.logconfig import setup_logging
+from orchestrator.core.disk import parse_size, to_disk_floor
+from orchestrator.core.errors import ConfigError
+from orchestrator.core.settings import load_settings
 from orchestrator.machine.fs import read_json
 from orchestrator.machine.ports import free_port_block
-from orchestrator.provision.models import downloads, responses, verified
+from orchestrator.provision.models import downloads, partfile, responses, status, verified
 from orchestrator.provision.models.downloads import Engine
+from orchestrator.provision.models.sync import download_options
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
 from orchestrator.provision.models.verified import VERIFIED_FILE
 
@@ -224,6 +230,7 @@ FAST = DownloadOptions(
     backoff_max=0,
     chunk_size=64 * 1024,
     free_space_margin=0,
+    min_free=to_disk_floor("0"),  # tests that need the floor set it (and fake the disk)
     sleep=lambda s: None,
 )
 
@@ -589,3 +596,321 @@ def test_the_engine_leaves_urllib3s_loggers_alone(tmp_path: Path) -> None:
     before = {name: list(logging.getLogger(name).filters) for name in ("urllib3", "urllib3.connectionpool")}
     engine(tmp_path)
     assert {name: list(logging.getLogger(name).filters) for name in before} == before
+
+
+# ---------------------------------------------------------------- hostile servers and a full disk
+class Hostile:
+    """A server whose every GET runs ``answer(handler)``; counts its requests."""
+
+    def __init__(self, answer: Any) -> None:
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                try:
+                    answer(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[Any]:
+    servers: list[Hostile] = []
+
+    def start(answer: Any) -> Hostile:
+        servers.append(Hostile(answer))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def endless(handler: http.server.BaseHTTPRequestHandler, content_length: int | None = None) -> None:
+    """200 with a body that never ends (no Content-Length: it ends when the connection closes)."""
+    handler.send_response(200)
+    if content_length is not None:
+        handler.send_header("Content-Length", str(content_length))
+    handler.end_headers()
+    piece = blob(64 * 1024)
+    for _ in range(16 * 1024):  # 1 GiB: a safety stop for a broken engine, never reached
+        handler.wfile.write(piece)
+
+
+def leftovers(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir()) if dest.exists() else []
+
+
+def test_an_endless_body_without_a_length_stops_at_models_max_bytes(hostile: Any, tmp_path: Path) -> None:
+    srv = hostile(endless)
+    dest = tmp_path / "d"
+    t = DownloadTask(name="endless", url=srv.url("/e.bin?token=cap-secret"), dest_dir=dest, filename="e.bin")
+    result = engine(tmp_path, max_bytes=1 << 20).download(t)
+    assert result.state == "failed"
+    assert "over the cap of 1.0 MiB (MODELS_MAX_BYTES=1048576)" in result.error
+    assert "/e.bin" in result.error
+    assert "cap-secret" not in result.error
+    assert "\n" not in result.error
+    assert leftovers(dest) == []  # neither the final name nor a .part
+    assert len(srv.requests) == 1  # not retried
+
+
+def test_a_content_length_over_the_cap_fails_before_a_byte_is_written(hostile: Any, tmp_path: Path) -> None:
+    srv = hostile(lambda h: endless(h, content_length=50 << 20))
+    dest = tmp_path / "d"
+    t = DownloadTask(name="big", url=srv.url("/big.bin"), dest_dir=dest, filename="big.bin")
+    result = engine(tmp_path, max_bytes=1 << 20).download(t)
+    assert result.state == "failed"
+    assert "announces 52428800 bytes, over the cap" in result.error
+    assert leftovers(dest) == []
+    assert len(srv.requests) == 1
+
+
+def test_the_manifest_size_is_the_cap_of_an_endless_body(hostile: Any, tmp_path: Path) -> None:
+    srv = hostile(endless)
+    dest = tmp_path / "d"
+    t = DownloadTask(name="sized", url=srv.url("/s.bin"), dest_dir=dest, filename="s.bin", size=200_000)
+    result = engine(tmp_path).download(t)  # MODELS_MAX_BYTES is 200 GiB: the size is what stops it
+    assert result.state == "failed"
+    assert "size mismatch" in result.error
+    assert "the manifest says 200000 bytes" in result.error
+    assert leftovers(dest) == []
+
+
+def test_a_download_stops_at_the_free_space_floor_and_removes_its_part(hostile: Any, tmp_path: Path) -> None:
+    srv = hostile(endless)
+    dest = tmp_path / "d"
+    disk = 10 << 20
+    seen: list[int] = []
+
+    def disk_free(path: Path) -> int:  # a 10 MiB disk that only this download fills
+        part = next((p for p in path.iterdir() if p.name.endswith(".part")), None) if path.exists() else None
+        used = part.stat().st_size if part else 0
+        seen.append(used)
+        return disk - used
+
+    e = engine(tmp_path, disk_free=disk_free, disk_size=lambda p: disk, min_free=to_disk_floor("8M"))
+    result = e.download(DownloadTask(name="filler", url=srv.url("/f.bin"), dest_dir=dest, filename="f.bin"))
+    assert result.state == "failed"
+    assert result.error.startswith("filler: stopped: ")
+    assert "free in" in result.error
+    assert "the floor is 8.0 MiB (MIN_FREE_DISK=8M)" in result.error
+    assert "the partial file was removed" in result.error
+    assert "\n" not in result.error
+    assert max(seen) == disk - (8 << 20)  # filled up to the floor, never past it
+    assert leftovers(dest) == []
+    assert len(srv.requests) == 1
+
+
+def test_a_download_is_not_started_below_the_floor(server: RangeServer, tmp_path: Path) -> None:
+    server.files["/x.bin"] = FileSpec(blob(1000))
+    e = engine(tmp_path, disk_free=lambda p: 100 << 20, disk_size=lambda p: 10 << 30, min_free=to_disk_floor("5G,5%"))
+    result = e.download(task(server, "/x.bin", tmp_path / "d"))
+    assert result.state == "failed"
+    assert "needs 1000 B (+ 512.0 MiB kept free, MIN_FREE_DISK=5G,5%)" in result.error  # 5 % of 10 GiB
+    assert leftovers(tmp_path / "d") == []
+
+
+def test_disk_full_while_writing_is_one_clear_line_and_no_part(
+    server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.files["/full.bin"] = FileSpec(blob(500_000))
+    real = partfile.write_all
+    calls: list[int] = []
+
+    def write_all(fh: Any, view: memoryview) -> None:
+        calls.append(len(view))
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fh, view)
+
+    monkeypatch.setattr(partfile, "write_all", write_all)
+    dest = tmp_path / "d"
+    result = engine(tmp_path).download(task(server, "/full.bin", dest, name="full"))
+    assert result.state == "failed"
+    assert result.error.startswith("full: the disk is full in ")
+    assert "MIN_FREE_DISK" in result.error
+    assert "\n" not in result.error
+    assert "Errno" not in result.error
+    assert leftovers(dest) == []
+    assert len(server.hits("/full.bin")) == 1  # not retried
+
+
+def test_a_full_disk_for_the_sidecar_file_fails_that_file_with_one_line(
+    server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.files["/side.bin"] = FileSpec(blob(1000))
+
+    def no_space(*a: Any, **k: Any) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(partfile, "write_json", no_space)
+    result = engine(tmp_path).download(task(server, "/side.bin", tmp_path / "d", name="side"))
+    assert result.state == "failed"
+    assert result.error.startswith("side: the disk is full in ")
+    assert leftovers(tmp_path / "d") == []
+
+
+def test_the_status_file_on_a_full_disk_does_not_fail_the_download(
+    server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.files["/ok.bin"] = FileSpec(blob(300_000))
+
+    def no_space(*a: Any, **k: Any) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(status, "write_json", no_space)
+    writer = status.StatusWriter(tmp_path / "status.json", tier="all", interval=0)
+    t = task(server, "/ok.bin", tmp_path / "d")
+    writer.begin([t])
+    result = Engine(tmp_path / "state", options=FAST, progress=writer).download(t)
+    writer.close()
+    assert result.state == "downloaded", result.error
+    warnings = [r for r in caplog.records if "models status file" in r.getMessage()]
+    assert len(warnings) == 1  # said once, not on every chunk
+
+
+def test_half_a_file_then_close_with_range_ignored_fails_after_bounded_attempts(
+    server: RangeServer, tmp_path: Path
+) -> None:
+    data = blob(400_000)
+    server.files["/half.bin"] = FileSpec(data, drop_after=200_000, drops=10**9, ignore_range=True)
+    dest = tmp_path / "d"
+    result = engine(tmp_path, attempts=3, retries=50).download(task(server, "/half.bin", dest, name="half"))
+    assert result.state == "failed"
+    assert "after 3 attempts without progress" in result.error
+    hits = server.hits("/half.bin")
+    assert len(hits) == 3  # the first got bytes; the two restarts from 0 that die there did not progress
+    assert all(h["status"] == 200 for h in hits)
+    assert not (dest / "half.bin").exists()
+
+
+def test_retries_are_bounded_in_count_even_when_every_attempt_progresses(server: RangeServer, tmp_path: Path) -> None:
+    data = blob(2_000_000)
+    server.files["/drip.bin"] = FileSpec(data, drop_after=100_000, drops=10**9)
+    dest = tmp_path / "d"
+    result = engine(tmp_path, attempts=3, retries=4).download(task(server, "/drip.bin", dest, name="drip"))
+    assert result.state == "failed"
+    assert "after 5 attempts (DOWNLOAD_RETRIES=4)" in result.error
+    assert [h["status"] for h in server.hits("/drip.bin")] == [200, 206, 206, 206, 206]
+    assert not (dest / "drip.bin").exists()
+
+
+def test_retries_are_bounded_in_time(server: RangeServer, tmp_path: Path) -> None:
+    server.files["/slowfail.bin"] = FileSpec(blob(1000), fail_first=10**9)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 100.0
+        return now[0]
+
+    e = engine(tmp_path, attempts=100, retries=100, retry_seconds=450, clock=clock)
+    result = e.download(task(server, "/slowfail.bin", tmp_path / "d", name="slow"))
+    assert result.state == "failed"
+    assert "DOWNLOAD_RETRY_SECONDS=450" in result.error
+    assert len(server.hits("/slowfail.bin")) < 10
+
+
+def test_a_redirect_loop_fails_at_once(server: RangeServer, tmp_path: Path) -> None:
+    server.files["/loop"] = FileSpec(redirect="/loop?token=loop-secret")
+    t = DownloadTask(name="loopy", url=server.url("/loop"), dest_dir=tmp_path / "d", filename="l.bin")
+    result = engine(tmp_path).download(t)
+    assert result.state == "failed"
+    assert result.error.startswith("loopy: ")
+    assert "a redirect loop" in result.error
+    assert "not retried" in result.error
+    assert "loop-secret" not in result.error
+    assert len(server.hits("/loop")) == 31  # one chain of requests' 30 redirects, not one per attempt
+    assert leftovers(tmp_path / "d") == []
+
+
+def test_too_many_redirects_fail_at_once(server: RangeServer, tmp_path: Path) -> None:
+    for i in range(40):
+        server.files[f"/r{i}"] = FileSpec(redirect=f"/r{i + 1}")
+    t = DownloadTask(name="chain", url=server.url("/r0"), dest_dir=tmp_path / "d", filename="c.bin")
+    result = engine(tmp_path).download(t)
+    assert result.state == "failed"
+    assert "more than 30 redirects" in result.error
+    assert "not retried" in result.error
+    assert len(server.requests) == 31
+
+
+def test_sizes_and_the_floor_parse_and_apply() -> None:
+    assert parse_size("500M") == 500 << 20
+    assert parse_size("5G") == parse_size("5GiB") == 5 << 30
+    assert parse_size("1024") == 1024
+    floor = to_disk_floor("5G,5%")
+    assert floor.bytes_for(1 << 40) == 5 << 30  # 5 % of 1 TiB is more: 5 GiB
+    assert floor.bytes_for(30 << 20) == int((30 << 20) * 0.05)  # 5 % of a small disk
+    assert to_disk_floor("0").bytes_for(1 << 40) == 0
+    assert str(floor) == "5G,5%"
+    for bad in ("lots", "5X", "150%"):
+        with pytest.raises(ValueError, match="expected"):
+            to_disk_floor(bad)
+
+
+def test_the_download_settings_reach_the_engine(tmp_path: Path) -> None:
+    settings = load_settings({
+        "ROOT": str(tmp_path), "MODELS_MAX_BYTES": "2G", "MIN_FREE_DISK": "10%",
+        "DOWNLOAD_RETRIES": "3", "DOWNLOAD_RETRY_SECONDS": "5m",
+    })
+    opts = download_options(settings)
+    assert (opts.max_bytes, opts.retries, opts.retry_seconds) == (2 << 30, 3, 300.0)
+    assert opts.min_free.bytes_for(1000) == 100
+    with pytest.raises(ConfigError, match="MIN_FREE_DISK"):
+        load_settings({"ROOT": str(tmp_path), "MIN_FREE_DISK": "plenty"})
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 30 MiB tmpfs (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mnt)], capture_output=True, check=False
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_endless_download_on_a_30_mib_tmpfs_stops_at_the_default_floor(hostile: Any, tmpfs: Path) -> None:
+    srv = hostile(endless)
+    dest = tmpfs / "models"
+    e = Engine(tmpfs / "state", options=dataclasses.replace(FAST, min_free=to_disk_floor("5G,5%")))
+    result = e.download(DownloadTask(name="filler", url=srv.url("/f.bin"), dest_dir=dest, filename="f.bin"))
+    assert result.state == "failed"
+    assert "MIN_FREE_DISK=5G,5%" in result.error
+    assert "\n" not in result.error
+    assert leftovers(dest) == []
+    st = os.statvfs(tmpfs)
+    assert st.f_bavail * st.f_frsize >= int(st.f_blocks * st.f_frsize * 0.05)
+
+
+def test_an_endless_download_on_a_full_tmpfs_without_a_floor_is_one_clear_line(hostile: Any, tmpfs: Path) -> None:
+    srv = hostile(endless)
+    dest = tmpfs / "models"
+    e = Engine(tmpfs / "state", options=FAST)  # MIN_FREE_DISK=0: the disk really fills (ENOSPC)
+    result = e.download(DownloadTask(name="filler", url=srv.url("/f.bin"), dest_dir=dest, filename="f.bin"))
+    assert result.state == "failed"
+    assert result.error.startswith("filler: the disk is full in ")
+    assert "\n" not in result.error
+    assert leftovers(dest) == []

@@ -370,6 +370,13 @@ def test_readiness_needs_every_instance_by_default_and_names_the_others() -> Non
     assert readiness([_status(0, S.READY)], 4).ready  # more than planned means all of them
 
 
+def test_readiness_is_false_while_supervisord_does_not_answer() -> None:
+    r = readiness([_status(0, S.READY), _status(1, S.READY)], None, supervisord_down="supervisord does not answer")
+    assert not r.ready
+    assert r.ready_count == 2
+    assert r.reason == "supervisord does not answer"
+
+
 @pytest.mark.parametrize(
     ("pending", "inflight", "ready"), [(8, {}, False), (7, {}, True), (0, {0: 8, 1: 9}, False)]
 )

@@ -891,3 +891,22 @@ def test_a_hung_instance_does_not_hang_the_job_past_its_deadline(
     r = api.post(job(timeout=5.0))  # the directory now says GPU 0 is UNHEALTHY
     assert r.json()["status"] == "success"
     assert r.json()["instance"]["gpu"] == 1
+
+
+def test_a_deeply_nested_body_is_400_in_our_error_shape(api_factory: Callable[..., JobApi]) -> None:
+    api = api_factory([])
+    for depth in (65, 1_000, 10_000, 100_000):
+        deep_object = '{"workflow": ' + '{"a": ' * depth + "1" + "}" * depth + ', "seed": 1}'
+        deep_list = '{"workflow": {"1": {"class_type": "X", "inputs": {"a": ' + "[" * depth + "]" * depth + "}}}}"
+        for body, ctype in ((deep_object, "application/json"), (deep_list, "application/x-www-form-urlencoded")):
+            r = api.client.post("/jobs", data=body.encode(), headers={"Content-Type": ctype})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "validation"
+            assert "deeper than 64 levels" in r.json()["message"]
+            assert "detail" not in r.json()
+    shallow = '{"workflow": {"1": {"class_type": "X", "inputs": {"a": ' + "[" * 60 + "]" * 60 + "}}}}"
+    r = api.client.post("/jobs", data=shallow.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code != 400 or "deeper" not in r.text, r.text
+    broken = api.client.post("/jobs", data=b'{"workflow": [', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400
+    assert "not valid JSON" in broken.json()["message"]

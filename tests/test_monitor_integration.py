@@ -229,6 +229,21 @@ def test_without_supervisord_the_monitor_is_not_alive_and_restarts_nothing(tmp_p
     run(main, tmp_path)
 
 
+def test_readiness_is_false_whenever_supervisord_does_not_answer_even_with_every_instance_ready(
+    tmp_path: Path,
+) -> None:
+    async def main(tmp: Path) -> None:
+        async with rig(tmp) as r:
+            assert r.monitor.readiness().ready
+            r.sup.down = True  # the instances still answer their probes: only supervisord is gone
+            await r.until(lambda: not r.monitor.readiness().ready)
+            assert "supervisord" in r.monitor.readiness().reason
+            r.sup.down = False
+            await r.until(lambda: r.monitor.readiness().ready)
+
+    run(main, tmp_path)
+
+
 def test_a_dead_probe_loop_asks_to_stop_the_monitor_so_supervisord_restarts_it(tmp_path: Path) -> None:
     async def main(tmp: Path) -> None:
         async with rig(tmp) as r:

@@ -21,8 +21,28 @@ def render_two() -> str:
     s = load_settings({"MOCK_GPU": "1", "NUM_GPUS": "2", "ROOT": "/ws", "COMFY_PYTHON": "/usr/bin/python3"})
     plan = build_plan(s, MockBackend(2, 2**30).list_gpus())
     layout = Layout(Path("/ws"))
-    programs = [Program("monitor", ("/usr/bin/python3", "-m", "orchestrator", "serve"), "/ws", {"A": "1"}, priority=50)]
-    return render_supervisord_conf(plan, layout, RenderOptions(username="u", password="p"), programs)
+    programs = [
+        Program(
+            "monitor", ("/usr/bin/python3", "-m", "orchestrator", "serve"), "/ws", {"A": "1"}, priority=50,
+            die_with_supervisord=False,
+        ),
+        Program("cleanup", ("/usr/bin/python3", "-m", "orchestrator", "cleanup"), "/ws", {}),
+    ]
+    return render_supervisord_conf(plan, layout, RenderOptions(username="u", password="p", wrapper=WRAPPER), programs)
+
+
+WRAPPER = ("/usr/bin/python3", "-I", "-S", "/opt/orchestrator/machine/pdeath.py", "--")
+
+
+def test_instances_and_batch_programs_go_through_the_pdeath_wrapper_and_the_monitor_does_not() -> None:
+    import shlex
+
+    parser = configparser.RawConfigParser()
+    parser.read_string(render_two())
+    for sec in ("program:comfyui_gpu0", "program:comfyui_gpu1", "program:cleanup"):
+        argv = shlex.split(parser.get(sec, "command"))
+        assert tuple(argv[: len(WRAPPER)]) == WRAPPER, sec
+    assert shlex.split(parser.get("program:monitor", "command"))[:3] == ["/usr/bin/python3", "-m", "orchestrator"]
 
 
 def test_render_matches_the_golden_file() -> None:
@@ -72,3 +92,26 @@ def test_command_with_spaces_and_percent_round_trips() -> None:
 
     argv = ["/opt/my python/bin/python", "main.py", "--x", "50%", "a'b"]
     assert shlex.split(render_command(argv) % {}) == argv
+
+
+def test_an_event_listener_renders_as_one_that_supervisord_accepts(tmp_path: Path) -> None:
+    from supervisor.options import ServerOptions
+
+    s = load_settings({"MOCK_GPU": "1", "NUM_GPUS": "1", "ROOT": str(tmp_path), "COMFY_PYTHON": "/usr/bin/python3"})
+    plan = build_plan(s, MockBackend(1, 2**30).list_gpus())
+    watchdog = Program("watchdog", ("/usr/bin/python3", "-m", "w"), str(tmp_path), {}, events="TICK_5", priority=60)
+    text = render_supervisord_conf(plan, Layout(tmp_path), RenderOptions(username="u", password="p"), [watchdog])
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    sec = "eventlistener:watchdog"
+    assert parser.get(sec, "events") == "TICK_5"
+    assert parser.get(sec, "stderr_logfile") == str(tmp_path / "logs" / "watchdog.log")
+    assert not parser.has_option(sec, "redirect_stderr")  # stdout is the listener protocol
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(text)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / ".orchestrator").mkdir()
+    (tmp_path / "comfyui_gpu0" / "logs").mkdir(parents=True)
+    options = ServerOptions()
+    options.realize(["-c", str(conf)])  # supervisord's own parser: raises on a section it refuses
+    assert "watchdog" in {g.name for g in options.process_group_configs}

@@ -117,9 +117,32 @@ def status_line(row: InstanceRow) -> str:
     )
 
 
+def supervisord_lines(data: MachineStatus) -> list[str]:
+    """What status says about supervisord, orphans of this ROOT and foreign port holders."""
+    if data.supervisord_running:
+        return []
+    lines = []
+    if data.socket_held:
+        lines.append("supervisord does not answer, but a process listens on its control socket (slow or stopped?)")
+    orphans = data.orphans
+    if orphans:
+        ports = ", ".join(f"{h.port} ({h.purpose}, pid {h.pid})" for h in orphans)
+        lines.append(
+            f"supervisord is not running; {len(orphans)} orphaned process"
+            f"{'es hold ports' if len(orphans) > 1 else ' holds port'} {ports}; run `orchestrator up`"
+        )
+    elif not data.socket_held:
+        lines.append("supervisord is not running: run `orchestrator up`")
+    lines += [
+        f"port {h.port} ({h.purpose}) is held by pid {h.pid} ({h.name}), not a process of this ROOT"
+        for h in data.foreign
+    ]
+    return lines
+
+
 def _print_status(data: MachineStatus) -> None:
-    if not data.supervisord_running:
-        print_line("supervisord is not running: run `orchestrator up`")
+    for line in (*data.warnings, *supervisord_lines(data)):
+        print_line(line)
     comfy = data.comfy
     code = f"{comfy.get('url') or '?'} {comfy.get('ref') or '?'} @ {(comfy.get('commit') or '?')[:12]}"
     if comfy.get("fallback"):

@@ -9,6 +9,7 @@ from orchestrator.cli.output import print_line
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.monitor.healthcheck import check_health
+from orchestrator.monitor.preflight import check_start
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +18,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: `orchestrator health` (this module too) must not load the web stack.
     import asyncio
 
-    from orchestrator.monitor.api import check_listen
     from orchestrator.monitor.app import bind_socket, load_plan, serve
 
-    check_listen(settings)
+    check_start(settings)
     plan = load_plan(Layout(settings.root))
     sock = bind_socket(settings.orchestrator_listen, settings.orchestrator_port)
     log.info("monitor listening on http://%s:%d", settings.orchestrator_listen, settings.orchestrator_port)

@@ -128,3 +128,11 @@ def to_listen(raw: str) -> str:
     if not re.fullmatch(r"[0-9A-Za-z.:\-\[\]]+", value):
         raise ValueError("expected an IP address or host name such as 127.0.0.1")
     return value
+
+
+def to_umask(raw: str) -> int:
+    """An octal umask such as ``077`` or ``022`` that leaves the owner's own bits alone."""
+    value = raw.strip()
+    if not re.fullmatch(r"0?[0-7]{1,3}", value) or int(value, 8) & 0o700:
+        raise ValueError("expected an octal umask that keeps the owner's access, such as 077 (private) or 022")
+    return int(value, 8)

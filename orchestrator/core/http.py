@@ -6,6 +6,8 @@ Every error answer is ``{"error": code, "message": one line, ...}`` (:class:`Err
 - runs the route's :class:`~orchestrator.core.auth.BearerAuth` before reading a mutating body;
 - bounds the body at ``max_request_bytes`` (413 ``too_large``), declared or chunked;
 - accepts JSON whatever the Content-Type (``curl -d @workflow.json`` sends form-urlencoded);
+- refuses JSON nested deeper than :data:`MAX_JSON_DEPTH` with 400 ``validation`` (parsed once
+  here, iteratively checked, and handed on: no ``RecursionError`` reaches FastAPI's parser);
 - answers request validation errors with 400 ``validation`` (one line naming node and field)
   and :class:`ApiError` with its own status.
 
@@ -14,6 +16,7 @@ Declaring routes is pure (nothing here serves or reaches the network); the monit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 Responses = dict[int | str, dict[str, Any]]
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# A ComfyUI workflow is ~4 levels deep (node → inputs → [node, slot]); 64 leaves room for nodes
+# that take structured inputs and stays far below Python's recursion limit (pydantic, our walks).
+MAX_JSON_DEPTH = 64
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _CODES = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -180,10 +186,61 @@ async def _read_body(request: Request, max_bytes: int) -> Request:
         raise ApiError(400, "validation", f"body is not UTF-8 JSON (byte {exc.start})") from None
     scope = dict(request.scope)
     ctype = request.headers.get("content-type", "")
-    if not ctype or ctype.startswith(("application/x-www-form-urlencoded", "text/plain")):
+    as_json = not ctype or ctype.startswith(("application/x-www-form-urlencoded", "text/plain"))
+    if as_json:
         scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
         scope["headers"].append((b"content-type", b"application/json"))
-    return Request(scope, _replay(raw))
+    replayed = Request(scope, _replay(raw))
+    if raw and (as_json or "json" in ctype.split(";")[0]):
+        parsed = _parse_bounded(raw)
+        if parsed is not _INVALID:
+            replayed._json = parsed  # starlette's cache: FastAPI's parser uses it as is
+    return replayed
+
+
+_INVALID = object()
+
+
+def _parse_bounded(raw: bytes) -> Any:
+    """The body as JSON, or ``_INVALID`` when it is not JSON (FastAPI reports where).
+
+    Raises:
+        ApiError: 400 when nested deeper than MAX_JSON_DEPTH (or too deep for the parser).
+    """
+    too_deep = ApiError(
+        400, "validation", f"the body nests JSON lists or objects deeper than {MAX_JSON_DEPTH} levels"
+    )
+    try:
+        parsed = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:
+        return _INVALID
+    if json_depth(parsed, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
+    return parsed
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` (parsed JSON) nests lists and objects; stops counting past ``limit``.
+
+    Iterative, so no depth of input can exhaust the stack.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def route_class(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> type[ApiRoute]:

@@ -90,8 +90,12 @@ def readiness(
     saturation: bool = False,
     max_queue_depth: int = 8,
     inflight: Mapping[int, int] | None = None,
+    supervisord_down: str = "",
 ) -> Readiness:
-    """Ready when at least ``min_ready`` (default: all) instances are READY.
+    """Ready when at least ``min_ready`` (default: all) instances are READY and supervisord answers.
+
+    ``supervisord_down``: why supervisord does not answer ("" when it does). Without it nothing
+    restarts a failing instance, and its instances may be gone (they die with it): never ready.
 
     With ``saturation``, also not ready while every READY instance holds ``max_queue_depth`` or
     more jobs (queue depth from the probes, or jobs in flight from the job manager).
@@ -99,6 +103,8 @@ def readiness(
     # A MIN_READY_INSTANCES above the number of planned instances means "all of them".
     required = max(1, len(statuses) if min_ready is None else min(min_ready, len(statuses)))
     ready = [s for s in statuses if s.ready]
+    if supervisord_down:
+        return Readiness(False, len(ready), required, supervisord_down, tuple(statuses))
     if len(ready) < required:
         names = ", ".join(f"{s.name} {s.state.value}: {s.reason}" for s in statuses if not s.ready)
         reason = f"{len(ready)}/{required} READY; {names}"

@@ -23,6 +23,10 @@ class Program:
     startsecs: int = 1
     priority: int = 900
     stopwaitsecs: int = 10
+    die_with_supervisord: bool = True  # run through RenderOptions.wrapper (the monitor is not)
+    # Set: an [eventlistener:] for these events (e.g. "TICK_5"); its stdout is the protocol, so
+    # its log is its stderr.
+    events: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,14 @@ class RenderOptions:
     stopsignal: str = "TERM"
     log_maxbytes: str = "50MB"
     log_backups: int = 5
+    # Prefix of every instance's (and wrapped program's) command: the exec wrapper that makes it
+    # die with supervisord (``python -m orchestrator.machine.pdeath --``); empty: none.
+    wrapper: tuple[str, ...] = ()
+    # supervisord's and every program's umask (UMASK): 0o077 keeps outputs and logs private.
+    umask: int = 0o077
+    # Variables forwarded to every instance (INSTANCE_ENV_PASSTHROUGH) under the plan's own; see
+    # core.environment for who gets what (supervisord itself runs with the allow-list only).
+    instance_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _escape_percent(text: str) -> str:
@@ -94,6 +106,7 @@ def render_supervisord_conf(
         f"childlogdir={layout.logs_dir}",
         "nodaemon=false",
         "minfds=4096",
+        f"umask={options.umask:03o}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
@@ -107,9 +120,10 @@ def render_supervisord_conf(
     for inst in plan.instances:
         lines += [
             f"[program:{inst.name}]",
-            f"command={render_command(inst.argv)}",
+            f"command={render_command((*options.wrapper, *inst.argv))}",
             f"directory={plan.comfy_dir}",
-            f"environment={render_environment(inst.env)}",
+            f"environment={render_environment({**options.instance_env, **inst.env})}",
+            f"umask={options.umask:03o}",
             "autostart=true",
             "autorestart=true",
             f"startsecs={options.startsecs}",
@@ -126,11 +140,16 @@ def render_supervisord_conf(
             "",
         ]
     for prog in programs:
+        kind = "eventlistener" if prog.events else "program"
+        log_file = layout.logs_dir / (prog.name + ".log")
+        stream = "stderr" if prog.events else "stdout"
         lines += [
-            f"[program:{prog.name}]",
-            f"command={render_command(prog.argv)}",
+            f"[{kind}:{prog.name}]",
+            *([f"events={prog.events}"] if prog.events else []),
+            f"command={render_command((*options.wrapper, *prog.argv) if prog.die_with_supervisord else prog.argv)}",
             f"directory={prog.directory}",
             *([f"environment={render_environment(prog.env)}"] if prog.env else []),
+            f"umask={options.umask:03o}",
             "autostart=true",
             f"autorestart={prog.autorestart}",
             f"startsecs={prog.startsecs}",
@@ -139,10 +158,10 @@ def render_supervisord_conf(
             f"stopwaitsecs={prog.stopwaitsecs}",
             "stopasgroup=true",
             "killasgroup=true",
-            "redirect_stderr=true",
-            f"stdout_logfile={layout.logs_dir / (prog.name + '.log')}",
-            f"stdout_logfile_maxbytes={options.log_maxbytes}",
-            f"stdout_logfile_backups={options.log_backups}",
+            *([] if prog.events else ["redirect_stderr=true"]),
+            f"{stream}_logfile={log_file}",
+            f"{stream}_logfile_maxbytes={options.log_maxbytes}",
+            f"{stream}_logfile_backups={options.log_backups}",
             f"priority={prog.priority}",
             "",
         ]

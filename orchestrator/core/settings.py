@@ -36,7 +36,9 @@ from orchestrator.core.converters import (
     to_port,
     to_positive_duration,
     to_str,
+    to_umask,
 )
+from orchestrator.core.disk import DiskFloor, to_disk_floor, to_size
 from orchestrator.core.errors import ConfigError
 
 FORK_URL = "https://github.com/stakeordie/ComfyUI.git"
@@ -110,6 +112,10 @@ class Settings:
     civitai_token: str = setting("", to_str, "CivitAI token", secret=True)
     models_manifest: Path | None = setting("", to_optional_path, "Model manifest (default: models.yaml in the shared repo)")
     models_concurrency: int = setting("4", int_in(1, 64), "Parallel model downloads")
+    models_max_bytes: int = setting("200G", to_size, "Largest model file without a size: in the manifest (e.g. 500M, 200G); a longer body fails that file")
+    min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
+    download_retries: int = setting("10", int_in(0, 1000), "Retries per model file and run, with or without progress")
+    download_retry_seconds: float = setting("30m", to_positive_duration, "No model file is retried after it has been downloading this long")
     civitai_models: tuple[str, ...] = setting("", to_list, "CivitAI version ids → checkpoints")
     civitai_loras: tuple[str, ...] = setting("", to_list, "CivitAI version ids → loras")
     civitai_vaes: tuple[str, ...] = setting("", to_list, "CivitAI version ids → vae")
@@ -131,6 +137,7 @@ class Settings:
     gpu_metrics_host_label: str = setting("Hostname", to_str, "Name of the host label on GPU gauges")
     gpu_metrics_model_label: str = setting("model_name", to_str, "GPU model label (modelName: as dcgm-exporter)")
     gpu_sample_interval: float = setting("5s", to_positive_duration, "NVML sampling interval")
+    metrics_cache: float = setting("1s", to_duration, "How long one rendering of /metrics is served to every scraper (0: render per scrape)")
     max_queue_depth: int = setting("8", int_in(1, 10000), "Jobs are refused (503) when every ready instance has this many")
     readyz_saturation: bool = setting("false", to_bool, "/readyz reports not ready while every instance is saturated")
     job_timeout: float = setting("600s", to_positive_duration, "Default job deadline")
@@ -138,6 +145,8 @@ class Settings:
     job_results_ttl: float = setting("1h", to_positive_duration, "How long finished jobs are kept")
     max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
+    instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
+    umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")
     log_level: str = setting("info", choice("debug", "info", "warning", "error"), "Log level")
     # Secrets that custom nodes receive through their .env files: never printed.

@@ -52,8 +52,7 @@ def control(settings: Settings, action: Action, target: str) -> Iterator[Control
         raise SupervisorError("nothing has been started here: run `orchestrator up`")
     names = [i.name for i in select_instances(plan, target)]
     sup = Supervisor(layout, timeout=settings.stop_timeout * 2 + 30)
-    if not sup.is_running():
-        raise SupervisorError("supervisord is not running: run `orchestrator up`")
+    sup.require_running()
     for name in names:
         if action == "start":
             sup.start(name)

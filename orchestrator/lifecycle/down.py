@@ -16,9 +16,10 @@ from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.machine.clock import wait_for
+from orchestrator.machine.orphans import port_holders, stop_orphans
 from orchestrator.machine.ports import port_free
 from orchestrator.machine.state import applied_plan
-from orchestrator.machine.supervisor import Supervisor
+from orchestrator.machine.supervisor import Supervisor, socket_in_use
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Teardown:
     was_running: bool
     problems: tuple[str, ...] = ()
     survivors: tuple[int, ...] = ()
+    orphans: tuple[int, ...] = ()  # pids of an earlier generation's processes that were stopped
 
     @property
     def ok(self) -> bool:
@@ -41,7 +43,8 @@ class Teardown:
 
     def to_dict(self) -> dict[str, object]:
         return {"ok": self.ok, "was_running": self.was_running,
-                "problems": list(self.problems), "survivors": list(self.survivors)}
+                "problems": list(self.problems), "survivors": list(self.survivors),
+                "orphans": list(self.orphans)}
 
 
 def down(settings: Settings) -> Teardown:
@@ -65,13 +68,42 @@ def down(settings: Settings) -> Teardown:
         survivors = kill_leftovers(tree)
         if survivors:
             log.warning("killed %d leftover process(es): %s", len(survivors), survivors)
+    _remove_socket(layout, problems)
+    orphans: list[int] = []
+    if plan is not None:
+        ports = {i.port: i.name for i in plan.instances}
+        ports[settings.orchestrator_port] = "monitor"
+        # Processes of an earlier generation that outlived a killed supervisord: ours, so stopped.
+        stale = [h for h in port_holders(layout.root, ports) if h.ours]
+        if stale:
+            orphans = stop_orphans(layout.root, stale, grace=settings.stop_timeout)
+            log.warning("stopped %d orphaned process(es) of this ROOT: %s", len(orphans), orphans)
+        instance_ports = [i.port for i in plan.instances]
+        if not wait_for(lambda: all(port_free(p) for p in instance_ports), 10, 0.1):
+            foreign = {h.port: h for h in port_holders(layout.root, ports) if not h.ours}
+            problems += [
+                f"port {p} still in use" + (
+                    f" by pid {foreign[p].pid} ({foreign[p].name}), not a process of this ROOT: left running"
+                    if p in foreign else ""
+                )
+                for p in instance_ports if not port_free(p)
+            ]
+    return Teardown(was_running, tuple(problems), tuple(survivors), tuple(orphans))
+
+
+def _remove_socket(layout: Layout, problems: list[str]) -> None:
+    """Unlink the control socket only when no process listens on it: a slow (or stopped)
+    supervisord that did not answer keeps its socket, or no command could reach it again."""
+    if not (layout.socket.exists() or layout.socket.is_symlink()):
+        return
+    if socket_in_use(layout.socket):
+        problems.append(
+            f"a process still listens on {layout.socket} but supervisord did not answer: "
+            "the socket was left in place; retry `orchestrator down`"
+        )
+        return
     with contextlib.suppress(FileNotFoundError):
         layout.socket.unlink()
-    if plan is not None:
-        ports = [i.port for i in plan.instances]
-        if not wait_for(lambda: all(port_free(p) for p in ports), 10, 0.1):
-            problems += [f"port {p} still in use" for p in ports if not port_free(p)]
-    return Teardown(was_running, tuple(problems), tuple(survivors))
 
 
 def _process_tree(pid: int) -> tuple[psutil.Process | None, list[psutil.Process]]:

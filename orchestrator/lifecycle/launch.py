@@ -15,17 +15,20 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from orchestrator.core.environment import base_environment, passthrough_environment, program_environment
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
 from orchestrator.core.render import Program, RenderOptions, render_supervisord_conf
 from orchestrator.core.settings import Settings
+from orchestrator.machine import envexec, pdeath, watchdog
 from orchestrator.machine import runner as subproc
 from orchestrator.machine.clock import wait_for
 from orchestrator.machine.fs import atomic_write, write_json
+from orchestrator.machine.orphans import port_holders, stop_orphans
 from orchestrator.machine.ports import check_ports, family
 from orchestrator.machine.state import create_instance_dirs
-from orchestrator.machine.supervisor import Supervisor, read_credentials
+from orchestrator.machine.supervisor import Supervisor, read_credentials, write_credentials
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +53,112 @@ def credentials(layout: Layout) -> tuple[str, str]:
         return "orchestrator", secrets.token_urlsafe(24)
 
 
-def child_environment(settings: Settings, overrides: Mapping[str, str]) -> dict[str, str]:
-    """The environment supervisord (and so every program) runs with.
+def pdeath_wrapper() -> tuple[str, ...]:
+    """The exec wrapper that makes instances and batch programs die with supervisord
+    (see :mod:`orchestrator.machine.pdeath`).
 
-    Settings given as flags are passed on as variables so that `orchestrator serve` under
-    supervisord sees exactly the settings `up` saw.
+    Run as a script in isolated mode without ``site`` (``-I -S``): it needs only the standard
+    library, starts in half the time of ``-m``, and does not depend on the instance's sys.path.
     """
-    env = dict(os.environ)
-    env.update(overrides)
-    env["ROOT"] = str(settings.root)
-    return env
+    return (sys.executable, "-I", "-S", pdeath.__file__, "--")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment supervisord itself runs with: the allow-list only, no secret, no setting.
+
+    supervisord passes its own environment to every program it starts, and a program's
+    ``environment=`` can add variables but not remove them; so the scrub happens here, and each
+    program's extra variables are given to it alone: INSTANCE_ENV_PASSTHROUGH in an instance's
+    ``environment=`` line, the settings and its own secrets for the orchestrator's programs
+    through their 0600 env files (:func:`envexec_wrapper`). See :mod:`orchestrator.core.environment`.
+    """
+    return base_environment(os.environ)
+
+
+PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup")
+
+
+def env_file(layout: Layout, program: str) -> Path:
+    """The 0600 file of variables one orchestrator program is started with."""
+    return layout.state_dir / "env" / f"{program}.json"
+
+
+def envexec_wrapper(path: Path) -> tuple[str, ...]:
+    """The exec wrapper that adds ``path``'s variables (see :mod:`orchestrator.machine.envexec`)."""
+    return (sys.executable, "-I", "-S", envexec.__file__, str(path), "--")
+
+
+def program_envs(settings: Settings, overrides: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Per orchestrator program: the setting variables `up` saw (environment and ``overrides``,
+    the flags), so that it runs with the settings `up` ran with, and of the secrets only its own."""
+    return {name: program_environment(settings, os.environ, overrides or {}, name) for name in PROGRAMS_WITH_ENV}
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def extra_programs(
-    settings: Settings, layout: Layout, plan: MachinePlan, *, background_models: bool = True
+    settings: Settings,
+    layout: Layout,
+    plan: MachinePlan,
+    *,
+    background_models: bool = True,
+    envs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[Program]:
-    """The monitor, plus background downloads (only when the manifest has any) and cleanup."""
-    me = [sys.executable, "-m", "orchestrator"]
+    """The monitor, plus background downloads (only when the manifest has any) and cleanup.
+
+    Each starts through :func:`envexec_wrapper` with its file of ``envs`` (:func:`program_envs`);
+    the hash of its variables in ``environment=`` makes `up` restart it when they change.
+    """
+    envs = envs if envs is not None else program_envs(settings)
+
+    def me(program: str) -> list[str]:
+        return [*envexec_wrapper(env_file(layout, program)), sys.executable, "-m", "orchestrator"]
+
+    def env(program: str) -> dict[str, str]:
+        return {"ORCHESTRATOR_ENV_HASH": _digest(envs[program])}
+
     # Batch work yields the CPU to instances that are starting (`nice` execs, keeping the pid).
-    batch = ["nice", "-n", "10", *me]
-    plan_hash = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def batch(program: str) -> list[str]:
+        return ["nice", "-n", "10", *me(program)]
+
+    plan_hash = _digest(plan.to_dict())
     programs = [
         # The plan hash makes supervisord restart the monitor when the plan changes.
         Program(
-            "monitor", ("nice", "-n", "5", *me, "serve"), str(layout.root),
-            {"ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
+            "monitor", ("nice", "-n", "5", *me("monitor"), "serve"), str(layout.root),
+            {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
+            # Outlives a killed supervisord to answer /readyz 503; `up` stops it (lifecycle.orphans).
+            die_with_supervisord=False,
         ),
     ]
     if background_models:
         programs.append(
             Program(
-                "models", (*batch, "models", "sync", "--tier", "background"), str(layout.root), {},
+                "models", (*batch("models"), "models", "sync", "--tier", "background"), str(layout.root), env("models"),
                 autorestart="false", startsecs=0, priority=800,
             )
         )
     if settings.output_max_age > 0:
-        programs.append(Program("cleanup", (*batch, "cleanup"), str(layout.root), {}, priority=900))
+        programs.append(
+            Program("cleanup", (*batch("cleanup"), "cleanup"), str(layout.root), env("cleanup"), priority=900)
+        )
+    programs.append(watchdog_program(settings, layout))
     return programs
+
+
+def watchdog_program(settings: Settings, layout: Layout) -> Program:
+    """The supervisord event listener that restarts a stuck monitor (see :mod:`orchestrator.machine.watchdog`).
+
+    Its two values come as arguments: it needs no setting variable and no secret.
+    """
+    bound = watchdog.stale_after(settings.probe_interval, settings.probe_timeout)
+    argv = (
+        sys.executable, "-m", "orchestrator.machine.watchdog",
+        "--root", str(layout.root), "--stale-after", f"{bound:g}",
+    )
+    return Program("watchdog", argv, str(layout.root), {}, events="TICK_5", priority=60)
 
 
 def private_dir(path: Path) -> None:
@@ -99,25 +171,70 @@ def private_dir(path: Path) -> None:
 
 
 def render(
-    settings: Settings, layout: Layout, plan: MachinePlan, *, background_models: bool, supervisord_pid: int | None
+    settings: Settings,
+    layout: Layout,
+    plan: MachinePlan,
+    *,
+    background_models: bool,
+    supervisord_pid: int | None,
+    overrides: Mapping[str, str] | None = None,
 ) -> None:
     """Render stage: check the ports, then write supervisord.conf (0600), the folders and plan.json.
 
     ``supervisord_pid``: the running supervisord, whose own processes may hold the ports.
+    ``overrides``: settings given as flags, passed on to the orchestrator's own programs.
+
+    Raises:
+        ConfigError: INSTANCE_ENV_PASSTHROUGH names a secret.
     """
     user, password = credentials(layout)
-    options = RenderOptions(username=user, password=password, stopwaitsecs=int(settings.stop_timeout))
-    conf = render_supervisord_conf(
-        plan, layout, options, extra_programs(settings, layout, plan, background_models=background_models)
+    options = RenderOptions(
+        username=user, password=password, stopwaitsecs=int(settings.stop_timeout), wrapper=pdeath_wrapper(),
+        umask=settings.umask,
+        instance_env=passthrough_environment(os.environ, settings.instance_env_passthrough),
     )
+    envs = program_envs(settings, overrides)
+    programs = extra_programs(settings, layout, plan, background_models=background_models, envs=envs)
+    conf = render_supervisord_conf(plan, layout, options, programs)
     ours = family([supervisord_pid]) if supervisord_pid is not None else set()
+    clear_orphans(settings, layout, plan, ours)
     check_ports(
         [(i.port, i.name) for i in plan.instances] + [(settings.orchestrator_port, "monitor")],
         ours,
     )
-    create_instance_dirs(plan)
+    create_instance_dirs(plan, settings.umask)
+    write_credentials(layout, user, password)
+    write_env_files(layout, {p.name: envs[p.name] for p in programs if p.name in envs})
     atomic_write(layout.supervisord_conf, conf, mode=0o600)
     write_json(layout.plan_file, plan.to_dict())
+
+
+def write_env_files(layout: Layout, envs: Mapping[str, Mapping[str, str]]) -> None:
+    """Each program's variables, mode 0600 in a 0700 folder; a removed program's file goes."""
+    folder = env_file(layout, "monitor").parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    for name in PROGRAMS_WITH_ENV:
+        path = env_file(layout, name)
+        if name in envs:
+            write_json(path, dict(envs[name]), mode=0o600)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def clear_orphans(settings: Settings, layout: Layout, plan: MachinePlan, ours: set[int]) -> list[int]:
+    """Stop this ROOT's processes of an earlier generation that hold the plan's ports (they
+    outlived a killed supervisord); foreign holders are left for ``check_ports`` to report."""
+    ports = {i.port: i.name for i in plan.instances}
+    ports[settings.orchestrator_port] = "monitor"
+    stale = [h for h in port_holders(layout.root, ports, ours) if h.ours]
+    if not stale:
+        return []
+    log.warning(
+        "stopping %d process(es) of an earlier generation on this ROOT: %s",
+        len(stale), ", ".join(f"pid {h.pid} on port {h.port} ({h.purpose})" for h in stale),
+    )
+    return stop_orphans(layout.root, stale, grace=settings.stop_timeout)
 
 
 def start_supervisord(layout: Layout, env: dict[str, str]) -> None:
@@ -139,11 +256,19 @@ def start_supervisord(layout: Layout, env: dict[str, str]) -> None:
     log.info("supervisord started (pid %d)", sup.pid())
 
 
-def exec_supervisord(layout: Layout, env: dict[str, str], execve: Execve) -> None:
-    """Start stage in a container: replace this process with supervisord in the foreground."""
+def exec_supervisord(layout: Layout, env: dict[str, str], execve: Execve, umask: int = 0o077) -> None:
+    """Start stage in a container: replace this process with supervisord in the foreground.
+
+    supervisord applies its ``umask=`` only when it daemonises; in the foreground it keeps ours,
+    so it is set here (for the logs it writes), and put back if ``execve`` returns (tests).
+    """
     argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(layout.supervisord_conf)]
     log.info("exec supervisord in the foreground")
-    execve(sys.executable, argv, env)
+    old = os.umask(umask)
+    try:
+        execve(sys.executable, argv, env)
+    finally:
+        os.umask(old)
 
 
 def reconcile(sup: Supervisor) -> Changes:

@@ -13,9 +13,9 @@ from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.core.states import ProcessInfo, ProcessState
-from orchestrator.machine.fs import read_json
-from orchestrator.machine.state import applied_plan
-from orchestrator.machine.supervisor import Supervisor
+from orchestrator.machine.orphans import PortHolder, port_holders
+from orchestrator.machine.state import load_applied_plan, read_state
+from orchestrator.machine.supervisor import Supervisor, socket_in_use
 
 # States whose supervisord message (spawn error or description) is the instance's last error.
 _FAILED = frozenset({ProcessState.FATAL, ProcessState.BACKOFF, ProcessState.EXITED})
@@ -57,10 +57,26 @@ class MachineStatus:
     stages: Mapping[str, Any]  # the last up's stage timings, seconds
     instances: tuple[InstanceRow, ...]
     programs: Mapping[str, Mapping[str, Any]]  # the other programs: name -> state, pid
+    # While supervisord is not running: who holds the plan's ports (ours = an earlier generation).
+    port_holders: tuple[PortHolder, ...] = ()
+    socket_held: bool = False  # supervisord did not answer, but a process listens on its socket
+    warnings: tuple[str, ...] = ()  # damaged state files, one line each
+
+    @property
+    def orphans(self) -> tuple[PortHolder, ...]:
+        return tuple(h for h in self.port_holders if h.ours)
+
+    @property
+    def foreign(self) -> tuple[PortHolder, ...]:
+        return tuple(h for h in self.port_holders if not h.ours)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "supervisord": {"running": self.supervisord_running, "pid": self.supervisord_pid},
+            "supervisord": {"running": self.supervisord_running, "pid": self.supervisord_pid,
+                            "socket_held": self.socket_held},
+            "orphans": [h.to_dict() for h in self.orphans],
+            "foreign_port_holders": [h.to_dict() for h in self.foreign],
+            "warnings": list(self.warnings),
             "monitor_answering": self.monitor_answering,
             "comfy": dict(self.comfy),
             "nodes": dict(self.nodes),
@@ -96,14 +112,23 @@ def status(settings: Settings) -> MachineStatus:
     from orchestrator.provision.repos.state import code_report
 
     layout = Layout(settings.root)
-    plan = applied_plan(layout)
+    plan = load_applied_plan(layout)
     if plan is None:
         raise OrchestratorError("nothing has been started here: run `orchestrator up`")
     sup = Supervisor(layout)
     running = sup.is_running()
     procs: dict[str, ProcessInfo] = {p.name: p for p in sup.processes()} if running else {}
     health = monitor_instances(settings) if running else {}
-    prov = read_json(layout.status_file, {}) or {}
+    warnings: list[str] = []
+    try:
+        prov = read_state(layout.status_file)
+    except OrchestratorError as exc:
+        prov, warnings = {}, [str(exc)]
+    holders: list[PortHolder] = []
+    if not running:
+        ports = {i.port: i.name for i in plan.instances}
+        ports[settings.orchestrator_port] = "monitor"
+        holders = port_holders(layout.root, ports)
     rows = []
     for inst in plan.instances:
         info = procs.get(inst.name)
@@ -133,9 +158,17 @@ def status(settings: Settings) -> MachineStatus:
         supervisord_running=running,
         supervisord_pid=sup.pid() if running else 0,
         monitor_answering=bool(health),
-        comfy=code_report(layout.comfy_dir, prov.get("comfy", {})),
-        nodes=prov.get("nodes", {}),
-        stages=prov.get("stages", {}),
+        comfy=code_report(layout.comfy_dir, _section(prov, "comfy")),
+        nodes=_section(prov, "nodes"),
+        stages=_section(prov, "stages"),
         instances=tuple(rows),
         programs=others,
+        port_holders=tuple(holders),
+        socket_held=not running and socket_in_use(layout.socket),
+        warnings=tuple(warnings),
     )
+
+
+def _section(record: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}

@@ -1,6 +1,10 @@
 """``up``: prepare the machine, then start or reconcile supervisord, as a pipeline of stages.
 
-    detect → provision (sync, nodes, models) → plan → render → start (supervisord or reconcile)
+    preflight → detect → provision (sync, nodes, models) → plan → render → start → watch
+
+``preflight`` checks every rule the monitor enforces at its own start (``monitor.preflight``)
+before anything is cloned, installed or started; ``watch`` (``lifecycle.watch``) fails ``up`` when
+a program it just started is BACKOFF/FATAL in supervisord instead of RUNNING.
 
 Each stage is a function that takes values and returns one (``provision`` here, ``render``,
 ``start_supervisord`` and ``reconcile`` in ``lifecycle.launch``); :class:`StageTimer` records
@@ -17,17 +21,21 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from orchestrator.core.environment import check_passthrough
 from orchestrator.core.errors import PlanError
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import build_plan, supported_flags
 from orchestrator.core.settings import Settings
-from orchestrator.lifecycle import launch
+from orchestrator.lifecycle import launch, watch
 from orchestrator.machine import gpu as gpu_mod
 from orchestrator.machine import lock as oplock
 from orchestrator.machine.fs import write_json
 from orchestrator.machine.supervisor import Supervisor
+from orchestrator.monitor.preflight import check_start
 
 log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT = 15.0  # seconds for started programs to pass their startsecs (1 s) in supervisord
 
 
 class StageTimer:
@@ -141,9 +149,13 @@ def up(
         skip_provision: use the code, nodes and models already on disk.
 
     Raises:
+        ConfigError: a setting the monitor would refuse at its start (checked before anything).
         PlanError: no code tree, a busy port, a plan that cannot be built.
-        SupervisorError: supervisord did not start or refused the new config.
+        SupervisorError: supervisord did not start or refused the new config, or a program it
+            started is crash-looping (BACKOFF/FATAL).
     """
+    check_start(settings)
+    check_passthrough(settings.instance_env_passthrough)  # a secret there: refused before anything
     layout = Layout(settings.root)
     for d in (layout.state_dir, layout.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -180,20 +192,24 @@ def _pipeline(
         launch.render(
             settings, layout, plan,
             background_models=bool(record.get("models", {}).get("background")),
-            supervisord_pid=sup.pid() if running else None,
+            supervisord_pid=sup.pid() if running else None, overrides=overrides,
         )
-    env = launch.child_environment(settings, overrides)
+    env = launch.child_environment()
     with timer.stage("start"):
         if running:
             changes = launch.reconcile(sup)
         elif foreground:
             _write_status(layout, timer, record)
             lock.release()
-            launch.exec_supervisord(layout, env, execve)
+            launch.exec_supervisord(layout, env, execve, umask=settings.umask)
             changes = launch.Changes()  # only reached with a fake execve in tests
         else:
             launch.start_supervisord(layout, env)
             changes = launch.Changes(started=tuple(i.name for i in plan.instances))
+    if not foreground or running:
+        with timer.stage("watch"):
+            started = (*changes.started, *changes.restarted) if running else [p.name for p in sup.processes()]
+            watch.watch_started(sup, started, timeout=WATCH_TIMEOUT, redact=settings.redact)
     if not (foreground and not running):
         _write_status(layout, timer, record)
     return UpReport(stages=dict(timer.stages), changes=changes, record=record)

@@ -7,19 +7,33 @@ running ``orchestrator demo`` when no ROOT was given.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import DEMO_SETTINGS, Layout
 from orchestrator.core.plan import MachinePlan
 from orchestrator.machine.fs import read_json, write_json
 
+log = logging.getLogger(__name__)
 
-def create_instance_dirs(plan: MachinePlan) -> None:
-    """Create each instance's folders; ComfyUI refuses a missing --user-directory."""
+
+def create_instance_dirs(plan: MachinePlan, umask: int = 0o077) -> None:
+    """Create each instance's folders (ComfyUI refuses a missing --user-directory) and the logs
+    folder, with mode ``0o777 & ~umask`` (0700 by default: outputs, uploads and logs are private
+    to the user); folders left by an earlier, looser `up` are tightened (or relaxed) to it."""
+    mode = 0o777 & ~umask
+    folders = [Layout(plan.root).logs_dir]
     for inst in plan.instances:
-        for d in (inst.output_dir, inst.temp_dir, inst.input_dir, inst.user_dir, inst.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        folders += [inst.directory, inst.output_dir, inst.temp_dir, inst.input_dir, inst.user_dir, inst.logs_dir]
+    for d in folders:
+        d.mkdir(mode=mode, parents=True, exist_ok=True)
+        try:
+            d.chmod(mode)
+        except OSError as exc:  # a mount without modes, or a folder another user owns
+            log.warning("cannot set mode %03o on %s: %s", mode, d, exc.strerror or exc)
 
 
 def applied_plan(layout: Layout) -> MachinePlan | None:
@@ -32,6 +46,39 @@ def applied_plan(layout: Layout) -> MachinePlan | None:
         return MachinePlan.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def damaged(path: Path) -> str:
+    """The one line for a state file that exists but cannot be used."""
+    return f"{path} is damaged or unreadable: run `orchestrator up` to rewrite it"
+
+
+def load_applied_plan(layout: Layout) -> MachinePlan | None:
+    """Like :func:`applied_plan`, but a ``plan.json`` that exists and is damaged is an error.
+
+    Raises:
+        OrchestratorError: naming the file and the recovery (never a traceback).
+    """
+    if not (layout.plan_file.exists() or layout.plan_file.is_symlink()):
+        return None
+    plan = applied_plan(layout)
+    if plan is None:
+        raise OrchestratorError(damaged(layout.plan_file))
+    return plan
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A JSON object state file (status.json…): {} when missing.
+
+    Raises:
+        OrchestratorError: the file exists but is not a JSON object (garbage bytes included).
+    """
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise OrchestratorError(damaged(path))
+    return data
 
 
 def demo_pointer() -> Path:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import configparser
 import http.client
+import json
 import socket
 import xmlrpc.client
+from pathlib import Path
 from typing import Any
 
 from supervisor.xmlrpc import Faults
@@ -14,19 +16,93 @@ from supervisor.xmlrpc import Faults
 from orchestrator.core.errors import SupervisorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.states import ProcessInfo
+from orchestrator.machine.fs import write_json
 
 NOT_RUNNING = "supervisord is not running: run `orchestrator up`"
 
 
-def read_credentials(layout: Layout) -> tuple[str, str]:
-    """Username and password from the (mode 0600) supervisord.conf."""
+def auth_file(layout: Layout) -> Path:
+    """The control socket's credentials (mode 0600), written by ``up``: clients never parse the conf."""
+    return layout.state_dir / "supervisor.auth"
+
+
+def write_credentials(layout: Layout, username: str, password: str) -> None:
+    write_json(auth_file(layout), {"username": username, "password": password}, mode=0o600)
+
+
+def _credentials_from_auth_file(path: Path) -> tuple[str, str] | None:
+    """The pair from the auth file; None when there is none.
+
+    Raises:
+        SupervisorError: the file exists but is damaged (one line naming it and the recovery).
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SupervisorError(f"cannot read {path} ({exc.strerror}): run `orchestrator up`") from None
+    try:
+        data = json.loads(raw)
+    except ValueError:  # garbage bytes (UnicodeDecodeError) included
+        data = None
+    if isinstance(data, dict):
+        user, password = data.get("username"), data.get("password")
+        if isinstance(user, str) and isinstance(password, str) and user and password:
+            return user, password
+    raise SupervisorError(f"{path} is damaged: run `orchestrator up` to rewrite it")
+
+
+def _credentials_from_conf(layout: Layout) -> tuple[str, str] | None:
+    """The pair from a supervisord.conf written before the auth file existed; None when unreadable."""
     parser = configparser.RawConfigParser()
     try:
-        if not parser.read(layout.supervisord_conf):
-            raise SupervisorError(NOT_RUNNING)
+        if not parser.read(layout.supervisord_conf, encoding="utf-8"):
+            return None
         return parser.get("unix_http_server", "username"), parser.get("unix_http_server", "password")
-    except (configparser.Error, OSError):
-        raise SupervisorError(f"cannot read {layout.supervisord_conf}: run `orchestrator up`") from None
+    except (configparser.Error, OSError, ValueError):
+        return None
+
+
+def read_credentials(layout: Layout) -> tuple[str, str]:
+    """Username and password for the control socket, from the auth file ``up`` writes.
+
+    A supervisord started before that file existed is still reached through its conf's copy.
+    """
+    try:
+        found = _credentials_from_auth_file(auth_file(layout))
+    except SupervisorError:
+        legacy = _credentials_from_conf(layout)
+        if legacy is None:
+            raise
+        return legacy
+    if found is not None:
+        return found
+    legacy = _credentials_from_conf(layout)
+    if legacy is not None:
+        return legacy
+    if not layout.supervisord_conf.exists():
+        raise SupervisorError(NOT_RUNNING)
+    raise SupervisorError(f"cannot read {auth_file(layout)} or {layout.supervisord_conf}: run `orchestrator up`")
+
+
+def socket_in_use(path: Path, timeout: float = 2.0) -> bool:
+    """Whether some process listens on the unix socket ``path``.
+
+    A slow or stopped supervisord still does: the kernel queues the connection. Only a refused
+    connection (or no file) means nobody is there; a connection that times out counts as in use.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -115,6 +191,12 @@ class Supervisor:
             return bool(self._call("supervisor.getState")["statename"] == "RUNNING")
         except SupervisorError:
             return False
+
+    def require_running(self) -> None:
+        """Raise the reason supervisord cannot be used (not running, a damaged auth file…)."""
+        state = self._call("supervisor.getState")["statename"]
+        if state != "RUNNING":
+            raise SupervisorError(f"supervisord is {str(state).lower()}: run `orchestrator up`")
 
     def pid(self) -> int:
         return int(self._call("supervisor.getPID"))

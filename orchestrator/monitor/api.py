@@ -3,14 +3,13 @@
 ``create_app`` builds the app around a :class:`ControlPlane` (the monitor, or a fake in tests)
 and a metrics registry; other parts add their routers (the job API). Every handler answers from
 cached state and never waits on an instance. Mutating endpoints need ``Authorization: Bearer``
-when ``ORCHESTRATOR_TOKEN`` is set (``core.auth.BearerAuth``); :func:`check_listen` refuses a
-non-loopback address without it. Every error answer has the one shape of ``core.http``:
+when ``ORCHESTRATOR_TOKEN`` is set (``core.auth.BearerAuth``); ``monitor.preflight.check_listen``
+refuses a non-loopback address without it. Every error answer has the one shape of ``core.http``:
 ``{"error": code, "message": ...}``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -23,11 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import __version__
 from orchestrator.core.auth import BearerAuth
-from orchestrator.core.errors import ConfigError
 from orchestrator.core.http import ApiError, documented, http_error_handler, route_class
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness
 from orchestrator.core.settings import Settings
-from orchestrator.monitor.metrics import TextRenderer
+from orchestrator.monitor.metrics import ExpositionCache, TextRenderer
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 Responses = dict[int | str, dict[str, Any]]
@@ -52,25 +50,6 @@ class ControlPlane(Protocol):
     def request_restart(self, gpu: int, reason: str) -> InstanceStatus:
         """Raises KeyError for a GPU this machine does not run."""
         ...
-
-
-# ---------------------------------------------------------------- listen address
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_listen(settings: Settings) -> None:
-    """Raises ConfigError when the API would listen beyond this machine without a token."""
-    if not is_loopback(settings.orchestrator_listen) and not settings.orchestrator_token:
-        raise ConfigError(
-            f"ORCHESTRATOR_LISTEN={settings.orchestrator_listen} is reachable from other machines: "
-            "set ORCHESTRATOR_TOKEN to protect the control API, or listen on 127.0.0.1"
-        )
 
 
 # ---------------------------------------------------------------- response models
@@ -245,6 +224,7 @@ def create_app(
     auth = BearerAuth(settings.orchestrator_token)
     redact = settings.redact
     renderer = TextRenderer()
+    exposition = ExpositionCache(lambda: renderer.render(registry), settings.metrics_cache)
 
     async def health() -> JSONResponse:
         live = control.liveness()
@@ -321,8 +301,9 @@ def create_app(
         summary="Prometheus metrics",
     )
     async def metrics() -> Response:
-        # Collectors read cached samples only, so this runs on the loop without blocking it.
-        return Response(renderer.render(registry), media_type=CONTENT_TYPE_LATEST)
+        # Collectors read cached samples only, so this runs on the loop without blocking it;
+        # concurrent scrapes share one rendering (METRICS_CACHE).
+        return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes)
     for router in routers:

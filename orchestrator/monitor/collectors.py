@@ -89,6 +89,11 @@ class InstanceCollector(Collector):
             "FATAL 6); the state label names it",
             labels=(*labels, "state"),
         )
+        stopped = GaugeMetricFamily(
+            "comfyui_instance_operator_stopped",
+            "1 when an operator stopped the instance (orchestrator stop): not READY on purpose, not a failure",
+            labels=labels,
+        )
         restarts = CounterMetricFamily(
             "comfyui_instance_restarts", "New processes after the first one (crashes and restarts)",
             labels=INSTANCE_LABELS,
@@ -122,6 +127,8 @@ class InstanceCollector(Collector):
             up.add_metric(values, 1.0 if s.up else 0.0)
             ready.add_metric(values, 1.0 if s.state is InstanceState.READY else 0.0)
             state.add_metric([*values, s.state.value], float(s.state.code))
+            on_purpose = s.state is InstanceState.STOPPED and s.process_state == "STOPPED"
+            stopped.add_metric(values, 1.0 if on_purpose else 0.0)
             restarts.add_metric(values, float(s.restarts))
             if s.probe_duration is not None:
                 probe.add_metric(values, s.probe_duration)
@@ -135,7 +142,7 @@ class InstanceCollector(Collector):
                 failed.add_metric([*values, node], 1.0)
             if s.comfyui_version:
                 version.add_metric([*values, s.comfyui_version], 1.0)
-        yield from (up, ready, state, restarts, probe, pending, running, start, failed, version)
+        yield from (up, ready, state, stopped, restarts, probe, pending, running, start, failed, version)
 
 
 # (metric name, help, GpuSample field, scale)

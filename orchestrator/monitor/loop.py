@@ -31,6 +31,7 @@ from orchestrator.core.settings import Settings
 from orchestrator.core.states import InstanceState, ProcessInfo
 from orchestrator.machine.gpu import GpuBackend, open_backend
 from orchestrator.machine.supervisor import Supervisor
+from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
 from orchestrator.monitor.sampler import GpuSampler
@@ -91,10 +92,12 @@ class ProbeLoop:
         self.interval = interval
         self._clock = clock
         self._wall = wall
+        self.heartbeat: Callable[[], None] = lambda: None  # the Monitor's heartbeat file (machine.watchdog)
 
     async def run(self, wake: asyncio.Event) -> None:
         """Tick until cancelled; ``wake`` starts the next tick early (a hung report, a restart request)."""
         while True:
+            self.heartbeat()  # every tick: a stuck loop is one whose heartbeat goes stale
             started = self._clock()
             try:
                 await self.tick_once()
@@ -202,6 +205,7 @@ class Monitor:
             (self.poller, SupervisorActions(factory, settings.stop_timeout, len(self._slots)), self.prober),
             tick=min(settings.probe_interval, MAX_TICK), interval=settings.probe_interval, clock=clock, wall=wall,
         )
+        self.loop.heartbeat = Heartbeat(heartbeat_path(layout)).beat
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -213,6 +217,7 @@ class Monitor:
         """Start probing and sampling (call from the event loop that serves the API)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self.loop.heartbeat()  # before the first round: a fresh monitor is not taken for a stuck one
         self.prober.start()
         self.sampler.start()
         # One round before serving (uvicorn listens after startup): /healthz and /readyz are
@@ -303,9 +308,11 @@ class Monitor:
         inflight: Mapping[int, int] = {}
         if self._inflight is not None and self.settings.readyz_saturation:
             inflight = self._inflight()
+        live = self.liveness()  # 503 whenever supervisord does not answer (killed, stopped, hung)
         return readiness(
             self.instance_statuses(), self.settings.min_ready_instances, saturation=self.settings.readyz_saturation,
             max_queue_depth=self.settings.max_queue_depth, inflight=inflight,
+            supervisord_down="" if live.supervisord else live.reason,
         )
 
     def liveness(self) -> Liveness:

@@ -3,13 +3,15 @@
 :func:`build_registry` puts every collector the monitor exports (:mod:`.collectors`, and the
 downloads and cleanup collectors of ``provision``) on a fresh :class:`MonitorRegistry`; the job
 manager adds its own metrics to it. :class:`TextRenderer` writes the Prometheus text format
-without ``generate_latest``'s per-sample validation.
+without ``generate_latest``'s per-sample validation; :class:`ExpositionCache` shares one
+rendering between the scrapes of a short window (``METRICS_CACHE``).
 """
 
 from __future__ import annotations
 
 import copy
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -158,3 +160,39 @@ class TextRenderer:
                 out.append(f"# HELP {shown} {doc}\n# TYPE {shown} gauge\n")
                 out.extend(lines)
         return "".join(out).encode("utf-8")
+
+
+class ExpositionCache:
+    """One rendering of the exposition, served to every scrape for ``max_age`` seconds.
+
+    Under many concurrent scrapers (several Prometheus servers, dashboards, a load balancer
+    polling ``/metrics`` by mistake) each scrape would otherwise collect and render everything
+    again on the event loop, and the loop would spend its time rendering the same text. Here the
+    first scrape after the window renders; the others get its bytes. The render is synchronous
+    on the event loop, so scrapes that arrive while it runs wait behind it and then find the
+    fresh text: one render per window however many scrapers (single-flight without a lock).
+    ``max_age`` 0 renders on every scrape. A render that raises caches nothing.
+
+    Args:
+        render: the exposition (e.g. ``lambda: TextRenderer().render(registry)``).
+        max_age: seconds one rendering is served, counted from when it started.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self, render: Callable[[], bytes], max_age: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._render = render
+        self.max_age = max_age
+        self._clock = clock
+        self._body: bytes | None = None
+        self._at = 0.0
+        self.renders = 0  # how many times the exposition was rendered (tests, debugging)
+
+    def get(self) -> bytes:
+        now = self._clock()
+        if self._body is None or now - self._at >= self.max_age:
+            self._body = self._render()
+            self._at = now
+            self.renders += 1
+        return self._body

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,8 +28,23 @@ class Send(Protocol):
     def __call__(self, event: str, data: Mapping[str, Any], sid: str | None) -> None: ...
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Like ComfyUI (PIL's open()), outputs get 0666 less the umask supervisord set (UMASK).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _write(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
+    atomic_write(path, data, mode=_FILE_MODE)
 
 
 def _state(node_id: str, pid: str, state: str, value: int, maximum: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ whose server demands the token, and a model URL with a token in its query. Then 
 plan, gpus, nodes sync, models sync/status, logs, health and every HTTP endpoint (the token where
 needed), cleanup, up again, down. All output, the command line of every process of the machine
 and every file under $ROOT are grepped for every marker; only the SSH key file and the nodes'
-.env files may hold one, and they (and supervisord.conf) are 0600.
+.env files and each orchestrator program's env file (its own secrets only) may hold one, and they
+(and supervisord.conf) are 0600.
 """
 
 from __future__ import annotations
@@ -171,14 +172,23 @@ def test_no_secret_reaches_output_logs_metrics_or_files_and_secret_files_are_060
         for name in (*SECRET_VARS[1:3], *SECRET_VARS[4:]):
             assert f"{name}={markers[name]}" in dotenv.read_text()
         assert f"NODE_CREDENTIAL={markers[NODE_VAR]}" in dotenv.read_text()
+        # each orchestrator program's variables: its own secrets only (the monitor the token, the
+        # background downloads the model hosts' tokens), never SSH material or the cloud keys
+        env_files = {p.stem: p for p in (layout.state_dir / "env").glob("*.json")}
+        assert {"monitor", "models", "cleanup"} <= set(env_files)
+        for program, path in env_files.items():
+            held = {name for name, needle in needles.items() if needle in path.read_text()}
+            assert held == {"monitor": {"ORCHESTRATOR_TOKEN"}, "models": {"HF_TOKEN", "CIVITAI_TOKEN"}}.get(
+                program, set()), f"{program}: {held}"
         for path, mode in ((key_file, 0o600), (dotenv, 0o600), (layout.supervisord_conf, 0o600),
-                           (key_file.parent, 0o700), (layout.state_dir, 0o700)):
+                           (key_file.parent, 0o700), (layout.state_dir, 0o700),
+                           (layout.state_dir / "env", 0o700), *((f, 0o600) for f in env_files.values())):
             assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path} is {oct(path.stat().st_mode)}"
     finally:
         outputs.append(("orchestrator down", (lambda r: r.stdout + r.stderr)(run(env, "down"))))
 
     leaks = [f"{what}: {name}" for what, text in outputs for name, needle in needles.items() if needle in text]
-    allowed = {key_file, dotenv}
+    allowed = {key_file, dotenv, *env_files.values()}  # the env files: checked above, one program's own
     scanned = 0
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.is_symlink() or path in allowed:

@@ -13,8 +13,9 @@ module, which ties them into one download with retries and a free-space check. O
    when the server gave a validator); its prefix is hashed once first. A server that answers 200 to
    a Range request is restarted from byte 0. SHA-256 is computed while streaming, in a second
    thread, so the file is never read twice.
-3. Before streaming, free space is checked: the bytes still to come + a margin + what concurrent
-   downloads on the same disk still need.
+3. Before streaming, free space is checked: the bytes still to come + the ``MIN_FREE_DISK`` floor
+   (or the margin, if larger) + what concurrent downloads on the same disk still need. While
+   streaming, every chunk is checked against the file's byte cap and the floor (:mod:`.limits`).
 4. Size and SHA-256 are checked, the part is atomically renamed, then recorded.
 
 Durability: a killed process never leaves a partial file under the final name (the rename comes
@@ -26,7 +27,9 @@ it does not match its record (size, mtime) and is downloaded again; a lost recor
 local re-check (sha256 or size) on the next sync.
 
 Transient failures (connection errors, timeouts, 5xx, 429, a dropped stream) are retried with
-exponential backoff (tenacity); an attempt that moved bytes does not count against the limit.
+exponential backoff (tenacity), within a budget per file (:class:`.limits.RetryBudget`: failures
+in a row without progress, retries in all, seconds). A redirect loop or chain, a body past the
+cap, the floor and a full disk fail the file at once; the last three remove its part.
 401/403 name the token variable. Errors and this package's logs never show a URL's query string
 or a token; urllib3's own debug lines are stripped of query strings by the CLI's log handlers.
 """
@@ -48,7 +51,8 @@ import requests
 import tenacity
 
 from orchestrator.core.errors import ModelError
-from orchestrator.provision.models import partfile
+from orchestrator.provision.models import limits, partfile
+from orchestrator.provision.models.limits import Guard, RetryBudget
 from orchestrator.provision.models.partfile import Partial
 from orchestrator.provision.models.responses import (
     NETWORK_ERRORS,
@@ -58,6 +62,7 @@ from orchestrator.provision.models.responses import (
     is_encoded,
     parse_content_range,
     pick_filename,
+    redirect_error,
 )
 from orchestrator.provision.models.tasks import (
     DownloadOptions,
@@ -104,14 +109,19 @@ def with_retries(task: DownloadTask, state: Partial, opts: DownloadOptions, fn: 
     """Call ``fn`` until it returns, retrying :class:`TransientError` with exponential backoff.
 
     Raises:
-        ModelError: ``opts.attempts`` attempts in a row moved no bytes.
+        ModelError: the retry budget is spent (:class:`.limits.RetryBudget`).
     """
+    budget = RetryBudget(opts)
+    why: list[str] = []
 
     def stop(_: tenacity.RetryCallState) -> bool:
-        return state.failures >= opts.attempts
+        reason = budget.exhausted()
+        if reason:
+            why.append(reason)
+        return reason is not None
 
     def wait(_: tenacity.RetryCallState) -> float:
-        return float(min(opts.backoff_max, opts.backoff_initial * 2 ** max(state.failures - 1, 0)))
+        return float(min(opts.backoff_max, opts.backoff_initial * 2 ** max(budget.in_a_row - 1, 0)))
 
     def before_sleep(rs: tenacity.RetryCallState) -> None:
         exc = rs.outcome.exception() if rs.outcome else None
@@ -128,15 +138,43 @@ def with_retries(task: DownloadTask, state: Partial, opts: DownloadOptions, fn: 
                 try:
                     return fn()
                 except TransientError:
-                    # An attempt that moved bytes resets the count: long files on flaky links finish.
-                    state.failures = 1 if state.received > before else state.failures + 1
+                    # Progress (new bytes past the furthest point) resets the count in a row;
+                    # the count in all and the seconds are bounded whatever the progress.
+                    budget.failure(state.offset, state.received > before)
                     raise
     except TransientError as exc:
         raise ModelError(
-            f"{task.name}: download failed after {state.failures} attempts without progress: {exc}; "
+            f"{task.name}: download failed {why[-1] if why else ''}: {exc}; "
             "the partial file is kept and the next `orchestrator models sync` resumes it"
         ) from None
     raise RuntimeError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+
+def negotiate(task: DownloadTask, state: Partial, resp: requests.Response, opts: DownloadOptions) -> None:
+    """Fit ``state`` to the answer: resumed or from 0, its length, validator and file name."""
+    # We ask for identity; a server that encodes anyway gets no resume and no length check
+    # (lengths and ranges would count encoded bytes).
+    encoded = is_encoded(resp)
+    if resp.status_code == 206:
+        start, total = parse_content_range(resp.headers.get("Content-Range"))
+        if start != state.offset or encoded:
+            partfile.reset_part(task, state)
+            raise TransientError("the server resumed at the wrong offset; starting again")
+    else:
+        if state.offset:
+            log.info("model %s: the server ignored the resume range; starting from 0", task.name)
+        state.offset, state.hasher = 0, hashlib.sha256()
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() and not encoded else None
+    limits.check_length(task, opts, total)
+    state.total = total or task.size
+    if resp.status_code == 200 or state.validator is None:
+        etag = resp.headers.get("ETag", "")
+        state.validator = (etag if etag and not etag.startswith("W/") else None) or resp.headers.get(
+            "Last-Modified"
+        )
+    if not state.filename:
+        state.filename = pick_filename(task, resp)
 
 
 class Engine:
@@ -195,6 +233,8 @@ class Engine:
             try:
                 timeout = (self.options.connect_timeout, self.options.read_timeout)
                 resp = self._session().get(url, headers=dict(headers), timeout=timeout)
+            except requests.TooManyRedirects as exc:
+                raise redirect_error(name, task.source, exc) from None
             except NETWORK_ERRORS as exc:
                 raise TransientError(describe(exc)) from None
             check_status(task, resp)
@@ -229,7 +269,10 @@ class Engine:
             state = Partial()
             with_retries(task, state, self.options, lambda: self._attempt(task, state))
             path, digest = partfile.install(task, state, fsync=self.options.fsync)
-            self.store.record(task, path, digest)
+            try:
+                self.store.record(task, path, digest)
+            except OSError as exc:  # (e.g. a full disk) the file is verified; the next sync re-checks it
+                log.warning("model %s: cannot record %s as verified: %s", task.name, path, exc.strerror or exc)
             log.info("model %s: installed %s (%s)", task.name, path, human(state.offset))
             return DownloadResult(task, "downloaded", path, state.received, time.monotonic() - start, digest)
 
@@ -256,6 +299,8 @@ class Engine:
             resp = self._session().get(
                 task.url, headers=headers, stream=True, timeout=(opts.connect_timeout, opts.read_timeout)
             )
+        except requests.TooManyRedirects as exc:
+            raise redirect_error(task.name, task.source, exc) from None
         except NETWORK_ERRORS as exc:
             raise TransientError(describe(exc)) from None
         with resp:
@@ -268,56 +313,49 @@ class Engine:
                     return
                 partfile.reset_part(task, state)
                 raise TransientError("the server refused the resume range; starting again")
-            self._negotiate(task, state, resp)
-            self._check_space(task, state)
-            partfile.save_meta(task, state)
-            self.progress.started(task, state.total, state.offset)
-
-            def advanced(n: int) -> None:
-                self.progress.advanced(task, n)
-                if state.total is not None:
-                    self._reservations.set(task.key, state.dev, state.total - state.offset)
-
-            partfile.stream(task, state, resp, chunk_size=opts.chunk_size, fsync=opts.fsync, advanced=advanced)
-
-    def _negotiate(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
-        """Fit ``state`` to the answer: resumed or from 0, its length, validator and file name."""
-        # We ask for identity; a server that encodes anyway gets no resume and no length check
-        # (lengths and ranges would count encoded bytes).
-        encoded = is_encoded(resp)
-        if resp.status_code == 206:
-            start, total = parse_content_range(resp.headers.get("Content-Range"))
-            if start != state.offset or encoded:
+            try:
+                negotiate(task, state, resp, opts)
+                self._check_space(task, state)
+                self._stream(task, state, resp)
+            except limits.Stop:
                 partfile.reset_part(task, state)
-                raise TransientError("the server resumed at the wrong offset; starting again")
-        else:
-            if state.offset:
-                log.info("model %s: the server ignored the resume range; starting from 0", task.name)
-            state.offset, state.hasher = 0, hashlib.sha256()
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() and not encoded else None
-        state.total = total or task.size
-        if resp.status_code == 200 or state.validator is None:
-            etag = resp.headers.get("ETag", "")
-            state.validator = (etag if etag and not etag.startswith("W/") else None) or resp.headers.get(
-                "Last-Modified"
-            )
-        if not state.filename:
-            state.filename = pick_filename(task, resp)
+                raise
+            except OSError as exc:
+                if exc.errno not in limits.DISK_FULL:
+                    raise
+                partfile.reset_part(task, state)
+                raise limits.disk_full_error(task, opts) from None
+
+    def _stream(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
+        opts = self.options
+        partfile.save_meta(task, state)
+        self.progress.started(task, state.total, state.offset)
+
+        def advanced(n: int) -> None:
+            self.progress.advanced(task, n)
+            if state.total is not None:
+                self._reservations.set(task.key, state.dev, state.total - state.offset)
+
+        partfile.stream(task, state, resp, chunk_size=opts.chunk_size, fsync=opts.fsync, advanced=advanced,
+                        guard=Guard(task, opts))
 
     def _check_space(self, task: DownloadTask, state: Partial) -> None:
+        opts = self.options
+        floor = limits.floor_of(task.dest_dir, opts)
+        free = opts.disk_free(task.dest_dir)
         remaining = (state.total - state.offset) if state.total is not None else None
         if remaining is None:
+            if floor and free <= floor:  # (the length is unknown: the stream checks each chunk)
+                raise limits.floor_error(task, opts, free, floor, removed=False)
             return
         state.dev = dev = os.stat(task.dest_dir).st_dev
         self._reservations.set(task.key, dev, remaining)
         others = self._reservations.others(task.key, dev)
-        need = remaining + self.options.free_space_margin + others
-        free = self.options.disk_free(task.dest_dir)
-        if free < need:
+        keep = max(opts.free_space_margin, floor)
+        if free < remaining + keep + others:
             extra = f" and {human(others)} for other downloads" if others else ""
             raise ModelError(
                 f"{task.name}: not enough disk space in {task.dest_dir}: needs {human(remaining)} "
-                f"(+ {human(self.options.free_space_margin)} margin{extra}), {human(free)} free; "
-                "free some space or put ROOT on a larger disk"
+                f"(+ {human(keep)} kept free, MIN_FREE_DISK={opts.min_free}{extra}), {human(free)} free; "
+                "free some space, put ROOT on a larger disk or lower MIN_FREE_DISK"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import queue
@@ -40,7 +41,6 @@ class Partial:
     filename: str | None = None
     validator: str | None = None  # ETag or Last-Modified, for If-Range
     received: int = 0  # bytes received over the network in this run
-    failures: int = 0  # consecutive attempts without progress
     dev: int = 0  # st_dev of the destination, for the free-space reservations
 
 
@@ -121,12 +121,16 @@ def stream(
     chunk_size: int,
     fsync: bool,
     advanced: Callable[[int], None],
+    guard: Callable[[int, int], None] = lambda offset, n: None,
 ) -> None:
     """Append the body of ``resp`` to the part (from ``state.offset``), hashing as it goes.
 
+    ``guard(offset, n)`` runs before each chunk of ``n`` bytes is written and may raise to stop.
+
     Raises:
         TransientError: the connection dropped or closed early (the part keeps what came).
-        ModelError: the part cannot be written.
+        OSError: the disk is full (ENOSPC, EDQUOT); the caller removes the part.
+        ModelError: the part cannot be written, or from ``guard``.
     """
     if state.hasher is None:
         raise RuntimeError("stream() needs the hash of the part's prefix")
@@ -144,6 +148,11 @@ def stream(
                 if not n:
                     hasher.give_back(buf)
                     break
+                try:
+                    guard(state.offset, n)
+                except BaseException:
+                    hasher.give_back(buf)
+                    raise
                 write_all(fh, memoryview(buf)[:n])
                 hasher.feed(buf, n)  # written first: the hash never covers bytes the part lacks
                 state.offset += n
@@ -155,6 +164,8 @@ def stream(
                 os.fdatasync(fh.fileno())
     except OSError as exc:
         state.hasher = None  # the part may hold bytes the hash has not seen
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise ModelError(
             f"{task.name}: cannot write {task.part}: {exc.strerror or exc}; free space or check permissions"
         ) from None

@@ -42,6 +42,17 @@ def describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def redirect_error(name: str, source: str, exc: requests.TooManyRedirects) -> ModelError:
+    """A redirect loop or a chain past ``Session.max_redirects``: fails at once, never retried."""
+    resp = exc.response
+    hops = [r.url for r in (resp.history if resp is not None else [])]
+    if resp is not None:
+        hops.append(resp.url)
+    loop = len(set(hops)) < len(hops)
+    what = "a redirect loop" if loop else f"more than {len(hops) - 1 if hops else 'the allowed'} redirects"
+    return ModelError(f"{name}: {source} answers with {what}; not retried (check the URL in the manifest)")
+
+
 def filename_from_disposition(value: str | None) -> str | None:
     """The file name a Content-Disposition header suggests (RFC 6266 / 5987), unchecked."""
     if not value:

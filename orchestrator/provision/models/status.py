@@ -7,6 +7,7 @@ reads it with :func:`read_status` and :class:`DownloadsCollector` turns it into 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,8 @@ from orchestrator.core.layout import Layout
 from orchestrator.machine.fs import read_json, write_json
 from orchestrator.machine.state import pid_alive
 from orchestrator.provision.models.tasks import DownloadResult, DownloadTask
+
+log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 1.0  # seconds between status-file rewrites during downloads
 STALE_AFTER = 15.0  # seconds: a status not rewritten for this long has no live throughput
@@ -76,6 +79,7 @@ class StatusWriter:
         self._started = clock()
         self._running = True
         self._bar = bar
+        self._write_failed = False
 
     def begin(self, tasks: Sequence[DownloadTask], failed: Iterable[FailedEntry] = ()) -> None:
         with self._lock:
@@ -170,7 +174,16 @@ class StatusWriter:
             return
         self._last_write = now
         # Rewritten every second while files stream: atomic against a kill, not worth an fsync.
-        write_json(self.path, self.snapshot(now), durable=False)
+        # A hint only: a full disk must not fail the download that is filling it.
+        try:
+            write_json(self.path, self.snapshot(now), durable=False)
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("cannot write the models status file %s: %s; retrying on the next update",
+                            self.path, exc.strerror or exc)
+            self._write_failed = True
+        else:
+            self._write_failed = False
 
 
 def read_status(layout: Layout) -> dict[str, Any] | None:

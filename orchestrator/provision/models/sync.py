@@ -116,7 +116,7 @@ def sync_models(
         tier: before_start | background | all.
         dry_run: validate and list files, destinations and actions; no writes, no network.
         bar: a progress bar over the bytes to fetch (the CLI's, on a terminal).
-        options: download knobs and seams (tests).
+        options: download knobs and seams (tests); default: :func:`download_options` of ``settings``.
 
     Raises:
         ConfigError: comfy_dir_config.yaml, static-models.json, the manifest or an env list is
@@ -161,7 +161,7 @@ def _download(
 ) -> list[ModelItem]:
     """List the Hugging Face repos, then download every file, keeping the status file current."""
     status = StatusWriter(layout.models_status_file, tier=tier, bar=bar)
-    engine = Engine(layout.state_dir, options=options, progress=status)
+    engine = Engine(layout.state_dir, options=options or download_options(settings), progress=status)
     tasks: list[tuple[ModelEntry, DownloadTask]] = []
     early: list[ModelItem] = []
     for entry, dest in zip(entries, dests, strict=True):
@@ -191,6 +191,17 @@ def _download(
             when=entry.when, optional=task.optional, bytes=result.bytes_transferred, error=result.error,
         ))
     return items
+
+
+def download_options(settings: Settings, base: DownloadOptions | None = None) -> DownloadOptions:
+    """The engine's knobs from the settings: the byte cap, the free-space floor, the retry budget."""
+    return dataclasses.replace(
+        base or DownloadOptions(),
+        max_bytes=settings.models_max_bytes,
+        min_free=settings.min_free_disk,
+        retries=settings.download_retries,
+        retry_seconds=settings.download_retry_seconds,
+    )
 
 
 def _dry_run_items(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Protocol
 
 import requests
 
+from orchestrator.core.disk import DiskFloor, to_disk_floor
 from orchestrator.provision.models.manifest import safe_url
 
 MiB = 1 << 20
@@ -24,7 +25,15 @@ GiB = 1 << 30
 
 
 def _disk_free(path: Path) -> int:
-    return shutil.disk_usage(path).free
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem (statvfs)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_size(path: Path) -> int:
+    """The size of ``path``'s filesystem in bytes (statvfs)."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
 
 
 def new_session() -> requests.Session:
@@ -40,12 +49,18 @@ class DownloadOptions:
     connect_timeout: float = 30.0  # seconds
     read_timeout: float = 120.0  # seconds without a byte before the attempt is retried
     attempts: int = 8  # consecutive attempts without progress before giving up
+    retries: int = 10  # retries per file and run, with or without progress (DOWNLOAD_RETRIES)
+    retry_seconds: float = 1800.0  # no retry once a file has been going this long (DOWNLOAD_RETRY_SECONDS)
+    max_bytes: int = 200 * GiB  # cap of a file without a manifest size (MODELS_MAX_BYTES)
+    min_free: DiskFloor = dataclasses.field(default_factory=lambda: to_disk_floor("5G,5%"))  # MIN_FREE_DISK
     backoff_initial: float = 1.0  # seconds
     backoff_max: float = 60.0  # seconds
     chunk_size: int = MiB  # bytes per read
     free_space_margin: int = 256 * MiB  # bytes kept free on top of the file
     fsync: bool = False  # fdatasync each file before its rename (see downloads' docstring)
-    disk_free: Callable[[Path], int] = _disk_free  # bytes available at a path
+    disk_free: Callable[[Path], int] = _disk_free  # bytes available at a path (checked on every chunk)
+    disk_size: Callable[[Path], int] = _disk_size  # size of the filesystem at a path (for MIN_FREE_DISK=5%)
+    clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     session_factory: Callable[[], requests.Session] = new_session
 
