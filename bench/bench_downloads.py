@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.server
-import json
 import os
 import re
 import resource
@@ -44,6 +43,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
+from benchutil import write_results  # noqa: E402
 from support import free_port, wait_for  # noqa: E402
 
 from orchestrator.provision.models.downloads import Engine  # noqa: E402
@@ -379,8 +379,7 @@ def main() -> int:
     if args.small:
         name += "_small"
     out = HERE / "results" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
     print(
         f"\nserver: {server.name}; {results['size']} size; downloads to {results['downloads_to']}; "

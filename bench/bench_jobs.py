@@ -44,6 +44,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from benchutil import write_results  # noqa: E402
 from support import ComfyServer, free_port, jobs_app  # noqa: E402
 
 WORKFLOW = json.loads((ROOT / "examples" / "workflow.json").read_text())["workflow"]
@@ -342,9 +343,7 @@ def main() -> int:
     for name, label in (("adopted", "socket (fork client_id adopted)"), ("silent", "socket silent: /history polls")):
         print(f"  {label:<34}{fork[name + '_p50_s']:>9.3f}{fork[name + '_p99_s']:>9.3f}{fork[name + '_max_s']:>9.3f}")
     print(f"  target p99 <= 1 s: {'ok' if result['targets']['fork_done_to_success_ok'] else 'MISSED'}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_results(RESULTS, result)
     return 0
 
 

@@ -42,7 +42,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-from benchutil import fmt, machine_note, spread  # noqa: E402
+from benchutil import fmt, machine_note, spread, write_results  # noqa: E402
 from support import answers, http_client, simulated_machine, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "bench_monitor.json"
@@ -287,9 +287,7 @@ def main() -> int:
         for n, v, t, u, b in rows
     ]
     results["command"] = "python bench/bench_monitor.py" + (" --quick" if args.quick else "")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written {RESULTS.relative_to(REPO)}")
+    write_results(RESULTS, results)
     return 0
 
 

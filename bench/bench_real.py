@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE), str(REPO / "tests")]
 
-from benchutil import fmt, machine_note, spread  # noqa: E402
+from benchutil import fmt, machine_note, spread, write_results  # noqa: E402
 from real.comfy_env import RealUnavailable, ensure_python, existing_python, unpack_comfy  # noqa: E402
 from support import ComfyServer, answers, wait_for  # noqa: E402
 
@@ -241,9 +241,8 @@ def main() -> int:
     stop = results["recovery"]["SIGSTOP"]["median"]
     results["targets"] = {"overhead_readyz_s": over, "overhead_ok": over <= TARGET_OVERHEAD,
                           "sigstop_ready_s": stop, "sigstop_ok": stop <= TARGET_SIGSTOP}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_results(args.out, results)
     ok = results["targets"]["overhead_ok"] and results["targets"]["sigstop_ok"]
     print(f"targets: overhead {over:+.2f} s (≤ {TARGET_OVERHEAD}), SIGSTOP -> READY {stop:.1f} s (≤ {TARGET_SIGSTOP}):"
           f" {'met' if ok else 'MISSED'}")

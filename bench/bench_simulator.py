@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from orchestrator.simulator.tree import write_code_tree  # noqa: E402
 
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from benchutil import fmt, machine_note, spread  # noqa: E402
+from benchutil import fmt, machine_note, spread, write_results  # noqa: E402
 from support import ComfyServer, txt2img  # noqa: E402
 
 
@@ -149,9 +148,7 @@ def main() -> int:
     print(f"{'prompt round trip, fresh (ms, p95)':38} {results['prompt_fresh_ms_p95']:12.2f}")
     print(f"{'prompt round trip, cached (ms, median)':38} {results['prompt_cached_ms_median']:12.2f}")
     out = HERE / "results" / "simulator.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(out, results)
     return 0
 
 

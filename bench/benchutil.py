@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +30,10 @@ def fmt(s: dict[str, Any], unit: str = "s", digits: int = 2) -> str:
 def machine_note() -> str:
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (shared machine)"
+
+
+def write_results(path: Path, results: Mapping[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (creating bench/results/) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")

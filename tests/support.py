@@ -255,6 +255,38 @@ def jobs_app(manager: JobManager) -> FastAPI:
     return app
 
 
+class ServedApp:
+    """An ASGI app served by uvicorn on a free port in a thread of this process, until ``stop()``
+    (also a context manager). ``url`` is its base URL."""
+
+    def __init__(self, app: Any, port: int | None = None, timeout: float = 20) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+        def started() -> bool:
+            assert self.thread.is_alive(), "the server thread died"
+            return bool(self.server.started)
+
+        wait_for(started, timeout, 0.02, "uvicorn serving the app")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def __enter__(self) -> ServedApp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # ---------------------------------------------------------------- one ComfyUI, started by hand
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
     """SIGCONT + SIGTERM, then SIGKILL: the process is gone when this returns; its exit status."""

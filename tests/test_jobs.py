@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,14 @@ from typing import Any
 import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
-from support import ComfyServer, free_port, http_client, jobs_app, seed_below_min_node_errors, wait_for
+from support import (
+    ComfyServer,
+    ServedApp,
+    http_client,
+    jobs_app,
+    seed_below_min_node_errors,
+    wait_for,
+)
 
 from orchestrator.comfy.client import ComfySocket
 from orchestrator.comfy.protocol import (
@@ -401,7 +407,6 @@ class JobApi:
     """The job router on its own FastAPI app, served by uvicorn in a thread."""
 
     def __init__(self, settings: Settings, directory: FakeDirectory) -> None:
-        import uvicorn
         from fastapi.responses import PlainTextResponse
 
         self.registry = CollectorRegistry()
@@ -414,15 +419,8 @@ class JobApi:
             return generate_latest(self.registry).decode()
 
         self.app = app
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "job API did not start"
-            assert self.thread.is_alive(), "job API thread died"
-            time.sleep(0.02)
+        self.served = ServedApp(app)
+        self.port = self.served.port
         self.client = http_client(f"http://127.0.0.1:{self.port}", timeout=60)
 
     def post(self, body: dict[str, Any], **kw: Any) -> requests.Response:
@@ -430,8 +428,7 @@ class JobApi:
 
     def stop(self) -> None:
         self.client.close()
-        self.server.should_exit = True
-        self.thread.join(20)
+        self.served.stop()
 
 
 def make_settings(**values: str) -> Settings:

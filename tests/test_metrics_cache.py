@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from support import wait_for
+from support import ServedApp, wait_for
 
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import load_settings
@@ -63,24 +63,33 @@ def app_with(tmp_path: Path, cache: str) -> tuple[object, CountingCollector]:
     return create_app(NoInstances(), settings, registry), counting
 
 
-async def scrape_all(app: object, n: int) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://monitor") as client:
-        return await asyncio.gather(*(client.get("/metrics") for _ in range(n)))
+async def _scrape_all(url: str, n: int) -> list[tuple[int, bytes]]:
+    async def one(session: aiohttp.ClientSession) -> tuple[int, bytes]:
+        async with session.get(f"{url}/metrics") as r:
+            return r.status, await r.read()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n)) as session:
+        return await asyncio.gather(*(one(session) for _ in range(n)))
+
+
+def scrape_all(app: object, n: int) -> list[tuple[int, bytes]]:
+    """``n`` concurrent GET /metrics against the app served for real (uvicorn, one event loop)."""
+    with ServedApp(app) as served:
+        return asyncio.run(_scrape_all(served.url, n))
 
 
 def test_concurrent_scrapes_share_one_rendering(tmp_path: Path) -> None:
     app, counting = app_with(tmp_path, "1h")
-    answers = asyncio.run(scrape_all(app, 50))
-    assert [r.status_code for r in answers] == [200] * 50
-    assert len({r.content for r in answers}) == 1
-    assert "bench_value 1.0" in answers[0].text
+    answers = scrape_all(app, 50)
+    assert [status for status, _ in answers] == [200] * 50
+    assert len({body for _, body in answers}) == 1
+    assert b"bench_value 1.0" in answers[0][1]
     assert counting.collects == 1
 
 
 def test_metrics_cache_0_renders_every_scrape(tmp_path: Path) -> None:
     app, counting = app_with(tmp_path, "0")
-    asyncio.run(scrape_all(app, 20))
+    assert [status for status, _ in scrape_all(app, 20)] == [200] * 20
     assert counting.collects == 20
 
 

@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import pytest
 import requests
 import requests.adapters
 from prometheus_client import CollectorRegistry
-from support import ComfyServer, free_port, jobs_app
+from support import ComfyServer, ServedApp, free_port, jobs_app
 
 from orchestrator.cli.jobs import cmd_runpod_worker
 from orchestrator.core.errors import ConfigError
@@ -254,21 +252,11 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
 @pytest.fixture(scope="module")
 def job_api(sim: tuple[int, Path]) -> Iterator[tuple[Settings, int]]:
     """The job router served by uvicorn in a thread, with a token; yields (settings, port)."""
-    import uvicorn
-
     port = free_port()
     settings = settings_for(port, orchestrator_token="rp-secret-token")
     manager = JobManager(settings, Directory(sim[0]), CollectorRegistry(), poll_interval=0.1, check_interval=0.1)
-    server = uvicorn.Server(uvicorn.Config(jobs_app(manager), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "job API did not start"
-        time.sleep(0.02)
-    yield settings, port
-    server.should_exit = True
-    thread.join(20)
+    with ServedApp(jobs_app(manager), port):
+        yield settings, port
 
 
 def test_the_handler_runs_the_seeds_example_input(job_api: tuple[Settings, int], sim: tuple[int, Path]) -> None:

@@ -16,16 +16,14 @@ log = logging.getLogger(__name__)
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: `orchestrator health` (this module too) must not load the web stack.
-    import asyncio
-
-    from orchestrator.monitor.app import bind_socket, load_plan, serve
+    from orchestrator.monitor.app import bind_socket, load_plan, run_loop, serve
 
     check_start(settings)
     plan = load_plan(Layout(settings.root))
     sock = bind_socket(settings.orchestrator_listen, settings.orchestrator_port)
     log.info("monitor listening on http://%s:%d", settings.orchestrator_listen, settings.orchestrator_port)
     try:
-        asyncio.run(serve(settings, plan, sock))
+        run_loop(serve(settings, plan, sock))
     finally:
         sock.close()
     return 0

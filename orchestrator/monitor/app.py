@@ -3,14 +3,17 @@ FastAPI app, served by uvicorn on a socket bound beforehand."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
@@ -19,7 +22,7 @@ from orchestrator.core.settings import Settings
 from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.tracker import JobManager
 from orchestrator.machine.state import applied_plan
-from orchestrator.monitor.api import create_app
+from orchestrator.monitor.api import create_app, with_fast_probes
 from orchestrator.monitor.loop import Monitor
 from orchestrator.monitor.metrics import build_registry
 
@@ -74,14 +77,38 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     return app, monitor
 
 
+def uvicorn_config(app: ASGIApp, http: Literal["httptools", "h11"] = "httptools") -> uvicorn.Config:
+    """How the monitor's app is served. httptools (C) parses HTTP several times faster than h11
+    (pure Python): under many concurrent probes and scrapes the parser, not the handlers, set
+    the latency (bench/bench_http_stack.py)."""
+    return uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        server_header=False, ws="none",  # no WebSocket routes: do not load a WebSocket stack
+        http=http,
+    )
+
+
+def run_server(config: uvicorn.Config, sock: socket.socket, *, uvloop: bool = True) -> None:
+    """Serve ``config`` on ``sock`` until SIGTERM/SIGINT, on uvloop's event loop unless told not to."""
+    run_loop(uvicorn.Server(config).serve(sockets=[sock]), uvloop=uvloop)
+
+
+def run_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
+    """``asyncio.run(main)``, on uvloop's event loop (libuv: faster I/O and scheduling) by default."""
+    if uvloop:
+        import uvloop as uv
+
+        with asyncio.Runner(loop_factory=uv.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
+
+
 async def serve(settings: Settings, plan: MachinePlan, sock: socket.socket) -> None:
-    """Run the monitor and its HTTP API on ``sock`` until SIGTERM/SIGINT."""
+    """Run the monitor and its HTTP API on ``sock`` until SIGTERM/SIGINT (on the running loop)."""
     app, monitor = build_app(settings, plan)
     # A dead probe loop must not leave a monitor that serves stale answers: stop, and let
     # supervisord start a fresh one.
     monitor.on_loop_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-        server_header=False, ws="none",  # no WebSocket routes: do not load a WebSocket stack
-    )
-    await uvicorn.Server(config).serve(sockets=[sock])
+    # The probe paths (/healthz, /readyz, /metrics) are answered in front of FastAPI.
+    await uvicorn.Server(uvicorn_config(with_fast_probes(app))).serve(sockets=[sock])
