@@ -15,6 +15,7 @@ and call into this module.
   ``tests/real`` given its interpreter and tree), as the orchestrator starts an instance.
 - :class:`Machine` and :func:`simulated_machine`: a whole machine (`orchestrator up`, supervisord,
   the monitor) whose ComfyUI is the simulator, driven through the CLI.
+- :data:`SECRET_MARKERS`, :func:`process_environ`, :func:`leaked_markers`: secrets in ``/proc/<pid>/environ``.
 - :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
@@ -114,6 +115,28 @@ def answers(port: int, path: str = "/system_stats", timeout: float = 1.0) -> boo
         return requests.get(f"http://127.0.0.1:{port}{path}", timeout=timeout).status_code == 200
     except requests.RequestException:
         return False
+
+
+# ---------------------------------------------------------------- secrets in process environments
+# Every secret a machine may be given, each set to a unique marker: a process environment holding
+# one of these values holds that secret.
+SECRET_MARKERS = {
+    "ORCHESTRATOR_TOKEN": "tok-MARKER-7f3a", "HF_TOKEN": "hf-MARKER-7f3a", "CIVITAI_TOKEN": "civ-MARKER-7f3a",
+    "SSH_PRIVATE_KEY": "-----BEGIN OPENSSH PRIVATE KEY-----ssh-MARKER-7f3a", "CUT_PK_1": "pk-MARKER-7f3a",
+    "AWS_SECRET_ACCESS_KEY": "aws-MARKER-7f3a", "AZURE_STORAGE_KEY": "az-MARKER-7f3a",
+    "OPENAI_API_KEY": "oa-MARKER-7f3a", "SOME_SERVICE_PASSWORD": "pw-MARKER-7f3a",
+}
+
+
+def process_environ(pid: int) -> bytes:
+    """``/proc/<pid>/environ``: the NUL-separated environment the process was started with."""
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def leaked_markers(pid: int, allowed: frozenset[str] = frozenset()) -> list[str]:
+    """The names of :data:`SECRET_MARKERS` whose value is in ``pid``'s environment, but ``allowed``."""
+    env = process_environ(pid)
+    return [name for name, value in SECRET_MARKERS.items() if name not in allowed and value.encode() in env]
 
 
 # ---------------------------------------------------------------- environment and git

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Gauge
+from starlette.types import Receive, Scope, Send
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
-from orchestrator.monitor.api import create_app
+from orchestrator.monitor.api import ProbeFastPath, create_app, with_fast_probes
+from orchestrator.monitor.app import run_loop, uvicorn_config
 from orchestrator.monitor.preflight import check_listen, is_loopback
 
 TOKEN = "s3cret-token-value"
@@ -201,6 +204,66 @@ def test_the_openapi_schema_lists_every_endpoint_and_extra_routers(tmp_path: Pat
                  "/instances/{gpu}/restart", "/gpus", "/metrics", "/status", "/jobs/ping"):
         assert path in paths, path
     assert client.get("/jobs/ping").json() == {"pong": "yes"}
+
+
+PROBES = ("/healthz", "/health", "/readyz", "/ready", "/metrics")
+
+
+def test_the_probe_fast_path_answers_exactly_like_the_fastapi_routes(tmp_path: Path) -> None:
+    client, control = make_client(tmp_path)
+    fast = TestClient(with_fast_probes(client.app))  # type: ignore[arg-type]
+    for _ in ("all well", "supervisord gone, an instance unhealthy"):
+        for path in PROBES:
+            slow_r, fast_r = client.get(path), fast.get(path)
+            assert (fast_r.status_code, fast_r.content) == (slow_r.status_code, slow_r.content), path
+            assert fast_r.headers == slow_r.headers, path
+        control.alive = Liveness(False, False, 9.0, "supervisord does not answer")
+        control.statuses[1] = status(1, InstanceState.UNHEALTHY, "3 consecutive failed probes")
+    assert fast.get("/healthz").status_code == 503
+    assert fast.get("/readyz").json()["ready"] is False
+    assert fast.get("/metrics").headers["content-type"] == client.get("/metrics").headers["content-type"]
+
+
+def test_the_fast_path_answers_probe_gets_itself_and_passes_everything_else_on(tmp_path: Path) -> None:
+    app = make_client(tmp_path, TOKEN)[0].app
+    seen: list[tuple[str, str, str]] = []
+
+    async def spy(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["type"], scope.get("method", ""), scope.get("path", "")))
+        await app(scope, receive, send)  # type: ignore[operator]
+
+    with TestClient(ProbeFastPath(spy, app.state.probes)) as fast:  # type: ignore[attr-defined]
+        for path in PROBES:
+            assert fast.get(path, params={"x": "1"}).status_code == 200
+        assert ("lifespan", "", "") in seen
+        assert not [s for s in seen if s[0] == "http"]  # no probe reached FastAPI
+        assert fast.get("/instances").status_code == 200
+        assert fast.post("/healthz").status_code == 405  # FastAPI's answer for the wrong method
+        assert fast.post("/instances/0/restart").status_code == 401  # the token is still required
+        assert fast.get("/healthz/").status_code == 200  # FastAPI redirects, the fast path answers
+        assert "/metrics" in fast.get("/openapi.json").json()["paths"]
+    assert [s[1:] for s in seen if s[0] == "http"] == [
+        ("GET", "/instances"), ("POST", "/healthz"), ("POST", "/instances/0/restart"), ("GET", "/healthz/"),
+        ("GET", "/openapi.json"),
+    ]
+
+
+def test_the_monitor_is_served_by_httptools_on_uvloop_by_default() -> None:
+    import uvloop
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("not served here")
+
+    assert uvicorn_config(app).http == "httptools"
+    loops: list[type] = []
+
+    async def which() -> None:
+        loops.append(type(asyncio.get_running_loop()))
+
+    run_loop(which())
+    run_loop(which(), uvloop=False)
+    assert loops[0] is uvloop.Loop
+    assert loops[1] is not uvloop.Loop
 
 
 def _settings(listen: str, token: str = "") -> Settings:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import Machine, answers, http_client, txt2img, wait_for
+from support import SECRET_MARKERS, Machine, answers, http_client, process_environ, txt2img, wait_for
 
 from orchestrator.core.environment import (
     base_environment,
@@ -144,16 +144,8 @@ def test_envexec_refuses_a_missing_or_damaged_file_in_one_line(tmp_path: Path, c
 
 
 # ---------------------------------------------------------------- a running machine
-MARKERS = {
-    "ORCHESTRATOR_TOKEN": "tok-MARKER-7f3a", "HF_TOKEN": "hf-MARKER-7f3a", "CIVITAI_TOKEN": "civ-MARKER-7f3a",
-    "SSH_PRIVATE_KEY": "-----BEGIN OPENSSH PRIVATE KEY-----ssh-MARKER-7f3a", "CUT_PK_1": "pk-MARKER-7f3a",
-    "AWS_SECRET_ACCESS_KEY": "aws-MARKER-7f3a", "AZURE_STORAGE_KEY": "az-MARKER-7f3a",
-    "OPENAI_API_KEY": "oa-MARKER-7f3a", "SOME_SERVICE_PASSWORD": "pw-MARKER-7f3a",
-}
-
-
-def _environ(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/environ").read_bytes()
+MARKERS = SECRET_MARKERS
+_environ = process_environ
 
 
 def _processes(m: Machine) -> tuple[int, list[int], int]:
