@@ -110,3 +110,40 @@ def test_watch_raises_on_backoff_or_fatal_with_the_log_tail_redacted(state: Proc
 def test_watch_gives_up_quietly_on_a_program_still_starting_at_its_deadline() -> None:
     sup = FakeSupervisor([{"a": S.STARTING}])
     _watch(sup, ["a"], timeout=0.0)
+
+
+class OneProcessStarting(FakeSupervisor):
+    """One program STARTING as pid 10 (or a new pid on each read when ``crashing``)."""
+
+    def __init__(self, crashing: bool = False) -> None:
+        super().__init__([{"a": S.STARTING}])
+        self.reads = 0
+        self.crashing = crashing
+
+    def processes(self) -> list[ProcessInfo]:
+        self.reads += 1
+        pid = 10 + self.reads if self.crashing else 10
+        return [ProcessInfo("a", S.STARTING, pid, 1000.0, 1000.0, 0, "", "")]
+
+
+class Clock:
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_watch_settles_a_process_that_stayed_up_half_a_second_without_waiting_for_startsecs() -> None:
+    sup = OneProcessStarting()
+    fake: Any = sup
+    watch_started(fake, ["a"], timeout=60, interval=0.0, clock=Clock(0.1))
+    assert 2 < sup.reads < 10  # not at first sight, and long before the 60 s deadline (0.5 s by our clock)
+
+
+def test_watch_counts_again_from_a_new_pid() -> None:
+    sup = OneProcessStarting(crashing=True)  # restarted on every read: never up for 0.5 s
+    fake: Any = sup
+    watch_started(fake, ["a"], timeout=3, interval=0.0, clock=Clock(0.1))
+    assert sup.reads >= 15  # waited until the deadline instead of settling

@@ -4,8 +4,13 @@ supervisord marks a program RUNNING only once it has stayed up for its ``startse
 exits sooner goes to BACKOFF and, after ``startretries``, to FATAL. ``up`` used to report success
 while a program it had just started crash-looped (the monitor refusing its settings, an instance
 missing a dependency). :func:`watch_started` polls the process table until every program it
-watches is RUNNING (or, like the one-shot background downloads, already EXITED), and raises on
-the first BACKOFF or FATAL with the program's name and the last lines of its log. The
+watches is settled — RUNNING, EXITED (the one-shot background downloads), or STARTING with the
+same pid for :data:`SETTLE_SECONDS` by our clock (supervisord's own times are whole seconds) —
+and raises on the first BACKOFF or FATAL with the
+program's name and the last lines of its log. Why not wait for RUNNING: ``startsecs`` is whole
+seconds (1 at least), which made every ``up`` a second slower than its instances; the failures
+this watch exists for (bad settings, a missing module, a bad flag) end a Python process well
+within half a second, and a process that dies later is still the monitor's to restart. The
 instances' own readiness (ComfyUI answering) is not awaited here: that is ``up --wait``.
 """
 
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _SETTLED = frozenset({ProcessState.RUNNING, ProcessState.EXITED})
 _FAILED = frozenset({ProcessState.BACKOFF, ProcessState.FATAL})
+SETTLE_SECONDS = 0.5  # up this long without exiting: past the failures `up` must report
 TAIL_BYTES = 4096
 TAIL_LINES = 5
 
@@ -46,6 +52,18 @@ def crash_message(sup: Supervisor, proc: ProcessInfo, redact: Callable[[str], st
     )
 
 
+def _stayed_up(proc: ProcessInfo, seen: dict[str, tuple[int, float]], now: float, settle: float) -> bool:
+    """Whether ``proc`` has been STARTING as the same process for ``settle`` seconds (a new pid
+    after a crash starts the count again)."""
+    if proc.state != ProcessState.STARTING or not proc.pid:
+        return False
+    pid, since = seen.get(proc.name, (0, now))
+    if pid != proc.pid:
+        seen[proc.name] = (proc.pid, now)
+        return settle <= 0
+    return now - since >= settle
+
+
 def watch_started(
     sup: Supervisor,
     names: Iterable[str],
@@ -53,6 +71,7 @@ def watch_started(
     timeout: float,
     redact: Callable[[str], str] = str,
     interval: float = 0.1,
+    settle: float = SETTLE_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Wait until each program in ``names`` is RUNNING (or EXITED); raise on BACKOFF/FATAL.
@@ -64,6 +83,7 @@ def watch_started(
         SupervisorError: a watched program is BACKOFF or FATAL, naming it and its log's last lines.
     """
     waiting = set(names)
+    seen: dict[str, tuple[int, float]] = {}  # program -> (pid, when we first saw it STARTING)
     deadline = clock() + timeout
     while waiting:
         table = {p.name: p for p in sup.processes()}
@@ -73,7 +93,7 @@ def watch_started(
                 waiting.discard(name)  # removed meanwhile: nothing to watch
             elif proc.state in _FAILED:
                 raise SupervisorError(crash_message(sup, proc, redact))
-            elif proc.state in _SETTLED:
+            elif proc.state in _SETTLED or _stayed_up(proc, seen, clock(), settle):
                 waiting.discard(name)
         if not waiting:
             return

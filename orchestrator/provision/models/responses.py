@@ -45,11 +45,13 @@ def describe(exc: BaseException) -> str:
 def redirect_error(name: str, source: str, exc: requests.TooManyRedirects) -> ModelError:
     """A redirect loop or a chain past ``Session.max_redirects``: fails at once, never retried."""
     resp = exc.response
-    hops = [r.url for r in (resp.history if resp is not None else [])]
-    if resp is not None:
-        hops.append(resp.url)
+    chain = list(resp.history) if resp is not None else []
+    if resp is not None and not any(r is resp for r in chain):  # requests < 2.32 lists it already
+        chain.append(resp)
+    hops = [r.url for r in chain]
     loop = len(set(hops)) < len(hops)
-    what = "a redirect loop" if loop else f"more than {len(hops) - 1 if hops else 'the allowed'} redirects"
+    limit = re.search(r"Exceeded (\d+) redirects", str(exc))  # requests' own message names its limit
+    what = "a redirect loop" if loop else f"more than {limit[1] if limit else 'the allowed'} redirects"
     return ModelError(f"{name}: {source} answers with {what}; not retried (check the URL in the manifest)")
 
 
