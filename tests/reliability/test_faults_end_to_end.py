@@ -359,12 +359,22 @@ def model_host() -> Iterator[str]:
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
+        def end_headers(self) -> None:
+            # Every answer closes its connection (misbehave sets close_connection): say so, or
+            # the client may reuse the socket for the next redirect hop and read a reset
+            # ("connection failed" instead of the redirect loop, seen on one busy core).
+            self.send_header("Connection", "close")
+            super().end_headers()
+
         def do_GET(self) -> None:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 misbehave(self)
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 128  # socketserver's default of 5 is tight beside 4 parallel downloads
+        daemon_threads = True
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
