@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psutil
 import requests
 
 from orchestrator.machine.ports import free_port_block
@@ -488,3 +489,19 @@ def simulated_machine(root: Path, num_gpus: int = 2, *, fast: bool = True, **ext
     )
     env.update({**(TEST_SETTINGS if fast else {}), **extra_env})
     return Machine(root, env, base, int(env["ORCHESTRATOR_PORT"]), num_gpus)
+
+
+def gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie counts: it no longer runs)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def readyz_code(m: Machine) -> int | None:
+    """The monitor's /readyz status code, None when it does not answer."""
+    try:
+        return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
+    except requests.RequestException:
+        return None

@@ -44,9 +44,11 @@ import requests
 from support import (
     SECRET_MARKERS,
     Machine,
+    gone,
     http_client,
     leaked_markers,
     make_repo,
+    readyz_code,
     txt2img,
     wait_for,
 )
@@ -217,20 +219,6 @@ def serving(machine: Callable[..., Machine]) -> Callable[..., Machine]:
         return m
 
     return start
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def readyz_code(m: Machine) -> int | None:
-    try:
-        return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
-    except requests.RequestException:
-        return None
 
 
 # ---------------------------------------------------------------- process faults

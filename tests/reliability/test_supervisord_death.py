@@ -19,8 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import requests
-from support import Machine, answers, wait_for, wait_until
+from support import Machine, answers, gone, readyz_code, wait_for, wait_until
 
 from orchestrator.core.layout import Layout
 from orchestrator.lifecycle.down import _remove_socket
@@ -34,20 +33,6 @@ LISTEN = (
     "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('ok', flush=True); time.sleep(600)\n"
 )
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def readyz_code(m: Machine) -> int | None:
-    try:
-        return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
-    except requests.RequestException:
-        return None
 
 
 @pytest.fixture
