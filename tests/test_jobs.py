@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from orchestrator.core.routing import RouteError, all_saturated, instance_load, 
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.core.workflow import WorkflowError
+from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.schemas import InputImage, decode_image
 from orchestrator.jobs.store import Job, ResultStore
 from orchestrator.jobs.tracker import JobManager
@@ -406,11 +408,13 @@ class FakeDirectory:
 class JobApi:
     """The job router on its own FastAPI app, served by uvicorn in a thread."""
 
-    def __init__(self, settings: Settings, directory: FakeDirectory) -> None:
+    def __init__(self, settings: Settings, directory: FakeDirectory, journal: JobJournal | None = None) -> None:
         from fastapi.responses import PlainTextResponse
 
         self.registry = CollectorRegistry()
-        self.manager = JobManager(settings, directory, self.registry, poll_interval=0.1, check_interval=0.1)
+        self.manager = JobManager(
+            settings, directory, self.registry, poll_interval=0.1, check_interval=0.1, journal=journal
+        )
         self.directory = directory
         app = jobs_app(self.manager)
 
@@ -907,3 +911,126 @@ def test_a_deeply_nested_body_is_400_in_our_error_shape(api_factory: Callable[..
     broken = api.client.post("/jobs", data=b'{"workflow": [', headers={"Content-Type": "application/json"})
     assert broken.status_code == 400
     assert "not valid JSON" in broken.json()["message"]
+
+
+# ---------------------------------------------------------------- the job journal (monitor restarts)
+@pytest.fixture
+def steady_sim(sim_tree: Path, tmp_path: Path) -> Iterator[Sim]:
+    """One simulated instance, 1.5 s per prompt (a job is still running when its manager goes)."""
+    sims = start_sims(sim_tree, tmp_path / "slow", [1.5])
+    yield sims[0]
+    sims[0].stop()
+
+
+def final_answer(api: JobApi, job_id: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        r = api.client.get(f"/jobs/{job_id}", params={"wait": 1})
+        assert r.status_code == 200, f"job {job_id} unknown after the restart: {r.text}"
+        data = dict(r.json())
+        return data if data["status"] in {"success", "error", "timeout"} else None
+
+    return wait_for(done, 60, 0.1, what=f"job {job_id} final")
+
+
+def test_a_job_in_flight_when_its_manager_stops_is_followed_by_the_next_one(
+    steady_sim: Sim, tmp_path: Path
+) -> None:
+    journal = JobJournal(tmp_path / "journal")
+    first = JobApi(make_settings(), FakeDirectory([steady_sim]), journal)
+    try:
+        done = first.post(job(wait=True)).json()
+        assert done["status"] == "success"
+        r = first.post(job(wait=False))
+        assert r.status_code == 202, r.text
+        running = r.json()["id"]
+        wait_for(lambda: first.client.get(f"/jobs/{running}").json()["prompt_id"], 30, 0.05, what="prompt sent")
+    finally:
+        first.stop()  # what a SIGTERM or a crash of the monitor does to the manager
+    record = json.loads(journal.path(running).read_text())
+    assert record["response"]["status"] in {"queued", "running"}, "a stopped manager must not fail its jobs"
+    assert journal.path(running).stat().st_mode & 0o777 == 0o600
+
+    second = JobApi(make_settings(), FakeDirectory([steady_sim]), JobJournal(tmp_path / "journal"))
+    try:
+        again = final_answer(second, done["id"])
+        assert again["outputs"] == done["outputs"]
+        assert again["status"] == "success"
+        followed = final_answer(second, running)
+        assert followed["status"] == "success", followed
+        assert followed["outputs"]
+        assert followed["prompt_id"] == record["response"]["prompt_id"]
+        assert followed["attempts"] == 1  # followed where it ran, not sent twice
+        assert len(steady_sim.queue()["queue_pending"]) == 0
+    finally:
+        second.stop()
+
+
+def test_an_accepted_job_never_sent_is_sent_once_an_instance_is_ready(steady_sim: Sim, tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path / "journal")
+    directory = FakeDirectory([steady_sim])
+    directory.set_state(0, InstanceState.STARTING)
+    body = json.loads(json.dumps(job()))
+    job_id = "a" * 32
+    record = {
+        "version": 1,
+        "response": {"id": job_id, "status": "pending", "created_at": time.time(), "attempts": 0},
+        "request": {"workflow": body["workflow"], "images": [], "return_mode": "filenames", "gpu": None,
+                    "timeout": 60},
+    }
+    journal.path(job_id).parent.mkdir(parents=True)
+    journal.path(job_id).write_text(json.dumps(record))
+    api = JobApi(make_settings(), directory, journal)
+    try:
+        assert api.client.get(f"/jobs/{job_id}").json()["status"] == "pending"
+        directory.set_state(0, READY)
+        answer = final_answer(api, job_id)
+        assert answer["status"] == "success", answer
+        assert answer["outputs"], answer
+        assert json.loads(journal.path(job_id).read_text())["response"]["status"] == "success"
+    finally:
+        api.stop()
+
+
+def test_a_damaged_journal_record_is_set_aside_and_the_rest_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = JobJournal(tmp_path / "journal")
+    journal.directory.mkdir()
+    good = "b" * 32
+    finished = {"id": good, "status": "success", "created_at": 100.0, "finished_at": 101.5, "attempts": 1,
+                "outputs": [{"node_id": "9", "filename": "x.png"}], "queue_wait_seconds": 0.5}
+    journal.path(good).write_text(json.dumps({"version": 1, "response": finished}))
+    journal.path("c" * 32).write_bytes(b"\x80{ not json")
+    journal.path("d" * 32).write_text(json.dumps({"version": 1, "response": {"id": "d" * 32, "status": "running",
+                                                                          "created_at": 1.0, "attempts": 1}}))
+    restored = journal.restore(now=1000.0, wall=200.0)
+    assert [j.id for j in restored.finished] == [good]
+    assert not restored.attached
+    assert not restored.unsent
+    job_ = restored.finished[0]
+    assert job_.finished_mono == pytest.approx(901.5)
+    assert job_.started_mono == pytest.approx(900.5)
+    response = job_.to_response()
+    assert response.total_seconds == pytest.approx(1.5)
+    assert response.outputs[0].filename == "x.png"
+    assert sorted(p.name for p in journal.directory.iterdir()) == sorted(
+        [f"{good}.json", f"{'c' * 32}.json.damaged", f"{'d' * 32}.json.damaged"]
+    )
+    lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(lines) == 2
+    assert all("\n" not in line for line in lines)
+    assert journal.ids() == {good}
+
+
+def test_expired_results_leave_the_journal_too(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path / "journal")
+    journal.directory.mkdir()
+    old = {"id": "e" * 32, "status": "error", "created_at": 10.0, "finished_at": 11.0, "attempts": 1,
+           "error": {"type": "instance", "message": "gone"}}
+    journal.path("e" * 32).write_text(json.dumps({"version": 1, "response": old}))
+    api = JobApi(make_settings(job_results_ttl="60"), FakeDirectory([]), journal)
+    try:
+        assert api.client.get(f"/jobs/{'e' * 32}").status_code == 404  # finished long before the TTL
+        assert journal.ids() == set()
+    finally:
+        api.stop()

@@ -78,6 +78,11 @@ class Layout:
         return self.state_dir / "plan.json"
 
     @property
+    def jobs_dir(self) -> Path:
+        """The job journal: one record per accepted job (jobs/journal.py)."""
+        return self.state_dir / "jobs"
+
+    @property
     def status_file(self) -> Path:
         """Provisioning status (fallback in use, failed nodes) for `status` and metrics."""
         return self.state_dir / "status.json"

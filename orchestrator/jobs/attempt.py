@@ -17,11 +17,12 @@ import base64
 import dataclasses
 import logging
 import uuid
+from collections.abc import Awaitable
 
-from orchestrator.comfy.client import ComfyCallError, ComfyClient, ComfySocket
+from orchestrator.comfy.client import ComfyCallError, ComfyClient, ComfySocket, describe
 from orchestrator.comfy.protocol import NodeProgress, history_outcome, history_outputs, history_times, prompt_rejection
 from orchestrator.core.instances import InstanceView
-from orchestrator.jobs.follow import Down, Tracking, follow
+from orchestrator.jobs.follow import Down, Outcome, Tracking, follow
 from orchestrator.jobs.schemas import JobErrorInfo, OutputFile, error_info, output_file
 from orchestrator.jobs.store import FinalStatus, Job
 
@@ -83,10 +84,38 @@ async def run_attempt(job: Job, view: InstanceView, client: ComfyClient, t: Trac
             t.directory.report_hung(view.index, reason)
             return Result("timeout", JobErrorInfo(type="timeout", message=reason))
         job.status = "queued"
+        t.saved(job)
         outcome = await follow(job, view, client, socket, t)
     finally:
         if socket is not None:
             await socket.close()
+    return await _conclude(job, view, client, t, outcome)
+
+
+async def follow_again(job: Job, view: InstanceView, client: ComfyClient, t: Tracking) -> Result:
+    """Follow a prompt an earlier monitor sent (known from the journal) to its end, by /history.
+
+    Raises:
+        Down: the instance went away or lost the prompt.
+    """
+    return await _conclude(job, view, client, t, await follow(job, view, client, None, t))
+
+
+async def settled(job: Job, work: Awaitable[Result]) -> Result:
+    """How an attempt ended, whatever it raised (a cancellation goes on up)."""
+    try:
+        return await work
+    except Down as down:
+        return Result("error", JobErrorInfo(type="instance", message=down.reason))
+    except Rejected as rejected:
+        return Result("error", rejected.info)
+    except (ComfyCallError, OSError, ValueError) as exc:
+        name = job.instance.name if job.instance else "the instance"
+        reason = exc.reason if isinstance(exc, ComfyCallError) else describe(exc)
+        return Result("error", JobErrorInfo(type="internal", message=f"talking to {name}: {reason}"))
+
+
+async def _conclude(job: Job, view: InstanceView, client: ComfyClient, t: Tracking, outcome: Outcome) -> Result:
     if outcome.kind == "done":
         return await _collect(job, view, client)
     if outcome.kind == "timeout":

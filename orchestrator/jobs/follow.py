@@ -58,6 +58,7 @@ class Tracking:
     poll_interval: float
     check_interval: float
     dialects: dict[int, Dialect] = dataclasses.field(default_factory=dict)
+    saved: Callable[[Job], None] = lambda job: None  # the job's instance has its prompt (journal it)
 
 
 @dataclasses.dataclass(frozen=True)

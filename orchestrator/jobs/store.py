@@ -124,8 +124,9 @@ class ResultStore:
             return None
         return job
 
-    def finished(self, job: Job) -> None:
-        self._finished[job.id] = self._clock()
+    def finished(self, job: Job, at: float | None = None) -> None:
+        """Count the job as finished ``at`` (monotonic; default now) for the TTL."""
+        self._finished[job.id] = self._clock() if at is None else at
         self._finished.move_to_end(job.id)
         self.prune()
 
@@ -141,6 +142,18 @@ class ResultStore:
             self._jobs.pop(job_id, None)
             dropped += 1
         return dropped
+
+    async def prune_periodically(self, after: Callable[[set[str]], None] | None = None) -> None:
+        """Prune every TTL/4 (1 to 60 s) until cancelled; ``after`` gets the ids still kept."""
+        interval = min(60.0, max(1.0, self.ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.prune()
+            if after is not None:
+                after(self.ids())
+
+    def ids(self) -> set[str]:
+        return set(self._jobs)
 
     def __len__(self) -> int:
         return len(self._jobs)

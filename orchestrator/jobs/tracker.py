@@ -18,21 +18,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from orchestrator.comfy.client import ComfyCallError, ComfyClient, describe, new_session
+from orchestrator.comfy.client import ComfyClient, new_session
 from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
 from orchestrator.core.routing import RouteError, all_saturated, route
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
-from orchestrator.jobs.attempt import Rejected, Result, run_attempt
+from orchestrator.jobs.attempt import Result, run_attempt, settled
 from orchestrator.jobs.follow import Down, Tracking
+from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.metrics import JobMetrics
+from orchestrator.jobs.recovery import restore
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
 from orchestrator.jobs.store import Job, ResultStore, new_job
 
@@ -49,6 +52,8 @@ class JobManager:
         poll_interval: seconds between /history polls when the socket is gone, and the silence
             (no event of the job's prompt) after which a followed socket is backed by one.
         check_interval: how often a job re-reads the directory and its deadline while waiting.
+        journal: where each job's record is kept, so that a restarted manager serves the results
+            of the jobs it had accepted and follows those still running (None: memory only).
     """
 
     def __init__(
@@ -61,8 +66,10 @@ class JobManager:
         check_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        journal: JobJournal | None = None,
     ) -> None:
         self.settings = settings
+        self.journal = journal
         self.directory = directory
         self._clock = clock
         self._wall = wall
@@ -74,6 +81,7 @@ class JobManager:
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
+        self.tracking.saved = journal.record if journal else self.tracking.saved
         self.metrics = JobMetrics(registry, self.inflight, directory.snapshot)
 
     @property
@@ -86,8 +94,12 @@ class JobManager:
         """Open the HTTP session and the results pruner (call inside the serving event loop)."""
         if self._session is None:
             self._session = new_session(total=60, connect=5)
+            if self.journal is not None:
+                restore(self, self.journal, self._session)
         if self._pruner is None:
-            self._pruner = asyncio.create_task(self._prune_loop())
+            journal = self.journal
+            forget = (lambda kept: journal.forget(journal.ids() - kept)) if journal else None
+            self._pruner = asyncio.create_task(self.store.prune_periodically(forget))
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
@@ -102,11 +114,11 @@ class JobManager:
             await self._session.close()
             self._session = None
 
-    async def _prune_loop(self) -> None:
-        interval = min(60.0, max(1.0, self.store.ttl / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.store.prune()
+    def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        self.store.add(job)
+        task = asyncio.create_task(work, name=f"job-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ queries
     def inflight(self) -> dict[int, int]:
@@ -137,10 +149,9 @@ class JobManager:
             self.metrics.refused("invalid")
             raise
         view = self._route(job, exclude=())
-        self.store.add(job)
-        task = asyncio.create_task(self._run(job, view, self._session), name=f"job-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self.journal is not None:
+            self.journal.record(job)
+        self._start(job, self._run(job, view, self._session))
         return job
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:
@@ -177,42 +188,44 @@ class JobManager:
 
     # ------------------------------------------------------------ following a job
     async def _run(self, job: Job, view: InstanceView, session: aiohttp.ClientSession) -> None:
-        current: InstanceView | None = view
-        try:
+        holding: list[InstanceView] = [view]  # the instance whose in-flight count this job holds
+
+        async def attempts() -> Result:
             try:
-                result = await run_attempt(job, view, ComfyClient(session, view.base_url), self.tracking)
+                return await run_attempt(job, view, ComfyClient(session, view.base_url), self.tracking)
             except Down as down:
                 if down.started:
                     raise
                 # Not started there: resubmit once to another instance.
-                self._release(view)
-                current = None
+                self._release(holding.pop())
                 try:
                     current = self._route(job, exclude=(view.index,), count_refusal=False)
                 except RouteError as exc:
                     raise Down(f"{down.reason}; no other instance to resubmit to ({exc})", started=False) from None
+                holding.append(current)
                 log.warning("job %s: %s before it started; resubmitted to GPU %d", job.id, down.reason, current.index)
                 job.prompt_id = None
                 job.progress = None
                 job.status = "pending"
-                result = await run_attempt(job, current, ComfyClient(session, current.base_url), self.tracking)
-            self._finish(job, result)
-        except Down as down:
-            self._fail(job, "instance", down.reason)
-        except Rejected as rejected:
-            self._finish(job, Result("error", rejected.info))
-        except asyncio.CancelledError:
-            self._fail(job, "internal", "the job API shut down while the job was in flight")
-            raise
-        except (ComfyCallError, OSError, ValueError) as exc:
-            name = job.instance.name if job.instance else "the instance"
-            reason = exc.reason if isinstance(exc, ComfyCallError) else describe(exc)
-            self._fail(job, "internal", f"talking to {name}: {reason}")
+                return await run_attempt(job, current, ComfyClient(session, current.base_url), self.tracking)
+
+        try:
+            await self._outcome(job, attempts())
         finally:
-            if current is not None:
-                self._release(current)
-            if not job.final:
-                self._fail(job, "internal", "the job ended without a result")
+            for held in holding:
+                self._release(held)
+
+    async def _outcome(self, job: Job, work: Awaitable[Result]) -> None:
+        """Await an attempt and record how it ended, whatever it raised."""
+        try:
+            self._finish(job, await settled(job, work))
+        except asyncio.CancelledError:
+            if self.journal is None:  # with one, the record stays as it is: the next monitor follows the job
+                self._fail(job, "internal", "the job API shut down while the job was in flight")
+            raise
+        except Exception:
+            self._fail(job, "internal", "the job ended without a result")
+            raise
 
     # ------------------------------------------------------------ outcomes
     def _fail(self, job: Job, kind: ErrorType, message: str) -> None:
@@ -222,6 +235,8 @@ class JobManager:
         if job.final:
             return
         job.finish(result.status, result.error, self._clock(), self._wall())
+        if self.journal is not None:
+            self.journal.record(job)
         self.metrics.finished(job)
         self.store.finished(job)
         job.done.set()

@@ -19,6 +19,7 @@ from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
 from orchestrator.core.settings import Settings
+from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.tracker import JobManager
 from orchestrator.machine.state import applied_plan
@@ -59,8 +60,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = None) -> tuple[FastAPI, Monitor]:
     """The monitor, its metrics registry, the job manager and the FastAPI app, wired together."""
     monitor = monitor or Monitor(settings, plan)
-    registry = build_registry(monitor, settings, Layout(settings.root))
-    manager = JobManager(settings, monitor, registry)
+    layout = Layout(settings.root)
+    registry = build_registry(monitor, settings, layout)
+    manager = JobManager(settings, monitor, registry, journal=JobJournal(layout.jobs_dir))
     monitor.set_inflight(manager.inflight)
 
     @contextlib.asynccontextmanager

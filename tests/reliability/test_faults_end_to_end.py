@@ -261,16 +261,25 @@ def test_kill_9_the_monitor_supervisord_restarts_it(serving: Callable[..., Machi
     a_job_succeeds(m, jobs, "after")
 
 
-@pytest.mark.xfail(strict=True, reason="job records live in the monitor's memory: a killed monitor forgets "
-                   "the jobs it accepted with wait=false (GET /jobs/{id} is 404 after its restart)")
-def test_a_job_accepted_before_a_monitor_kill_is_not_lost(serving: Callable[..., Machine]) -> None:
+def test_jobs_accepted_before_a_monitor_kill_are_not_lost(serving: Callable[..., Machine]) -> None:
     m = serving()
     jobs = Jobs(m)
+    finished = jobs.submit("finished-before", wait=True)
+    assert finished is not None
+    before = jobs.finals[finished]
+    running = jobs.submit("before", wait=False)
+    assert running is not None
     monitor = next(pid for pid, kind in machine_processes(m).items() if kind == "monitor")
-    assert jobs.submit("before", wait=False) is not None
     os.kill(monitor, signal.SIGKILL)
+    wait_for(lambda: any(k == "monitor" and p != monitor for p, k in machine_processes(m).items()), 30, 0.2,
+             what="a new monitor started by supervisord")
     wait_for(m.ready, 60, 0.2, what="READY after the monitor restart")
-    jobs.settle()
+    del jobs.finals[finished]  # ask the new monitor for it again
+    finals = {f["id"]: f for f in jobs.settle()}
+    assert finals[finished]["outputs"] == before["outputs"]
+    assert finals[running]["status"] == "success", finals[running]
+    assert finals[running]["attempts"] == 1  # followed on its instance, not run twice
+    a_job_succeeds(m, jobs, "after")
 
 
 @pytest.mark.parametrize("damaged", ["status_file", "plan_file"])
