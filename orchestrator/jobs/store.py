@@ -15,6 +15,7 @@ from typing import Literal
 
 from orchestrator.comfy.protocol import NodeProgress
 from orchestrator.core.instances import InstanceView
+from orchestrator.core.routing_score import JobProfile
 from orchestrator.core.workflow import Override, Shorthand, Workflow, prepare_workflow
 from orchestrator.jobs.schemas import (
     FINAL_STATUSES,
@@ -24,8 +25,10 @@ from orchestrator.jobs.schemas import (
     JobRequest,
     JobResponse,
     JobStatus,
+    NodeTime,
     OutputFile,
     ReturnMode,
+    RoutingInfo,
     decode_image,
 )
 
@@ -58,6 +61,9 @@ class Job:
     attempts: int = 0
     progress: NodeProgress | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    routing: RoutingInfo | None = None
+    profile: JobProfile | None = None
+    peak_vram_bytes: int | None = None
 
     @property
     def final(self) -> bool:
@@ -96,6 +102,15 @@ class Job:
             created_at=round(self.created_at, 3),
             finished_at=None if self.finished_at is None else round(self.finished_at, 3),
             attempts=self.attempts,
+            run_seconds=_round(self.execution_time),
+            nodes=[]
+            if self.progress is None
+            else [
+                NodeTime(id=n.id, class_type=n.class_type, seconds=round(n.seconds, 4), cached=n.cached)
+                for n in self.progress.timings()
+            ],
+            routing=self.routing,
+            peak_vram_bytes=self.peak_vram_bytes,
         )
 
 

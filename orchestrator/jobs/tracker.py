@@ -27,13 +27,15 @@ from orchestrator.comfy.client import ComfyCallError, ComfyClient, describe, new
 from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
-from orchestrator.core.routing import RouteError, all_saturated, route
+from orchestrator.core.routing import RouteError, all_saturated, instance_load, route
+from orchestrator.core.routing_score import Estimate, explain, profile, rank
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.attempt import Rejected, Result, run_attempt
 from orchestrator.jobs.follow import Down, Tracking
 from orchestrator.jobs.metrics import JobMetrics
-from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
+from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest, RoutingInfo
+from orchestrator.jobs.speeds import SpeedBook
 from orchestrator.jobs.store import Job, ResultStore, new_job
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class JobManager:
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
         self.metrics = JobMetrics(registry, self.inflight, directory.snapshot)
+        self.speeds = SpeedBook()  # learned from completed jobs; read by capacity routing
 
     @property
     def dialects(self) -> dict[int, Dialect]:
@@ -154,18 +157,39 @@ class JobManager:
         return True
 
     def _route(self, job: Job, exclude: Iterable[int], *, count_refusal: bool = True) -> InstanceView:
+        views = self.directory.snapshot()
+        if job.profile is None:
+            job.profile = profile(job.workflow)
+        job_profile = job.profile
+        policy = self.settings.routing_policy
+        estimates: dict[int, Estimate] = {}
+        fleet = self.speeds.fleet_seconds()
+        if policy == "capacity":
+            estimates = {v.index: self.speeds.estimate(v.index, job_profile) for v in views}
+
+            def ranking(v: InstanceView, load: int) -> tuple[float, ...]:
+                return rank(load, estimates[v.index], fleet)
+
         try:
             view = route(
-                self.directory.snapshot(),
+                views,
                 self._inflight,
                 max_queue_depth=self.settings.max_queue_depth,
                 gpu=job.gpu,
                 exclude=exclude,
+                rank=ranking if policy == "capacity" else None,
             )
         except RouteError as exc:
             if count_refusal:
                 self.metrics.refused("invalid" if exc.status == 400 else "rejected")
             raise
+        excluded = set(exclude)
+        candidates = [
+            (v, instance_load(v, self._inflight.get(v.index, 0))) for v in views if v.ready and v.index not in excluded
+        ]
+        reason = explain(policy, view, candidates, estimates, fleet, pinned=job.gpu is not None)
+        job.routing = RoutingInfo(instance=view.name, policy="pinned" if job.gpu is not None else policy, reason=reason)
+        self.speeds.routed(view.index, job_profile)
         # Reserve now, in the same event-loop step as the decision, so a burst spreads out.
         self._inflight[view.index] = self._inflight.get(view.index, 0) + 1
         job.instance = view
@@ -223,6 +247,9 @@ class JobManager:
             return
         job.finish(result.status, result.error, self._clock(), self._wall())
         self.metrics.finished(job)
+        if result.status == "success" and job.instance and job.profile and job.execution_time is not None:
+            nodes = job.progress.timings() if job.progress is not None else []
+            self.speeds.record(job.instance.index, job.profile, job.execution_time, nodes)
         self.store.finished(job)
         job.done.set()
         where = f" on GPU {job.instance.index}" if job.instance else ""
