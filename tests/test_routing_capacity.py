@@ -208,3 +208,10 @@ def test_a_slow_simulator_with_a_model_load_cost_is_learned_from_its_jobs(tmp_pa
     assert learned["load_seconds"] >= 0.6
     assert learned["mean_seconds"] is not None
     assert learned["mean_seconds"] >= 0.15
+
+
+def test_an_instance_not_measured_yet_gets_a_job_when_the_estimates_tie() -> None:
+    """GPU 1 has no completed job: it counts at the fleet's mean, and wins the tie to be measured."""
+    est = {0: Estimate(3.0, 3.0)}
+    assert route([view(0), view(1)], {}, max_queue_depth=8, rank=ranking(est, fleet=3.0)).index == 1
+    assert route([view(0), view(1, pending=1)], {}, max_queue_depth=8, rank=ranking(est, fleet=3.0)).index == 0

@@ -87,8 +87,10 @@ def finish_seconds(load: int, estimate: Estimate, fleet_seconds: float) -> float
 
 
 def rank(load: int, estimate: Estimate, fleet_seconds: float) -> tuple[float, ...]:
-    """The ranking key of an instance (smaller first): finish time, then affinity."""
-    return (round(finish_seconds(load, estimate, fleet_seconds), 6), 0.0 if estimate.affine else 1.0)
+    """The ranking key of an instance (smaller first): finish time, then affinity, then one not
+    measured yet (so an idle fleet tries each instance once and learns its speed)."""
+    learned = estimate.mean_seconds is not None
+    return (round(finish_seconds(load, estimate, fleet_seconds), 6), 0.0 if estimate.affine else 1.0, float(learned))
 
 
 def explain(
