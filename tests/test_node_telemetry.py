@@ -171,3 +171,57 @@ def test_a_jobs_result_lists_its_nodes_with_timings_and_the_metric_has_samples(s
     assert value("comfyui_node_execution_seconds_sum", {"class_type": "KSampler"}) == pytest.approx(
         by_class["KSampler"], abs=1e-3)
     assert value("comfyui_job_nodes_cached_total") == len(workflow)
+
+
+# ---------------------------------------------------------------- peak GPU memory from the monitor's samples
+def gpu_status(index: int, used: int | None, at: float | None, *, mock: bool = False, failed: bool = False) -> Any:
+    from orchestrator.core.gpus import Gpu, GpuSample
+    from orchestrator.core.readiness import GpuStatus
+
+    gpu = Gpu(index, f"GPU-{index}", "0:0", "NVIDIA H100", 80 * 2**30, "550", mock=mock)
+    return GpuStatus(gpu, GpuSample(index, gpu.uuid, failed=failed, memory_used=used), at)
+
+
+def running_job(gpu: int, started_wall: float) -> Job:
+    job = Job("j", {}, [], "filenames", None, 60, created_at=started_wall - 2, created_mono=100.0, deadline=160.0,
+              status="running", started_mono=102.0)
+    job.instance = InstanceView(gpu, f"comfyui_gpu{gpu}", 8188 + gpu, InstanceState.READY)
+    return job
+
+
+def test_peak_vram_is_the_most_its_device_used_in_samples_taken_while_it_ran() -> None:
+    from orchestrator.jobs.vram import update_peak
+
+    job = running_job(1, started_wall=1000.0)
+    update_peak(job, [gpu_status(1, 9 * 2**30, 999.0)])  # sampled before the job started
+    assert job.peak_vram_bytes is None
+    update_peak(job, [gpu_status(0, 70 * 2**30, 1001.0), gpu_status(1, 5 * 2**30, 1001.0)])  # GPU 0: not its own
+    update_peak(job, [gpu_status(1, 12 * 2**30, 1002.0)])
+    update_peak(job, [gpu_status(1, 7 * 2**30, 1003.0), gpu_status(1, None, 1004.0, failed=True)])
+    assert job.peak_vram_bytes == 12 * 2**30
+    mock = running_job(0, started_wall=1000.0)
+    update_peak(mock, [gpu_status(0, 3 * 2**30, 1001.0, mock=True)])
+    assert mock.peak_vram_bytes is None  # mock GPUs report no real memory use
+
+
+def test_the_manager_watches_running_jobs_on_the_monitors_samples() -> None:
+    import asyncio
+
+    from orchestrator.jobs.vram import watch_peaks
+
+    job = running_job(0, started_wall=1000.0)
+    readings = iter([1 * 2**30, 4 * 2**30, 2 * 2**30])
+
+    def statuses() -> list[Any]:
+        return [gpu_status(0, next(readings, 2 * 2**30), 1005.0)]
+
+    async def main() -> None:
+        task = asyncio.create_task(watch_peaks(lambda: [job], statuses, interval=0.001))
+        for _ in range(5000):
+            if job.peak_vram_bytes == 4 * 2**30:
+                break
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(main())
+    assert job.peak_vram_bytes == 4 * 2**30

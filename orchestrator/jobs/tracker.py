@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -27,6 +27,7 @@ from orchestrator.comfy.client import ComfyCallError, ComfyClient, describe, new
 from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
+from orchestrator.core.readiness import GpuStatus
 from orchestrator.core.routing import RouteError, all_saturated, instance_load, route
 from orchestrator.core.routing_score import Estimate, explain, profile, rank
 from orchestrator.core.settings import Settings
@@ -37,6 +38,7 @@ from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest, RoutingInfo
 from orchestrator.jobs.speeds import SpeedBook
 from orchestrator.jobs.store import Job, ResultStore, new_job
+from orchestrator.jobs.vram import update_peak, watch_peaks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class JobManager:
         poll_interval: seconds between /history polls when the socket is gone, and the silence
             (no event of the job's prompt) after which a followed socket is backed by one.
         check_interval: how often a job re-reads the directory and its deadline while waiting.
+        gpu_statuses: the monitor's GPU samples, for each job's peak GPU memory (``jobs.vram``).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class JobManager:
         check_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        gpu_statuses: Callable[[], Sequence[GpuStatus]] | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -73,6 +77,8 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self._gpu_statuses = gpu_statuses
+        self._vram: asyncio.Task[None] | None = None
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
@@ -91,16 +97,19 @@ class JobManager:
             self._session = new_session(total=60, connect=5)
         if self._pruner is None:
             self._pruner = asyncio.create_task(self._prune_loop())
+        if self._vram is None and self._gpu_statuses is not None:
+            self._vram = asyncio.create_task(watch_peaks(self.store.__iter__, self._gpu_statuses))
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
-        tasks = [*self._tasks, *([self._pruner] if self._pruner else [])]
+        tasks = [*self._tasks, *([self._pruner] if self._pruner else []), *([self._vram] if self._vram else [])]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pruner = None
+        self._vram = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -245,6 +254,8 @@ class JobManager:
     def _finish(self, job: Job, result: Result) -> None:
         if job.final:
             return
+        if self._gpu_statuses is not None:
+            update_peak(job, self._gpu_statuses())
         job.finish(result.status, result.error, self._clock(), self._wall())
         self.metrics.finished(job)
         if result.status == "success" and job.instance and job.profile and job.execution_time is not None:

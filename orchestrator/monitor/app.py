@@ -60,7 +60,7 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     """The monitor, its metrics registry, the job manager and the FastAPI app, wired together."""
     monitor = monitor or Monitor(settings, plan)
     registry = build_registry(monitor, settings, Layout(settings.root))
-    manager = JobManager(settings, monitor, registry)
+    manager = JobManager(settings, monitor, registry, gpu_statuses=monitor.gpu_statuses)
     monitor.set_inflight(manager.inflight)
 
     @contextlib.asynccontextmanager
