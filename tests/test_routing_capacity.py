@@ -215,3 +215,26 @@ def test_an_instance_not_measured_yet_gets_a_job_when_the_estimates_tie() -> Non
     est = {0: Estimate(3.0, 3.0)}
     assert route([view(0), view(1)], {}, max_queue_depth=8, rank=ranking(est, fleet=3.0)).index == 1
     assert route([view(0), view(1, pending=1)], {}, max_queue_depth=8, rank=ranking(est, fleet=3.0)).index == 0
+
+
+def test_choose_instance_applies_the_policy_and_says_why() -> None:
+    from orchestrator.jobs.speeds import choose_instance
+
+    book = SpeedBook()
+    a = profile(workflow("a.safetensors"))
+    nodes = [NodeTiming("3", "KSampler", 1.0, False)]
+    book.record(0, a, 3.0, nodes)  # GPU 0: 3 s a job
+    book.record(1, a, 1.0, nodes)  # GPU 1: 1 s
+    views = [view(0), view(1, pending=1)]
+    capacity = load_settings({"ROOT": "/x", "MAX_QUEUE_DEPTH": "8"})
+    least_queue = load_settings({"ROOT": "/x", "ROUTING_POLICY": "least_queue"})
+    chosen, info = choose_instance(views, {}, a, book, capacity)
+    assert (chosen.index, info.instance, info.policy) == (1, "comfyui_gpu1", "capacity")
+    assert info.reason.startswith("earliest expected finish: GPU 1 done in ~2.00 s")
+    assert book.estimate(1, a).affine  # it holds the job's checkpoint now
+    chosen, info = choose_instance(views, {}, a, book, least_queue)
+    assert (chosen.index, info.policy, info.reason) == (0, "least_queue", "fewest jobs ahead (0); GPU 1: 1")
+    chosen, info = choose_instance(views, {}, a, book, capacity, gpu=0)
+    assert (chosen.index, info.policy) == (0, "pinned")
+    with pytest.raises(RouteError):
+        choose_instance(views, {}, a, book, capacity, exclude=(0, 1))

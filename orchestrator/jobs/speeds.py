@@ -10,10 +10,15 @@ node results). ``estimate`` hands ``core.routing_score`` the values it ranks by.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from orchestrator.comfy.protocol import NodeTiming
-from orchestrator.core.routing_score import Estimate, JobProfile
+from orchestrator.core.instances import InstanceView
+from orchestrator.core.routing import instance_load, route
+from orchestrator.core.routing_score import Estimate, JobProfile, explain, rank
+from orchestrator.core.settings import Settings
+from orchestrator.jobs.schemas import RoutingInfo
+from orchestrator.jobs.store import Job
 
 ALPHA = 0.3  # weight of the newest observation in each moving average
 
@@ -57,6 +62,12 @@ class SpeedBook:
             inst.load = _ewma(inst.load, load, self.alpha)
         inst.jobs += 1
 
+    def learn(self, job: Job) -> None:
+        """Record a finished job (only a success with a run time teaches anything)."""
+        if job.status == "success" and job.instance and job.profile and job.execution_time is not None:
+            nodes = job.progress.timings() if job.progress is not None else []
+            self.record(job.instance.index, job.profile, job.execution_time, nodes)
+
     def fleet_seconds(self) -> float:
         """Mean run time over the instances that have completed a job (1 s before any has)."""
         means = [i.mean for i in self._instances.values() if i.mean is not None]
@@ -79,3 +90,39 @@ class SpeedBook:
     def snapshot(self) -> dict[int, dict[str, float | int | None]]:
         """Per instance: jobs learned from, mean run seconds, model load seconds (for status)."""
         return {i: {"jobs": v.jobs, "mean_seconds": v.mean, "load_seconds": v.load} for i, v in self._instances.items()}
+
+
+def choose_instance(
+    views: Sequence[InstanceView],
+    inflight: Mapping[int, int],
+    job: JobProfile,
+    book: SpeedBook,
+    settings: Settings,
+    gpu: int | None = None,
+    exclude: Iterable[int] = (),
+) -> tuple[InstanceView, RoutingInfo]:
+    """The instance for a job under ROUTING_POLICY (MAX_QUEUE_DEPTH: ``core.routing.route``) and
+    why; it is noted as holding the job's models.
+
+    Raises:
+        RouteError: as ``core.routing.route``.
+    """
+    policy, excluded = settings.routing_policy, set(exclude)
+    fleet = book.fleet_seconds()
+    estimates = {v.index: book.estimate(v.index, job) for v in views} if policy == "capacity" else {}
+
+    def ranking(v: InstanceView, load: int) -> tuple[float, ...]:
+        return rank(load, estimates[v.index], fleet)
+
+    view = route(
+        views,
+        inflight,
+        max_queue_depth=settings.max_queue_depth,
+        gpu=gpu,
+        exclude=excluded,
+        rank=ranking if estimates else None,
+    )
+    candidates = [(v, instance_load(v, inflight.get(v.index, 0))) for v in views if v.ready and v.index not in excluded]
+    reason = explain(policy, view, candidates, estimates, fleet, pinned=gpu is not None)
+    book.routed(view.index, job)
+    return view, RoutingInfo(instance=view.name, policy="pinned" if gpu is not None else policy, reason=reason)

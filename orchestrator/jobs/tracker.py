@@ -28,17 +28,17 @@ from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
 from orchestrator.core.readiness import GpuStatus
-from orchestrator.core.routing import RouteError, all_saturated, instance_load, route
-from orchestrator.core.routing_score import Estimate, explain, profile, rank
+from orchestrator.core.routing import RouteError, all_saturated
+from orchestrator.core.routing_score import profile
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.attempt import Rejected, Result, run_attempt
 from orchestrator.jobs.follow import Down, Tracking
 from orchestrator.jobs.metrics import JobMetrics
-from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest, RoutingInfo
-from orchestrator.jobs.speeds import SpeedBook
+from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
+from orchestrator.jobs.speeds import SpeedBook, choose_instance
 from orchestrator.jobs.store import Job, ResultStore, new_job
-from orchestrator.jobs.vram import update_peak, watch_peaks
+from orchestrator.jobs.vram import PeakWatcher
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
-        self._gpu_statuses = gpu_statuses
-        self._vram: asyncio.Task[None] | None = None
+        self.vram = PeakWatcher(gpu_statuses)
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
@@ -97,19 +96,18 @@ class JobManager:
             self._session = new_session(total=60, connect=5)
         if self._pruner is None:
             self._pruner = asyncio.create_task(self._prune_loop())
-        if self._vram is None and self._gpu_statuses is not None:
-            self._vram = asyncio.create_task(watch_peaks(self.store.__iter__, self._gpu_statuses))
+        self.vram.start(self.store.__iter__)
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
-        tasks = [*self._tasks, *([self._pruner] if self._pruner else []), *([self._vram] if self._vram else [])]
+        tasks = [*self._tasks, *([self._pruner] if self._pruner else [])]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pruner = None
-        self._vram = None
+        await self.vram.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -166,39 +164,15 @@ class JobManager:
         return True
 
     def _route(self, job: Job, exclude: Iterable[int], *, count_refusal: bool = True) -> InstanceView:
-        views = self.directory.snapshot()
-        if job.profile is None:
-            job.profile = profile(job.workflow)
-        job_profile = job.profile
-        policy = self.settings.routing_policy
-        estimates: dict[int, Estimate] = {}
-        fleet = self.speeds.fleet_seconds()
-        if policy == "capacity":
-            estimates = {v.index: self.speeds.estimate(v.index, job_profile) for v in views}
-
-            def ranking(v: InstanceView, load: int) -> tuple[float, ...]:
-                return rank(load, estimates[v.index], fleet)
-
+        job.profile = job.profile or profile(job.workflow)
         try:
-            view = route(
-                views,
-                self._inflight,
-                max_queue_depth=self.settings.max_queue_depth,
-                gpu=job.gpu,
-                exclude=exclude,
-                rank=ranking if policy == "capacity" else None,
+            view, job.routing = choose_instance(
+                self.directory.snapshot(), self._inflight, job.profile, self.speeds, self.settings, job.gpu, exclude
             )
         except RouteError as exc:
             if count_refusal:
                 self.metrics.refused("invalid" if exc.status == 400 else "rejected")
             raise
-        excluded = set(exclude)
-        candidates = [
-            (v, instance_load(v, self._inflight.get(v.index, 0))) for v in views if v.ready and v.index not in excluded
-        ]
-        reason = explain(policy, view, candidates, estimates, fleet, pinned=job.gpu is not None)
-        job.routing = RoutingInfo(instance=view.name, policy="pinned" if job.gpu is not None else policy, reason=reason)
-        self.speeds.routed(view.index, job_profile)
         # Reserve now, in the same event-loop step as the decision, so a burst spreads out.
         self._inflight[view.index] = self._inflight.get(view.index, 0) + 1
         job.instance = view
@@ -254,13 +228,10 @@ class JobManager:
     def _finish(self, job: Job, result: Result) -> None:
         if job.final:
             return
-        if self._gpu_statuses is not None:
-            update_peak(job, self._gpu_statuses())
+        self.vram.observe(job)
         job.finish(result.status, result.error, self._clock(), self._wall())
         self.metrics.finished(job)
-        if result.status == "success" and job.instance and job.profile and job.execution_time is not None:
-            nodes = job.progress.timings() if job.progress is not None else []
-            self.speeds.record(job.instance.index, job.profile, job.execution_time, nodes)
+        self.speeds.learn(job)
         self.store.finished(job)
         job.done.set()
         where = f" on GPU {job.instance.index}" if job.instance else ""

@@ -10,6 +10,7 @@ alone), a job shorter than the sampling interval may get none, and mock GPUs giv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 from orchestrator.core.readiness import GpuStatus
@@ -50,3 +51,28 @@ async def watch_peaks(
             for job in running:
                 update_peak(job, latest)
         await asyncio.sleep(interval)
+
+
+class PeakWatcher:
+    """The job manager's watch over its running jobs' peaks (idle without ``statuses``)."""
+
+    def __init__(self, statuses: Callable[[], Sequence[GpuStatus]] | None) -> None:
+        self._statuses = statuses
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, jobs: Callable[[], Iterable[Job]]) -> None:
+        """Start watching (inside the event loop)."""
+        if self._task is None and self._statuses is not None:
+            self._task = asyncio.create_task(watch_peaks(jobs, self._statuses))
+
+    def observe(self, job: Job) -> None:
+        """One last read as the job ends."""
+        if self._statuses is not None:
+            update_peak(job, self._statuses())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
