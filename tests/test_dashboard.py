@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -81,7 +82,8 @@ def exported_names(tmp_path: Path) -> set[str]:
     write_json(layout.status_file, {"stages": {"detect": 1.0}, "nodes": {"counts": {"installed": 1}},
                                     "comfy": {"fallback": False}})
     registry = build_registry(Source(), load_settings({"ROOT": str(tmp_path)}), layout, hostname="h")
-    JobMetrics(registry, lambda: {0: 1}, lambda: [])  # the job API's, registered by the JobManager
+    jobs = JobMetrics(registry, lambda: {0: 1}, lambda: [])  # the job API's, registered by the JobManager
+    jobs.node_seconds.labels("KSampler").observe(1.0)  # labelled: exported once a job has run a node
     return {s.name for family in registry.collect() for s in family.samples}
 
 
@@ -112,6 +114,90 @@ def test_the_dashboard_covers_health_restarts_queues_gpus_and_provisioning() -> 
         "orchestrator_stage_duration_seconds",
     }
     assert required <= used, sorted(required - used)
+
+
+def panels_by_title() -> dict[str, dict[str, Any]]:
+    return {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+
+
+def rows() -> dict[str, list[dict[str, Any]]]:
+    """Each row's title -> the panels placed below it and above the next row."""
+    panels = sorted(json.loads(DASHBOARD.read_text())["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    out: dict[str, list[dict[str, Any]]] = {}
+    current = ""
+    for p in panels:
+        if p["type"] == "row":
+            current = p["title"]
+            out[current] = []
+        else:
+            out.setdefault(current, []).append(p)
+    return out
+
+
+def test_the_jobs_downloads_and_gpu_fault_rows_hold_their_panels() -> None:
+    def used(row: str) -> set[str]:
+        return set().union(*(metric_names(t["expr"]) for p in rows()[row] for t in p.get("targets", [])))
+
+    assert {"comfyui_jobs_total", "comfyui_job_duration_seconds_bucket", "comfyui_job_queue_wait_seconds_bucket",
+            "comfyui_instance_jobs_in_flight", "comfyui_node_execution_seconds_bucket",
+            "comfyui_job_nodes_cached_total"} <= used("Jobs")
+    assert {"orchestrator_download_bytes", "orchestrator_download_files",
+            "orchestrator_download_throughput_bytes_per_second"} <= used("Downloads")
+    assert used("GPU faults") == {"orchestrator_gpu_failed"}
+    slowest = panels_by_title()["Slowest node types (p95, 1 h)"]
+    assert "by (class_type, le)" in slowest["targets"][0]["expr"]
+    assert slowest["fieldConfig"]["defaults"]["unit"] == "s"
+
+
+def test_no_two_panels_overlap() -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for p in json.loads(DASHBOARD.read_text())["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
+
+
+def color(panel: dict[str, Any], value: float) -> str:
+    """The colour a stat panel shows for ``value`` (absolute thresholds, as Grafana applies them)."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    chosen = steps[0]["color"]
+    for step in steps[1:]:
+        if value >= step["value"]:
+            chosen = step["color"]
+    return str(chosen)
+
+
+def test_every_stat_panel_has_thresholds_and_bad_values_are_not_green() -> None:
+    panels = panels_by_title()
+    for p in panels.values():
+        if p["type"] == "stat":
+            thresholds = p["fieldConfig"]["defaults"].get("thresholds")
+            assert thresholds, f"stat panel {p['title']!r} has no thresholds"
+            assert thresholds["mode"] == "absolute"
+            assert len(thresholds["steps"]) >= 2, p["title"]
+    assert color(panels["Instances ready"], 0) == "red"
+    assert color(panels["Instances ready"], 3) == "green"
+    assert color(panels["Instances up"], 0) == "red"
+    assert color(panels["supervisord"], 0) == "red"
+    assert color(panels["Fallback ComfyUI in use"], 1) != "green"
+    assert color(panels["Failed custom nodes"], 2) != "green"
+    assert color(panels["Lost GPUs"], 0) == "green"
+    assert color(panels["Lost GPUs"], 1) == "red"
+
+
+def test_units_match_what_the_metrics_count() -> None:
+    panels = panels_by_title()
+    for p in panels.values():
+        unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        exprs = " ".join(t["expr"] for t in p.get("targets", []))
+        assert unit != "decmbytes", f"{p['title']}: MiB are binary units (mbytes)"
+        if "DCGM_FI_DEV_FB_" in exprs:
+            assert unit == "mbytes", p["title"]  # dcgm-exporter reports framebuffer memory in MiB
+        if "_seconds_bucket" in exprs or "_duration_seconds" in exprs:
+            assert unit == "s", p["title"]
 
 
 def test_the_dashboard_is_importable_grafana_json() -> None:

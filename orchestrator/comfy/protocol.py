@@ -94,26 +94,46 @@ def classify_event(message: Mapping[str, Any], prompt_id: str | None) -> Event:
     return Event("other")
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeTiming:
+    """One node of a finished prompt: how long it executed (0 when served from cache)."""
+
+    id: str
+    class_type: str
+    seconds: float
+    cached: bool
+
+
 @dataclasses.dataclass
 class NodeProgress:
-    """Which of a prompt's nodes are done, from whichever events the server sends.
+    """Which of a prompt's nodes are done, and how long each took, from the server's events.
 
     Upstream: ``execution_cached`` (nodes), ``executing`` (a node starts, so the one before it
     is done), ``executed``, ``progress_state`` (``finished`` nodes). The fork adds
     ``node_executing`` per node. Counting by node id makes duplicates harmless.
+
+    Timings (when ``update`` is given ``now``): a node runs from its ``executing`` to the next
+    node's ``executing``, its own ``executed``, or the prompt's end (success, error,
+    interruption, ``executing`` null). ``class_types`` (node id -> class) comes from the
+    workflow; the fork's ``node_executing`` names the class too.
     """
 
     total: int
     done_nodes: set[str] = dataclasses.field(default_factory=set)
     current: str | None = None
     completed: bool = False
+    class_types: dict[str, str] = dataclasses.field(default_factory=dict)
+    cached_nodes: list[str] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    order: list[str] = dataclasses.field(default_factory=list)
+    since: float | None = None  # when ``current`` started (None: not timed, or already closed)
 
     @property
     def done(self) -> int:
         return self.total if self.completed else min(self.total, len(self.done_nodes))
 
-    def update(self, message: Mapping[str, Any], prompt_id: str | None) -> None:
-        """Apply one /ws message (messages of other prompts are ignored)."""
+    def update(self, message: Mapping[str, Any], prompt_id: str | None, now: float | None = None) -> None:
+        """Apply one /ws message (messages of other prompts are ignored); ``now``: monotonic seconds."""
         kind = message.get("type")
         data = message.get("data")
         if not isinstance(data, dict):
@@ -122,29 +142,66 @@ class NodeProgress:
         if prompt_id is None or (pid is not None and pid != prompt_id):
             return
         if kind == "execution_cached" and pid is not None:
-            self.done_nodes.update(str(n) for n in data.get("nodes") or [] if n is not None)
+            for n in data.get("nodes") or []:
+                if n is not None and str(n) not in self.cached_nodes:
+                    self.cached_nodes.append(str(n))
+                    self.done_nodes.add(str(n))
         elif kind in {"executing", "node_executing"} and pid is not None:
             node = data.get("node")
             if node is None:
-                self.finish()
+                self.finish(now)
                 return
             node = str(node)
-            if self.current is not None and self.current != node:
-                self.done_nodes.add(self.current)
-            self.current = node
+            if isinstance(data.get("class_type"), str):
+                self.class_types.setdefault(node, data["class_type"])
+            if self.current != node:
+                if self.current is not None:
+                    self.done_nodes.add(self.current)
+                    self._close(now)
+                self.current = node
+                self.since = now
+                if node not in self.order:
+                    self.order.append(node)
         elif kind == "executed" and data.get("node") is not None:
-            self.done_nodes.add(str(data["node"]))
+            node = str(data["node"])
+            self.done_nodes.add(node)
+            if node == self.current:
+                self._close(now)
         elif kind == "progress_state" and isinstance(data.get("nodes"), dict):
             for node_id, state in data["nodes"].items():
                 if isinstance(state, dict) and state.get("state") == "finished":
                     self.done_nodes.add(str(node_id))
+        elif kind in {"execution_success", "execution_error", "execution_interrupted"}:
+            self._close(now)
 
-    def finish(self) -> None:
+    def _close(self, now: float | None) -> None:
+        """The current node ended at ``now``: record its time (once)."""
+        if self.current is not None and self.since is not None and now is not None:
+            self.seconds.setdefault(self.current, max(0.0, now - self.since))
+        self.since = None
+
+    def finish(self, now: float | None = None) -> None:
         """The prompt completed: every node counts as done."""
+        self._close(now)
         if self.current is not None:
             self.done_nodes.add(self.current)
         self.current = None
         self.completed = True
+
+    def timings(self) -> list[NodeTiming]:
+        """The cached nodes, then the executed ones in the order they ran (those with a time)."""
+        out = [NodeTiming(n, self.class_types.get(n, ""), 0.0, True) for n in self.cached_nodes]
+        out.extend(
+            NodeTiming(n, self.class_types.get(n, ""), self.seconds[n], False)
+            for n in self.order
+            if n in self.seconds and n not in self.cached_nodes
+        )
+        return out
+
+
+def node_classes(workflow: Workflow) -> dict[str, str]:
+    """Node id -> class_type of an API-format workflow."""
+    return {str(k): str(v.get("class_type", "")) for k, v in workflow.items() if isinstance(v, dict)}
 
 
 def greeting(message: Any, client_id: str) -> tuple[str, Dialect] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceView
@@ -34,8 +34,12 @@ def route(
     max_queue_depth: int,
     gpu: int | None = None,
     exclude: Iterable[int] = (),
+    rank: Callable[[InstanceView, int], tuple[float, ...]] | None = None,
 ) -> InstanceView:
     """The READY instance with the least load (ties: lowest GPU index).
+
+    ``rank(view, load)``, when given, orders the instances that have room instead of their load
+    (``core.routing_score``: capacity and affinity); full ones still come last.
 
     Raises:
         RouteError: 400 for an unknown ``gpu``; 503 when the pinned instance is not ready,
@@ -70,7 +74,8 @@ def route(
         states = ", ".join(f"{v.index}:{v.state.value}" for v in views) or "no instances"
         raise RouteError(f"no READY instance to run the job ({states})", status=503, reason="no_instance")
     loads = [(instance_load(v, inflight.get(v.index, 0)), v.index, v) for v in ready]
-    load, _, best = min(loads, key=lambda t: (t[0], t[1]))
+    key = rank or (lambda v, n: (float(n),))
+    load, _, best = min(loads, key=lambda t: (t[0] >= max_queue_depth, key(t[2], t[0]), t[1]))
     if load >= max_queue_depth:
         raise RouteError(
             f"every READY instance has {max_queue_depth} or more jobs (MAX_QUEUE_DEPTH); retry later",

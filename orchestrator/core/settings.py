@@ -143,6 +143,7 @@ class Settings:
     job_timeout: float = setting("600s", to_positive_duration, "Default job deadline")
     job_results_max: int = setting("1000", int_in(1), "Finished jobs kept for GET /jobs/{id}")
     job_results_ttl: float = setting("1h", to_positive_duration, "How long finished jobs are kept")
+    routing_policy: str = setting("capacity", choice("capacity", "least_queue"), "Job routing: capacity (earliest expected finish from learned speeds, model affinity) or least_queue")
     max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")

@@ -20,7 +20,14 @@ import uuid
 from collections.abc import Awaitable
 
 from orchestrator.comfy.client import ComfyCallError, ComfyClient, ComfySocket, describe
-from orchestrator.comfy.protocol import NodeProgress, history_outcome, history_outputs, history_times, prompt_rejection
+from orchestrator.comfy.protocol import (
+    NodeProgress,
+    history_outcome,
+    history_outputs,
+    history_times,
+    node_classes,
+    prompt_rejection,
+)
 from orchestrator.core.instances import InstanceView
 from orchestrator.jobs.follow import Down, Outcome, Tracking, follow
 from orchestrator.jobs.schemas import JobErrorInfo, OutputFile, error_info, output_file
@@ -73,7 +80,7 @@ async def run_attempt(job: Job, view: InstanceView, client: ComfyClient, t: Trac
                         log.debug("job %s: %s assigned client id %s", job.id, view.name, socket.client_id)
                 await _upload_images(job, view, client)
                 job.prompt_id = await _post_prompt(job, view, client, own if socket is None else socket.client_id)
-                job.progress = NodeProgress(total=len(job.workflow))
+                job.progress = NodeProgress(total=len(job.workflow), class_types=node_classes(job.workflow))
         except TimeoutError:
             if t.clock() < job.deadline:
                 raise Down(

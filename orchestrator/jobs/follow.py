@@ -129,7 +129,7 @@ async def _follow_ws(
         if event.kind != "other":
             last_news = t.clock()
         if job.progress is not None:
-            job.progress.update(message, job.prompt_id)
+            job.progress.update(message, job.prompt_id, t.clock())
         if event.kind == "started":
             mark_started(job, t.clock())
         elif event.kind == "done":

@@ -155,6 +155,8 @@ def _job(body: Any, *, now: float, wall: float) -> Job:
     if r.finished_at is not None:
         job.finished_at = r.finished_at
         job.finished_mono = mono(r.finished_at)
+    job.routing = r.routing
     if job.final:
+        job.answer = r
         job.done.set()
     return job

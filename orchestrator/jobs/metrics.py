@@ -1,4 +1,5 @@
-"""The job metrics: outcomes, execution time, queue wait, and jobs in flight per instance.
+"""The job metrics: outcomes, execution time, queue wait, per-node execution time by class,
+cached nodes, and jobs in flight per instance.
 
 Registered on the registry the caller passes (never the global one); the in-flight gauge is a
 collector that reads the tracker's counts on scrape.
@@ -18,6 +19,7 @@ from orchestrator.jobs.store import Job
 # comfyui_jobs_total{status}: finished jobs by outcome, plus refusals at submission.
 METRIC_STATUSES = ("success", "error", "timeout", "invalid", "rejected")
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+NODE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -78,6 +80,18 @@ class JobMetrics:
             buckets=WAIT_BUCKETS,
             registry=registry,
         )
+        self.node_seconds = Histogram(
+            "comfyui_node_execution_seconds",
+            "Execution time of workflow nodes by class (from the /ws events; cached nodes not counted)",
+            ["class_type"],
+            buckets=NODE_BUCKETS,
+            registry=registry,
+        )
+        self.nodes_cached = Counter(
+            "comfyui_job_nodes_cached",
+            "Workflow nodes served from the instance's cache instead of executed",
+            registry=registry,
+        )
         registry.register(InflightCollector(inflight, views))
 
     def refused(self, status: str) -> None:
@@ -92,3 +106,8 @@ class JobMetrics:
             self.queue_wait.observe(max(0.0, job.started_mono - job.created_mono))
         if job.execution_time is not None:
             self.duration.observe(job.execution_time)
+        for node in job.progress.timings() if job.progress is not None else ():
+            if node.cached:
+                self.nodes_cached.inc()
+            else:
+                self.node_seconds.labels(node.class_type or "unknown").observe(node.seconds)

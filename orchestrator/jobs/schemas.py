@@ -100,6 +100,19 @@ class JobProgress(BaseModel):
     nodes_total: int = Field(description="Nodes in the workflow")
 
 
+class NodeTime(BaseModel):
+    id: str = Field(description="Node id in the workflow")
+    class_type: str = Field(description="The node's class (empty when unknown)")
+    seconds: float = Field(description="Execution time, from its executing event to the next node's (0 when cached)")
+    cached: bool = Field(description="Served from the instance's cache (not executed)")
+
+
+class RoutingInfo(BaseModel):
+    instance: str = Field(description="The instance chosen, e.g. comfyui_gpu1")
+    policy: str = Field(description="ROUTING_POLICY in force: capacity or least_queue (pinned: gpu was given)")
+    reason: str = Field(description="Why this instance: expected finish times, jobs ahead, models loaded")
+
+
 class JobResponse(BaseModel):
     id: str
     status: JobStatus
@@ -116,6 +129,16 @@ class JobResponse(BaseModel):
     created_at: float = Field(description="Unix time the job was accepted")
     finished_at: float | None = None
     attempts: int = Field(description="Instances the job was sent to (2 after a resubmission)")
+    run_seconds: float | None = Field(
+        default=None, description="Execution time on the instance (as execution_time_seconds)"
+    )
+    nodes: list[NodeTime] = Field(
+        default_factory=list, description="Per node, in execution order after the cached ones (from the /ws events)"
+    )
+    routing: RoutingInfo | None = Field(default=None, description="Which instance was chosen and why")
+    peak_vram_bytes: int | None = Field(
+        default=None, description="Most GPU memory used on the job's device while it ran (real GPUs only)"
+    )
 
 
 def error_info(failure: Failure) -> JobErrorInfo:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from orchestrator.comfy.protocol import NodeProgress
 from orchestrator.core.instances import InstanceView
+from orchestrator.core.routing_score import JobProfile
 from orchestrator.core.workflow import Override, Shorthand, Workflow, prepare_workflow
 from orchestrator.jobs.schemas import (
     FINAL_STATUSES,
@@ -24,8 +25,10 @@ from orchestrator.jobs.schemas import (
     JobRequest,
     JobResponse,
     JobStatus,
+    NodeTime,
     OutputFile,
     ReturnMode,
+    RoutingInfo,
     decode_image,
 )
 
@@ -58,6 +61,10 @@ class Job:
     attempts: int = 0
     progress: NodeProgress | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    routing: RoutingInfo | None = None
+    profile: JobProfile | None = None
+    peak_vram_bytes: int | None = None
+    answer: JobResponse | None = None  # a finished job read back from the journal: its answer as it was
 
     @property
     def final(self) -> bool:
@@ -77,6 +84,8 @@ class Job:
         self.finished_at = wall
 
     def to_response(self) -> JobResponse:
+        if self.answer is not None:
+            return self.answer
         inst = self.instance
         wait = None if self.started_mono is None else max(0.0, self.started_mono - self.created_mono)
         total = None if self.finished_mono is None else self.finished_mono - self.created_mono
@@ -96,6 +105,15 @@ class Job:
             created_at=round(self.created_at, 3),
             finished_at=None if self.finished_at is None else round(self.finished_at, 3),
             attempts=self.attempts,
+            run_seconds=_round(self.execution_time),
+            nodes=[]
+            if self.progress is None
+            else [
+                NodeTime(id=n.id, class_type=n.class_type, seconds=round(n.seconds, 4), cached=n.cached)
+                for n in self.progress.timings()
+            ],
+            routing=self.routing,
+            peak_vram_bytes=self.peak_vram_bytes,
         )
 
 

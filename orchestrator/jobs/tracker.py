@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import aiohttp
@@ -28,7 +28,9 @@ from orchestrator.comfy.client import ComfyClient, new_session
 from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
-from orchestrator.core.routing import RouteError, all_saturated, route
+from orchestrator.core.readiness import GpuStatus
+from orchestrator.core.routing import RouteError, all_saturated
+from orchestrator.core.routing_score import profile
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.attempt import Result, run_attempt, settled
@@ -37,7 +39,9 @@ from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.jobs.recovery import restore
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
+from orchestrator.jobs.speeds import SpeedBook, choose_instance
 from orchestrator.jobs.store import Job, ResultStore, new_job
+from orchestrator.jobs.vram import PeakWatcher
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class JobManager:
         check_interval: how often a job re-reads the directory and its deadline while waiting.
         journal: where each job's record is kept, so that a restarted manager serves the results
             of the jobs it had accepted and follows those still running (None: memory only).
+        gpu_statuses: the monitor's GPU samples, for each job's peak GPU memory (``jobs.vram``).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class JobManager:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         journal: JobJournal | None = None,
+        gpu_statuses: Callable[[], Sequence[GpuStatus]] | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -78,11 +84,13 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self.vram = PeakWatcher(gpu_statuses)
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
         self.tracking.saved = journal.record if journal else self.tracking.saved
         self.metrics = JobMetrics(registry, self.inflight, directory.snapshot)
+        self.speeds = SpeedBook()  # learned from completed jobs; read by capacity routing
 
     @property
     def dialects(self) -> dict[int, Dialect]:
@@ -100,6 +108,7 @@ class JobManager:
             journal = self.journal
             forget = (lambda kept: journal.forget(journal.ids() - kept)) if journal else None
             self._pruner = asyncio.create_task(self.store.prune_periodically(forget))
+        self.vram.start(self.store.__iter__)
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
@@ -110,6 +119,7 @@ class JobManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pruner = None
+        await self.vram.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -165,13 +175,10 @@ class JobManager:
         return True
 
     def _route(self, job: Job, exclude: Iterable[int], *, count_refusal: bool = True) -> InstanceView:
+        job.profile = job.profile or profile(job.workflow)
         try:
-            view = route(
-                self.directory.snapshot(),
-                self._inflight,
-                max_queue_depth=self.settings.max_queue_depth,
-                gpu=job.gpu,
-                exclude=exclude,
+            view, job.routing = choose_instance(
+                self.directory.snapshot(), self._inflight, job.profile, self.speeds, self.settings, job.gpu, exclude
             )
         except RouteError as exc:
             if count_refusal:
@@ -234,10 +241,12 @@ class JobManager:
     def _finish(self, job: Job, result: Result) -> None:
         if job.final:
             return
+        self.vram.observe(job)
         job.finish(result.status, result.error, self._clock(), self._wall())
         if self.journal is not None:
             self.journal.record(job)
         self.metrics.finished(job)
+        self.speeds.learn(job)
         self.store.finished(job)
         job.done.set()
         where = f" on GPU {job.instance.index}" if job.instance else ""

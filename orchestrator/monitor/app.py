@@ -62,7 +62,9 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     monitor = monitor or Monitor(settings, plan)
     layout = Layout(settings.root)
     registry = build_registry(monitor, settings, layout)
-    manager = JobManager(settings, monitor, registry, journal=JobJournal(layout.jobs_dir))
+    manager = JobManager(
+        settings, monitor, registry, journal=JobJournal(layout.jobs_dir), gpu_statuses=monitor.gpu_statuses
+    )
     monitor.set_inflight(manager.inflight)
 
     @contextlib.asynccontextmanager

@@ -68,6 +68,7 @@ class _Run:
     item: QueueItem
     to_run: int  # nodes not served from the cache
     unit_time: float  # seconds of simulated work per unit (see behaviours.units)
+    load_time: float = 0.0  # extra seconds a model loader node takes when it runs
     messages: list[list[Any]] = dataclasses.field(default_factory=list)
     results: dict[str, nb.NodeResult] = dataclasses.field(default_factory=dict)
     fresh: dict[str, nb.NodeResult] = dataclasses.field(default_factory=dict)  # by signature
@@ -130,8 +131,12 @@ class Executor:
         if self.interrupted:
             raise Interrupted()
 
-    async def execute(self, item: QueueItem, exec_time: float) -> dict[str, Any]:
-        """Run ``item``; return its history entry (without ``prompt``)."""
+    async def execute(self, item: QueueItem, exec_time: float, model_load: float = 0.0) -> dict[str, Any]:
+        """Run ``item``; return its history entry (without ``prompt``).
+
+        ``exec_time`` seconds are shared by the nodes that run; each model loader node that runs
+        (its result not cached) takes ``model_load`` seconds more.
+        """
         pid = item.prompt_id
         prompt = item.prompt
         client = item.extra_data.get("client_id")
@@ -140,7 +145,7 @@ class Executor:
         self.interrupted = False
         self._wake.clear()
         self._png_text = nb.png_metadata(prompt, item.extra_data)
-        run = _Run(item, 0, 0.0)
+        run = _Run(item, 0, 0.0, max(model_load, 0.0))
         self._add(run, "execution_start", {"prompt_id": pid})
         sigs = signatures(prompt)
         self._add(run, "execution_cached", {"nodes": [n for n in prompt if sigs[n] in self.cache], "prompt_id": pid})
@@ -206,6 +211,8 @@ class Executor:
             self.last_node_id = node_id
             run.states[node_id] = _state(node_id, pid, "running", 0, 1)
             self._node_event("progress_state", {"prompt_id": pid, "nodes": dict(run.states)})
+            if cls.name in nb.LOADER_BYTES:
+                await self._work(run.load_time)
             result = await self._run_node(node_id, node, cls, run.results, sig, run.unit_time, pid)
             run.fresh[sig] = result
             run.executed.append(node_id)

@@ -10,6 +10,8 @@ SIM_EXEC_TIME     seconds per prompt    exec_time
 SIM_GPU_NAME      device name           gpu_name
 SIM_GPU_VRAM      device VRAM in bytes  gpu_vram
 SIM_IGNORE_SIGTERM  ignore SIGTERM      ignore_sigterm (only SIGKILL stops it then)
+SIM_SPEED         relative GPU speed    speed          (> 0; 0.5 = prompts take twice SIM_EXEC_TIME)
+SIM_MODEL_LOAD_SECONDS  seconds a model loader node takes when it runs (not cached): model_load_seconds
 
 The file is re-read every 0.5 s while the simulator runs; its keys override the environment,
 and a key that disappears falls back to the environment's value. Times after "ready" are
@@ -41,6 +43,8 @@ class Faults:
     gpu_name: str = DEFAULT_GPU_NAME
     gpu_vram: int = DEFAULT_GPU_VRAM  # bytes
     ignore_sigterm: bool = False
+    speed: float = 1.0  # relative speed: a prompt takes exec_time / speed
+    model_load_seconds: float = 0.0  # extra seconds per model loader node that runs (not cached)
 
 
 def _seconds(value: Any) -> float:
@@ -58,6 +62,13 @@ def _bytes(value: Any) -> int:
     number = int(float(value))
     if number <= 0:
         raise ValueError(f"expected a byte count > 0, got {value!r}")
+    return number
+
+
+def _speed(value: Any) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ValueError(f"expected a speed > 0, got {value!r}")
     return number
 
 
@@ -98,6 +109,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "gpu_name": _text,
     "gpu_vram": _bytes,
     "ignore_sigterm": _flag,
+    "speed": _speed,
+    "model_load_seconds": _seconds,
 }
 
 

@@ -163,7 +163,8 @@ class Simulator:
         while True:
             task_id, item = await self.queue.get()
             started = time.perf_counter()
-            entry = await self.executor.execute(item, self.faults.exec_time)
+            faults = self.faults
+            entry = await self.executor.execute(item, faults.exec_time / faults.speed, faults.model_load_seconds)
             self.queue.task_done(task_id, {"prompt": item.public(), **entry})
             client = item.extra_data.get("client_id")
             if isinstance(client, str):

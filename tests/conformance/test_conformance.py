@@ -377,6 +377,26 @@ def test_websocket_events_reach_only_the_prompts_client_in_order(server: ComfySe
     assert leaked == []
 
 
+def test_a_partly_cached_prompt_names_its_cached_nodes_and_executes_only_the_rest(server: ComfyServer) -> None:
+    """What per-node telemetry reads: execution_cached lists the nodes served from cache, and only
+    the others get an ``executing`` (a node's time runs to the next one's)."""
+    prefix, color = f"part_{random.randint(0, 10**9)}", random.randint(0, 0xFFFFFF)
+
+    async def scenario(c: ComfyClient) -> tuple[dict[str, Any], list[tuple[str, Any]], list[Any]]:
+        await run_prompt(c, image_graph(prefix, color))
+        return await _events(c, image_graph(prefix + "_again", color))  # only SaveImage's input differs
+
+    _, seen, _ = talk(server, scenario)
+    flow = [(t, d.get("node") if t in ("executing", "executed") else None)
+            for t, d in seen if t not in ("status", "progress_state", "progress")]
+    assert flow == [
+        ("execution_start", None), ("execution_cached", None), ("executing", "3"), ("executed", "3"),
+        ("execution_success", None), ("executing", None),
+    ]
+    cached = next(d for t, d in seen if t == "execution_cached")["nodes"]
+    assert sorted(cached) == ["1", "2"]
+
+
 # ---------------------------------------------------------------- stopping
 def test_sigterm_stops_an_instance_within_seconds_and_frees_its_port(fresh_server: ComfyServer) -> None:
     srv = fresh_server
