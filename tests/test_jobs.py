@@ -40,7 +40,7 @@ from orchestrator.core.settings import Settings, load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.journal import JobJournal
-from orchestrator.jobs.schemas import InputImage, decode_image
+from orchestrator.jobs.schemas import InputImage, JobResponse, decode_image
 from orchestrator.jobs.store import Job, ResultStore
 from orchestrator.jobs.tracker import JobManager
 
@@ -1011,7 +1011,7 @@ def test_a_damaged_journal_record_is_set_aside_and_the_rest_restored(
     assert job_.finished_mono == pytest.approx(901.5)
     assert job_.started_mono == pytest.approx(900.5)
     response = job_.to_response()
-    assert response.total_seconds == pytest.approx(1.5)
+    assert response == JobResponse.model_validate(finished)  # served as it was answered before
     assert response.outputs[0].filename == "x.png"
     assert sorted(p.name for p in journal.directory.iterdir()) == sorted(
         [f"{good}.json", f"{'c' * 32}.json.damaged", f"{'d' * 32}.json.damaged"]
