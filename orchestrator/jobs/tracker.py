@@ -38,6 +38,7 @@ from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.jobs.recovery import restore
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
 from orchestrator.jobs.store import Job, ResultStore, new_job
+from orchestrator.jobs.uploads import OutputUploader
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class JobManager:
         check_interval: how often a job re-reads the directory and its deadline while waiting.
         journal: where each job's record is kept, so that a restarted manager serves the results
             of the jobs it had accepted and follows those still running (None: memory only).
+        uploader: sends finished jobs' outputs to OUTPUT_UPLOAD (None: they stay local).
     """
 
     def __init__(
@@ -67,9 +69,11 @@ class JobManager:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         journal: JobJournal | None = None,
+        uploader: OutputUploader | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
+        self.uploader = uploader
         self.directory = directory
         self._clock = clock
         self._wall = wall
@@ -218,7 +222,10 @@ class JobManager:
     async def _outcome(self, job: Job, work: Awaitable[Result]) -> None:
         """Await an attempt and record how it ended, whatever it raised."""
         try:
-            self._finish(job, await settled(job, work))
+            result = await settled(job, work)
+            if result.status == "success" and self.uploader is not None:
+                await self.uploader.upload(job)
+            self._finish(job, result)
         except asyncio.CancelledError:
             if self.journal is None:  # with one, the record stays as it is: the next monitor follows the job
                 self._fail(job, "internal", "the job API shut down while the job was in flight")
