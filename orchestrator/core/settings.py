@@ -114,7 +114,7 @@ class Settings:
     models_manifest: Path | None = setting("", to_optional_path, "Model manifest (default: models.yaml in the shared repo)")
     models_concurrency: int = setting("4", int_in(1, 64), "Parallel model downloads")
     models_max_bytes: int = setting("200G", to_size, "Largest model file without a size: in the manifest (e.g. 500M, 200G); a longer body fails that file")
-    min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
+    min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take and output cleanup keeps free (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
     download_retries: int = setting("10", int_in(0, 1000), "Retries per model file and run, with or without progress")
     download_retry_seconds: float = setting("30m", to_positive_duration, "No model file is retried after it has been downloading this long")
     civitai_models: tuple[str, ...] = setting("", to_list, "CivitAI version ids → checkpoints")
