@@ -29,7 +29,7 @@ HOUR = 3600.0
 
 
 def settings_for(root: Path, **extra: str) -> Settings:
-    return load_settings({"ROOT": str(root), "OUTPUT_MAX_AGE": "60m", **extra})
+    return load_settings({"ROOT": str(root), "OUTPUT_MAX_AGE": "60m", "MIN_FREE_DISK": "0", **extra})
 
 
 def put(path: Path, size: int, age: float) -> Path:
@@ -210,3 +210,69 @@ def test_the_loop_runs_every_interval_and_stops_on_sigterm(
     runs = [json.loads(line) for line in proc.stdout.read().splitlines()] if proc.stdout else []
     assert len(runs) >= 2
     assert sum(r["files_deleted"] for r in runs) == 1
+
+
+# ---------------------------------------------------------------- the disk floor
+class Disk:
+    """A filesystem of ``size`` bytes whose free space grows as files under ``root`` are deleted."""
+
+    def __init__(self, root: Path, size: int, free: int) -> None:
+        self.root, self.size, self.base_free = root, size, free
+        self.start = self.used()
+
+    def used(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("comfyui_gpu*/**/*") if p.is_file())
+
+    def __call__(self, path: Path) -> os.statvfs_result:
+        free = self.base_free + (self.start - self.used())
+        return os.statvfs_result((1, 1, self.size, free, free, 0, 0, 0, 0, 255))
+
+
+def test_below_the_floor_the_oldest_outputs_go_first_until_enough_is_free(root: Path) -> None:
+    out = root / "comfyui_gpu0" / "output"
+    oldest = put(out / "1.png", 400, 50 * 60)
+    older = put(root / "comfyui_gpu1" / "temp" / "2.latent", 300, 40 * 60)
+    newer = put(out / "sub" / "3.png", 500, 30 * 60)
+    young = put(out / "4.png", 900, 10)  # inside the grace period
+    disk = Disk(root, size=100_000, free=1_000)
+    settings = settings_for(root, MIN_FREE_DISK="1600")  # 600 bytes short
+    layout = Layout(root)
+    result = cleanup.cleanup_once(settings, layout, now=NOW, statvfs=disk)
+    assert not oldest.exists()
+    assert not older.exists()  # 400 + 300 >= 600: enough
+    assert newer.exists()
+    assert young.exists()
+    assert (result.floor_files_deleted, result.floor_bytes_freed) == (2, 700)
+    assert result.files_deleted == 2  # none of them was older than OUTPUT_MAX_AGE
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(cleanup.CleanupCollector(layout))
+    assert registry.get_sample_value("orchestrator_cleanup_floor_files_deleted_total") == 2
+    assert registry.get_sample_value("orchestrator_cleanup_floor_bytes_freed_total") == 700
+    assert cleanup.cleanup_once(settings, layout, now=NOW, statvfs=disk).floor_files_deleted == 0
+
+
+def test_the_floor_never_takes_files_of_a_job_still_running(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = root / "comfyui_gpu0" / "output"
+    before = put(out / "before.png", 100, 20 * 60)
+    during = put(out / "during.png", 100, 5 * 60)  # written after the running job was accepted
+    layout = Layout(root)
+    write_json(layout.jobs_dir / f"{'a' * 32}.json", {"version": 1, "response": {
+        "id": "a" * 32, "status": "running", "created_at": NOW - 10 * 60, "attempts": 1}})
+    write_json(layout.jobs_dir / f"{'b' * 32}.json", {"version": 1, "response": {
+        "id": "b" * 32, "status": "success", "created_at": NOW - 30 * 60, "attempts": 1}})
+    disk = Disk(root, size=100_000, free=0)
+    result = cleanup.cleanup_once(settings_for(root, MIN_FREE_DISK="10K"), layout, now=NOW, statvfs=disk)
+    assert not before.exists()
+    assert during.exists()
+    assert result.floor_files_deleted == 1
+    lines = [r.getMessage() for r in caplog.records if "below MIN_FREE_DISK" in r.getMessage()]
+    assert len(lines) == 1
+    assert "lower MIN_FREE_DISK" in lines[0]
+
+
+def test_above_the_floor_nothing_young_is_touched(root: Path) -> None:
+    kept = put(root / "comfyui_gpu0" / "output" / "a.png", 100, 30 * 60)
+    disk = Disk(root, size=100_000, free=50_000)
+    result = cleanup.cleanup_once(settings_for(root, MIN_FREE_DISK="5%"), Layout(root), now=NOW, statvfs=disk)
+    assert kept.exists()
+    assert result.floor_files_deleted == 0

@@ -93,6 +93,19 @@ def test_each_orchestrator_program_gets_the_settings_and_only_its_own_secrets() 
     assert not any("MARKER" in v for v in cleanup.values())
 
 
+def test_the_monitor_holds_the_storage_keys_only_when_it_uploads_outputs() -> None:
+    env = {**ENVIRON, "AWS_ACCESS_KEY_ID": "AKIA-MARKER", "OUTPUT_UPLOAD": "s3://b/p", "AWS_ENDPOINT_URL": "http://s3"}
+    uploading = program_environment(load_settings(env), env, {}, "monitor")
+    assert uploading["AWS_SECRET_ACCESS_KEY"] == "aws-MARKER"
+    assert uploading["AWS_ACCESS_KEY_ID"] == "AKIA-MARKER"
+    assert uploading["AWS_ENDPOINT_URL"] == "http://s3"
+    assert "HF_TOKEN" not in uploading
+    del env["OUTPUT_UPLOAD"]
+    plain = program_environment(load_settings(env), env, {}, "monitor")
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(plain)
+    assert "AWS_SECRET_ACCESS_KEY" not in program_environment(load_settings(env), env, {}, "models")
+
+
 @pytest.mark.parametrize("raw", ["888", "0777", "700", "abc", "-1", "07777", ""])
 def test_an_invalid_umask_is_one_line_naming_the_variable(raw: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -124,6 +124,20 @@ def test_a_successful_job_maps_onto_the_seeds_output_shape() -> None:
     }
 
 
+def test_uploaded_outputs_answer_with_their_urls() -> None:
+    body = {
+        "id": "j2", "status": "success", "instance": {"gpu": 0},
+        "outputs": [
+            {"node_id": "9", "filename": "a.png", "type": "output", "url": "https://s3.example/a.png"},
+            {"node_id": "9", "filename": "b.png", "type": "output", "url": None, "upload_error": "failed 4 times"},
+        ],
+    }
+    out = to_output(200, body, 2.0)
+    assert out["urls"] == ["https://s3.example/a.png", None]
+    assert out["filenames"] == ["a.png", "b.png"]
+    assert "urls" not in to_output(200, {**body, "outputs": [{"filename": "c.png", "type": "output"}]}, 1.0)
+
+
 @pytest.mark.parametrize(
     ("status_code", "body", "kind"),
     [

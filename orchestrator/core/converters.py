@@ -136,3 +136,21 @@ def to_umask(raw: str) -> int:
     if not re.fullmatch(r"0?[0-7]{1,3}", value) or int(value, 8) & 0o700:
         raise ValueError("expected an octal umask that keeps the owner's access, such as 077 (private) or 022")
     return int(value, 8)
+
+
+def to_s3_url(raw: str) -> str:
+    """Empty, or ``s3://bucket[/prefix]`` (the prefix without its trailing slash)."""
+    if not raw:
+        return ""
+    if not raw.startswith("s3://"):
+        raise ValueError("expected s3://bucket/prefix (e.g. s3://my-outputs/comfy)")
+    bucket, _, prefix = raw[5:].partition("/")
+    if not bucket or any(c in bucket for c in " \\?#") or ".." in prefix.split("/"):
+        raise ValueError("expected s3://bucket/prefix with a bucket name and no '..' in the prefix")
+    return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ("bucket", "a/b")."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix

@@ -57,6 +57,8 @@ PROGRAM_SECRETS: Mapping[str, frozenset[str]] = {
     "monitor": frozenset({"ORCHESTRATOR_TOKEN"}),
     "models": frozenset({"HF_TOKEN", "CIVITAI_TOKEN"}),
 }
+# The monitor's extra secrets when OUTPUT_UPLOAD is set.
+UPLOAD_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 _PATTERN = re.compile(r"[A-Za-z_*?\[\]][A-Za-z0-9_*?\[\]!-]*")
 
 
@@ -122,6 +124,8 @@ def program_environment(
     """
     names = _setting_names()
     keep = PROGRAM_SECRETS.get(program, frozenset())
+    if program == "monitor" and settings.output_upload:
+        keep = keep | UPLOAD_SECRETS  # it uploads the jobs' outputs
     env = {k: v for k, v in environ.items() if k in PROXY_NAMES}
     for source in (environ, overrides):
         env.update({k: v for k, v in source.items() if k in names and (not names[k] or k in keep)})

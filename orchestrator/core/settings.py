@@ -35,6 +35,7 @@ from orchestrator.core.converters import (
     to_path,
     to_port,
     to_positive_duration,
+    to_s3_url,
     to_str,
     to_umask,
 )
@@ -113,7 +114,7 @@ class Settings:
     models_manifest: Path | None = setting("", to_optional_path, "Model manifest (default: models.yaml in the shared repo)")
     models_concurrency: int = setting("4", int_in(1, 64), "Parallel model downloads")
     models_max_bytes: int = setting("200G", to_size, "Largest model file without a size: in the manifest (e.g. 500M, 200G); a longer body fails that file")
-    min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
+    min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take and output cleanup keeps free (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
     download_retries: int = setting("10", int_in(0, 1000), "Retries per model file and run, with or without progress")
     download_retry_seconds: float = setting("30m", to_positive_duration, "No model file is retried after it has been downloading this long")
     civitai_models: tuple[str, ...] = setting("", to_list, "CivitAI version ids → checkpoints")
@@ -150,9 +151,16 @@ class Settings:
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")
     log_level: str = setting("info", choice("debug", "info", "warning", "error"), "Log level")
+    output_upload: str = setting("", to_s3_url, "s3://bucket/prefix: upload finished jobs' outputs there (boto3; MinIO/R2 with AWS_ENDPOINT_URL) and return their URLs")
+    output_upload_presign: float = setting("0", to_duration, "With OUTPUT_UPLOAD: return presigned GET URLs valid this long (0: plain object URLs)")
+    output_upload_keep_local: bool = setting("false", to_bool, "With OUTPUT_UPLOAD: keep the local copy after a verified upload")
+    output_upload_retries: int = setting("4", int_in(1, 100), "With OUTPUT_UPLOAD: attempts per file before the job reports the upload error (the file stays)")
+    aws_endpoint_url: str = setting("", to_str, "S3-compatible endpoint for OUTPUT_UPLOAD (MinIO, R2; empty: AWS)")
+    aws_region: str = setting("", to_str, "Region for OUTPUT_UPLOAD", "AWS_DEFAULT_REGION")
+    aws_session_token: str = setting("", to_str, "Temporary credentials for OUTPUT_UPLOAD", secret=True)
     # Secrets that custom nodes receive through their .env files: never printed.
-    aws_access_key_id: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
-    aws_secret_access_key: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
+    aws_access_key_id: str = setting("", to_str, "Cloud storage (node .env; the monitor's, only with OUTPUT_UPLOAD)", secret=True)
+    aws_secret_access_key: str = setting("", to_str, "Cloud storage (node .env; the monitor's, only with OUTPUT_UPLOAD)", secret=True)
     aws_secret_access_key_encoded: str = setting("", to_str, "Cloud storage, '/' as _SLASH_ (node .env)", secret=True)
     azure_storage_key: str = setting("", to_str, "Cloud storage (node .env)", secret=True)
     openai_api_key: str = setting("", to_str, "OpenAI key (node .env)", secret=True)

@@ -6,7 +6,7 @@ optional base64 ``images``); the handler posts it to ``POST /jobs`` on the local
 answers in the same shape the serverless workers did::
 
     {"status": "success", "images": [base64...], "filenames": [...],
-     "execution_time_seconds": 12.5, "prompt_id": "..."}
+     "execution_time_seconds": 12.5, "prompt_id": "..."}   (+ "urls": [...] with OUTPUT_UPLOAD)
     {"status": "error", "error_type": "validation|timeout|internal", "error": "...",
      "execution_time_seconds": 0.5}
 
@@ -104,7 +104,7 @@ def to_output(status_code: int, body: Any, elapsed: float) -> dict[str, Any]:
     saved = [o for o in outputs if o.get("type") == "output"] or outputs
     instance = body.get("instance") or {}
     exec_time = body.get("execution_time_seconds")
-    return {
+    answer = {
         "status": "success",
         "images": [o["data"] for o in saved if o.get("data")],
         "filenames": [o["filename"] for o in saved],
@@ -113,6 +113,9 @@ def to_output(status_code: int, body: Any, elapsed: float) -> dict[str, Any]:
         "job_id": body.get("id"),
         "gpu": instance.get("gpu"),
     }
+    if any(o.get("url") for o in saved):  # OUTPUT_UPLOAD: where the files went, as the seed's worker answers
+        answer["urls"] = [o.get("url") for o in saved]
+    return answer
 
 
 def job_api_url(settings: Settings) -> str:

@@ -79,6 +79,8 @@ class OutputFile(BaseModel):
     subfolder: str = ""
     type: str = "output"
     data: str | None = Field(default=None, description="Base64 file content when return=base64")
+    url: str | None = Field(default=None, description="Where the file was uploaded (OUTPUT_UPLOAD)")
+    upload_error: str | None = Field(default=None, description="Why the upload failed (the file stays local)")
 
 
 class InstanceRef(BaseModel):

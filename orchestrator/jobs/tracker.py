@@ -42,6 +42,7 @@ from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
 from orchestrator.jobs.speeds import SpeedBook, choose_instance
 from orchestrator.jobs.store import Job, ResultStore, new_job
 from orchestrator.jobs.vram import PeakWatcher
+from orchestrator.jobs.uploads import OutputUploader
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class JobManager:
         journal: where each job's record is kept, so that a restarted manager serves the results
             of the jobs it had accepted and follows those still running (None: memory only).
         gpu_statuses: the monitor's GPU samples, for each job's peak GPU memory (``jobs.vram``).
+        uploader: sends finished jobs' outputs to OUTPUT_UPLOAD (None: they stay local).
     """
 
     def __init__(
@@ -73,9 +75,11 @@ class JobManager:
         wall: Callable[[], float] = time.time,
         journal: JobJournal | None = None,
         gpu_statuses: Callable[[], Sequence[GpuStatus]] | None = None,
+        uploader: OutputUploader | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
+        self.uploader = uploader
         self.directory = directory
         self._clock = clock
         self._wall = wall
@@ -225,7 +229,10 @@ class JobManager:
     async def _outcome(self, job: Job, work: Awaitable[Result]) -> None:
         """Await an attempt and record how it ended, whatever it raised."""
         try:
-            self._finish(job, await settled(job, work))
+            result = await settled(job, work)
+            if result.status == "success" and self.uploader is not None:
+                await self.uploader.upload(job)
+            self._finish(job, result)
         except asyncio.CancelledError:
             if self.journal is None:  # with one, the record stays as it is: the next monitor follows the job
                 self._fail(job, "internal", "the job API shut down while the job was in flight")

@@ -22,6 +22,7 @@ from orchestrator.core.settings import Settings
 from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.tracker import JobManager
+from orchestrator.jobs.uploads import OutputUploader, UploadCollector
 from orchestrator.machine.state import applied_plan
 from orchestrator.monitor.api import create_app, with_fast_probes
 from orchestrator.monitor.loop import Monitor
@@ -62,8 +63,13 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     monitor = monitor or Monitor(settings, plan)
     layout = Layout(settings.root)
     registry = build_registry(monitor, settings, layout)
+    outputs = {inst.index: inst.output_dir for inst in plan.instances}
+    uploader = OutputUploader(settings, outputs.__getitem__) if settings.output_upload else None
+    if uploader is not None:
+        registry.register(UploadCollector(uploader))
     manager = JobManager(
-        settings, monitor, registry, journal=JobJournal(layout.jobs_dir), gpu_statuses=monitor.gpu_statuses
+        settings, monitor, registry, journal=JobJournal(layout.jobs_dir), gpu_statuses=monitor.gpu_statuses,
+        uploader=uploader,
     )
     monitor.set_inflight(manager.inflight)
 
