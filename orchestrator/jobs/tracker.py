@@ -41,8 +41,8 @@ from orchestrator.jobs.recovery import restore
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
 from orchestrator.jobs.speeds import SpeedBook, choose_instance
 from orchestrator.jobs.store import Job, ResultStore, new_job
-from orchestrator.jobs.vram import PeakWatcher
 from orchestrator.jobs.uploads import OutputUploader
+from orchestrator.jobs.vram import PeakWatcher
 
 log = logging.getLogger(__name__)
 
