@@ -8,6 +8,7 @@ clock, so tests feed it a fake clock and assert on the sequence of transitions.
 
 Instance states (DESIGN.md)::
 
+                                   ┌─ a failed probe ─▶ SUSPECT (no new jobs) ─ good probe ─▶ READY
     STARTING ──first good probe──▶ READY ──k failed probes / repeated OOM / hung──▶ UNHEALTHY
        ▲  ├──STARTUP_TIMEOUT─────────────────────────────────────────────────────▶ UNHEALTHY
        │  └──port open but k probes unanswered, or wrong device─────────────────▶ UNHEALTHY
@@ -219,11 +220,14 @@ def _new_process(b: _Builder, proc: ProcessInfo) -> None:
     if (proc.pid, proc.start) == (b.rec.pid, b.rec.started):
         return
     was = b.rec.state
+    # An operator's `stop` then `start` is not a restart: only processes that replaced a
+    # running (or crashed, or monitor-restarted) one are counted.
+    counted = 0 if was is InstanceState.STOPPED else 1
     b.update(
-        pid=proc.pid, started=proc.start, restarts=b.rec.restarts + 1, starting_since=b.now,
+        pid=proc.pid, started=proc.start, restarts=b.rec.restarts + counted, starting_since=b.now,
         failures=0, bound_failures=0, startup_error="", failed_nodes=(), oom_events=(),
     )
-    if was not in _EXPECTING_NEW_PROCESS:
+    if was not in _EXPECTING_NEW_PROCESS and was is not InstanceState.STOPPED:
         b.events.append(f"process restarted outside the monitor (new pid {proc.pid}, was {was.value})")
     # any state -> STARTING
     b.change_state(InstanceState.STARTING, f"new process (pid {proc.pid}): {_WAITING}")
@@ -249,7 +253,10 @@ def _probe_running(b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, pr
 
     if probe.ok:
         b.update(failures=0, bound_failures=0, last_error="")
-        if rec.state is not InstanceState.READY:
+        if rec.state is InstanceState.SUSPECT:
+            # SUSPECT -> READY: it answers again; it never stopped being READY for the backoff.
+            b.change_state(InstanceState.READY, f"answering again after {rec.failures} failed probe(s)")
+        elif rec.state is not InstanceState.READY:
             took = b.now - rec.starting_since
             # STARTING/UNHEALTHY -> READY
             after = f" after {_fmt(took)}" if rec.state is InstanceState.STARTING else ""
@@ -292,8 +299,10 @@ def _probe_running(b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, pr
         else:
             b.change_state(InstanceState.UNHEALTHY, f"{cause}; supervisord did not answer")
         return
-    if rec.state is InstanceState.READY:
-        b.update(reason=f"{failures} failed probe(s): {error}")
+    if rec.state in {InstanceState.READY, InstanceState.SUSPECT}:
+        # READY -> SUSPECT at the first failed probe: the router sends it no new job and /readyz
+        # does not count it, while the threshold still decides the restart.
+        b.change_state(InstanceState.SUSPECT, f"{failures} failed probe(s): {error}")
 
 
 def _oom(b: _Builder, cfg: HealthConfig) -> None:
@@ -341,7 +350,9 @@ def decide(
         return b.decision()
 
     if state in PROBED_STATES:
-        if hung and b.rec.state in {InstanceState.READY, InstanceState.STARTING, InstanceState.UNHEALTHY}:
+        if hung and b.rec.state in {
+            InstanceState.READY, InstanceState.SUSPECT, InstanceState.STARTING, InstanceState.UNHEALTHY
+        }:
             _apply_logs(b, probe)
             _restart(b, cfg, f"reported hung: {hung}")
             return b.decision()
