@@ -7,9 +7,10 @@
     get    ─► the stored result (bounded by JOB_RESULTS_MAX and JOB_RESULTS_TTL)
 
 An instance that goes away before it started a job gets the job resubmitted once to another;
-one that goes away mid-job fails it with the reason. A job past its deadline is interrupted,
-reported as a timeout, and (when it was executing) reported to the directory as a hung
-instance.
+one that goes away mid-job fails it with the reason. A job past its deadline is reported as a
+timeout at once: removed from its instance's queue, or (executing) interrupted; the instance is
+reported hung only when the interrupt does not take within JOB_INTERRUPT_GRACE. A ``timeout``
+below JOB_MIN_TIMEOUT is refused (400), so a client cannot make instances look hung.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from orchestrator.core.instances import InstanceDirectory, InstanceView
 from orchestrator.core.routing import RouteError, all_saturated, route
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
-from orchestrator.jobs.attempt import Rejected, Result, run_attempt
+from orchestrator.jobs.attempt import Rejected, Result, confirm_stopped, run_attempt
 from orchestrator.jobs.follow import Down, Tracking
 from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
@@ -132,6 +133,7 @@ class JobManager:
         if self._session is None:
             raise JobError("the job manager is not started; call start() inside the event loop first")
         try:
+            self._check_timeout(request)
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())
         except WorkflowError:
             self.metrics.refused("invalid")
@@ -142,6 +144,15 @@ class JobManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
+
+    def _check_timeout(self, request: JobRequest) -> None:
+        least = self.settings.job_min_timeout
+        if request.timeout is not None and request.timeout < least:
+            raise WorkflowError(
+                f"timeout: {request.timeout:g} s is below the {least:g} s minimum (JOB_MIN_TIMEOUT); "
+                f"ask for {least:g} s or more",
+                field="timeout",
+            )
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:
         """Wait until the job is final; False when ``timeout`` passed first."""
@@ -197,6 +208,10 @@ class JobManager:
                 job.status = "pending"
                 result = await run_attempt(job, current, ComfyClient(session, current.base_url), self.tracking)
             self._finish(job, result)
+            if result.interrupted and current is not None:
+                # The instance stays reserved until the interrupted prompt has left it.
+                grace = self.settings.job_interrupt_grace
+                await confirm_stopped(job, current, ComfyClient(session, current.base_url), self.tracking, grace)
         except Down as down:
             self._fail(job, "instance", down.reason)
         except Rejected as rejected:
