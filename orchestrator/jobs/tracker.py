@@ -40,6 +40,16 @@ from orchestrator.jobs.store import Job, ResultStore, new_job
 log = logging.getLogger(__name__)
 
 
+def check_timeout(request: JobRequest, least: float) -> None:
+    """A ``timeout`` below JOB_MIN_TIMEOUT is refused (a client cannot make instances look hung)."""
+    if request.timeout is not None and request.timeout < least:
+        raise WorkflowError(
+            f"timeout: {request.timeout:g} s is below the {least:g} s minimum (JOB_MIN_TIMEOUT); "
+            f"ask for {least:g} s or more",
+            field="timeout",
+        )
+
+
 class JobManager:
     """Accepts jobs, routes them, follows them on their instance, keeps their results.
 
@@ -133,7 +143,7 @@ class JobManager:
         if self._session is None:
             raise JobError("the job manager is not started; call start() inside the event loop first")
         try:
-            self._check_timeout(request)
+            check_timeout(request, self.settings.job_min_timeout)
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())
         except WorkflowError:
             self.metrics.refused("invalid")
@@ -144,15 +154,6 @@ class JobManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
-
-    def _check_timeout(self, request: JobRequest) -> None:
-        least = self.settings.job_min_timeout
-        if request.timeout is not None and request.timeout < least:
-            raise WorkflowError(
-                f"timeout: {request.timeout:g} s is below the {least:g} s minimum (JOB_MIN_TIMEOUT); "
-                f"ask for {least:g} s or more",
-                field="timeout",
-            )
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:
         """Wait until the job is final; False when ``timeout`` passed first."""
@@ -208,10 +209,9 @@ class JobManager:
                 job.status = "pending"
                 result = await run_attempt(job, current, ComfyClient(session, current.base_url), self.tracking)
             self._finish(job, result)
-            if result.interrupted and current is not None:
-                # The instance stays reserved until the interrupted prompt has left it.
-                grace = self.settings.job_interrupt_grace
-                await confirm_stopped(job, current, ComfyClient(session, current.base_url), self.tracking, grace)
+            if result.interrupted and current is not None:  # reserved until the prompt has left it
+                client, grace = ComfyClient(session, current.base_url), self.settings.job_interrupt_grace
+                await confirm_stopped(job, current, client, self.tracking, grace)
         except Down as down:
             self._fail(job, "instance", down.reason)
         except Rejected as rejected:
