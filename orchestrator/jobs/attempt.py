@@ -242,8 +242,8 @@ async def confirm_stopped(job: Job, view: InstanceView, client: ComfyClient, t: 
             break
         await asyncio.sleep(min(CONFIRM_INTERVAL, max(0.0, until - t.clock())))
     reason = (
-        f"prompt {prompt_id} of job {job.id} still runs {grace:g} s after it was interrupted "
-        f"at its {job.timeout:g} s deadline (JOB_INTERRUPT_GRACE)"
+        f"prompt {prompt_id} of job {job.id} still runs (or /queue does not answer) {grace:g} s after "
+        f"it was interrupted at its {job.timeout:g} s deadline (JOB_INTERRUPT_GRACE)"
     )
     log.warning("job %s: %s on %s; reporting the instance hung", job.id, reason, view.name)
     t.directory.report_hung(view.index, reason)
