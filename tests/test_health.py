@@ -119,9 +119,10 @@ def test_a_hung_ready_instance_goes_unhealthy_after_k_failures_then_restarts_and
     run = Run()
     run.step(proc(), OK)
     run.step(proc(), TIMEOUT)
+    assert run.state is S.SUSPECT  # at the first failed probe: no new jobs, not counted ready
     run.step(proc(), TIMEOUT)
-    assert run.state is S.READY
-    assert run.actions == []
+    assert run.state is S.SUSPECT
+    assert run.actions == []  # restarted only at the threshold
     assert "2 failed probe(s)" in run.rec.reason
     assert run.step(proc(), TIMEOUT) == [Action.RESTART]
     assert run.state is S.RESTARTING
@@ -132,7 +133,8 @@ def test_a_hung_ready_instance_goes_unhealthy_after_k_failures_then_restarts_and
     run.step(proc(pid=200, start=2000), OK, dt=0.5)
     assert run.transitions == [
         (S.STARTING, S.READY),
-        (S.READY, S.UNHEALTHY),
+        (S.READY, S.SUSPECT),
+        (S.SUSPECT, S.UNHEALTHY),
         (S.UNHEALTHY, S.RESTARTING),
         (S.RESTARTING, S.STARTING),
         (S.STARTING, S.READY),
@@ -149,6 +151,10 @@ def test_a_good_probe_resets_the_failure_count() -> None:
         run.step(proc(), OK)
     assert run.actions == []
     assert run.state is S.READY
+    assert run.rec.reason == "answering again after 2 failed probe(s)"
+    assert run.transitions.count((S.READY, S.SUSPECT)) == 10
+    assert run.transitions.count((S.SUSPECT, S.READY)) == 10
+    run.step(proc(), OK)
     assert run.rec.reason == "answering"
 
 
@@ -387,3 +393,26 @@ def test_readiness_with_saturation_is_false_while_every_ready_instance_is_full(
     r = readiness(statuses, None, saturation=True, max_queue_depth=8, inflight=inflight)
     assert r.ready is ready
     assert readiness(statuses, None, saturation=False, max_queue_depth=8, inflight=inflight).ready
+
+
+def test_an_operator_stop_and_start_is_not_counted_as_a_restart_but_a_crash_is() -> None:
+    run = Run()
+    run.step(proc(), OK)
+    run.step(proc(P.STOPPED), None)  # orchestrator stop 0
+    run.step(proc(P.STARTING, pid=300, start=5000), REFUSED, dt=0.5)  # orchestrator start 0
+    run.step(proc(pid=300, start=5000), OK, dt=0.5)
+    assert run.state is S.READY
+    assert run.rec.restarts == 0
+    assert run.events == []  # not reported as a restart outside the monitor either
+    run.step(proc(pid=301, start=6000), REFUSED, dt=0.5)  # a crash that supervisord restarted
+    assert run.rec.restarts == 1
+    assert any("outside the monitor" in e for e in run.events)
+
+
+def test_a_suspect_instance_is_restarted_by_a_hung_report_like_a_ready_one() -> None:
+    run = Run()
+    run.step(proc(), OK)
+    run.step(proc(), TIMEOUT)
+    assert run.state is S.SUSPECT
+    assert run.step(proc(), TIMEOUT, hung="job past its deadline; interrupt did not take") == [Action.RESTART]
+    assert run.state is S.RESTARTING

@@ -787,18 +787,18 @@ def doomed_and_fast(sim_tree: Path, tmp_path: Path, fleet: list[Sim], protocol: 
     sim.stop()
 
 
-def test_a_job_past_its_deadline_is_interrupted_and_the_instance_reported_hung(
+def test_a_job_past_its_deadline_is_interrupted_and_the_instance_not_blamed_when_the_interrupt_takes(
     slow_and_fast: list[Sim], api_factory: Callable[..., JobApi]
 ) -> None:
     slow = slow_and_fast[0]
-    api = api_factory(slow_and_fast)
+    api = api_factory(slow_and_fast, job_interrupt_grace="5")
     r = api.post(job(gpu=0, timeout=1.0))  # the prompt takes 30 s: "timeout" proves the deadline held
     body = r.json()
     assert body["status"] == "timeout"
     assert body["error"]["type"] == "timeout"
     assert "deadline while executing; interrupted" in body["error"]["message"]
-    assert api.directory.hung
-    assert api.directory.hung[0][0] == 0
+    wait_for(lambda: api.manager.inflight().get(0, 0) == 0, timeout=15)  # the grace watch ended
+    assert api.directory.hung == []
     # The simulator stopped executing it.
     wait_for(lambda: not slow.queue()["queue_running"], timeout=5)
     history = requests.get(f"{slow.url}/history/{body['prompt_id']}", timeout=5).json()[body["prompt_id"]]
@@ -813,7 +813,7 @@ def test_a_job_that_times_out_while_queued_is_removed_without_blaming_the_instan
     api = api_factory(slow_and_fast)
     blocker = api.post(job(gpu=0, wait=False)).json()["id"]
     wait_for(lambda: api.manager.get(blocker).status == "running")
-    body = api.post(job(gpu=0, timeout=0.5)).json()
+    body = api.post(job(gpu=0, timeout=1.0)).json()
     assert body["status"] == "timeout"
     assert "while still queued; removed from the queue" in body["error"]["message"]
     assert api.directory.hung == []
@@ -881,13 +881,15 @@ def test_a_hung_instance_does_not_hang_the_job_past_its_deadline(
     doomed_and_fast: list[Sim], api_factory: Callable[..., JobApi]
 ) -> None:
     slow = doomed_and_fast[0]
-    api = api_factory(doomed_and_fast)
+    api = api_factory(doomed_and_fast, job_interrupt_grace="1")
     job_id = api.post(job(gpu=0, wait=False, timeout=2.0)).json()["id"]
     wait_for(lambda: api.manager.get(job_id).status == "running")
     # The simulator blocks its event loop: no events, no HTTP answers.
     (slow.dir / "user" / "simulator_faults.json").write_text(json.dumps({"hang_after": 0}))
     result = api.client.get(f"/jobs/{job_id}", params={"wait": 15}).json()
     assert result["status"] == "timeout"  # still "running" after 15 s had the 2 s deadline not held
+    # Its interrupt cannot be confirmed (no answers): hung after JOB_INTERRUPT_GRACE.
+    wait_for(lambda: api.directory.hung, timeout=15)
     assert [index for index, _ in api.directory.hung] == [0]
     r = api.post(job(timeout=5.0))  # the directory now says GPU 0 is UNHEALTHY
     assert r.json()["status"] == "success"

@@ -333,7 +333,8 @@ def _watch_until_restarted(m: Machine, gpu: int, old_pid: int, timeout: float = 
         state = info.get("state", "?")
         if not seen or seen[-1] != state:
             seen.append(state)
-        return state != "READY" or bool(info.get("pid") and info.get("pid") != old_pid)
+        # SUSPECT (a failed probe) is still READY's process: wait for UNHEALTHY or a new process.
+        return state not in {"READY", "SUSPECT"} or bool(info.get("pid") and info.get("pid") != old_pid)
 
     if not wait_until(restarted, timeout, 0.05):
         raise AssertionError(f"GPU {gpu} was not declared unhealthy within {timeout}s (states {seen})")
@@ -457,7 +458,8 @@ def test_the_simulators_hang_is_unhealthy_within_three_intervals_then_restarted_
     assert wait_until(lambda: _instance(m, 0).get("state") == "READY", 60, 0.1), seen
     assert _pid(m, 0) != pid
     log = (m.root / "logs" / "monitor.log").read_text()
-    assert "comfyui_gpu0: READY -> UNHEALTHY: 3 consecutive failed probes" in log
+    assert "comfyui_gpu0: READY -> SUSPECT: 1 failed probe(s)" in log
+    assert "comfyui_gpu0: SUSPECT -> UNHEALTHY: 3 consecutive failed probes" in log
     # /metrics kept answering while the instance hung (its latency then: bench/bench_monitor.py)
     assert scrapes
     assert all(code == 200 for code in scrapes), scrapes

@@ -154,7 +154,10 @@ def _print_status(data: MachineStatus) -> None:
         print_line(status_line(row))
     failed = data.nodes.get("failed")
     if failed:
-        print_line(f"failed custom nodes: {', '.join(failed)}")
+        errors = data.nodes.get("errors") or {}
+        print_line(f"failed custom nodes ({len(failed)}), retried at the next `up` or `nodes sync`:")
+        for name in failed:
+            print_line(f"  {name}: {errors.get(name) or 'failed'}")
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ clock, so tests feed it a fake clock and assert on the sequence of transitions.
 
 Instance states (DESIGN.md)::
 
+                                   ┌─ a failed probe ─▶ SUSPECT (no new jobs) ─ good probe ─▶ READY
     STARTING ──first good probe──▶ READY ──k failed probes / repeated OOM / hung──▶ UNHEALTHY
        ▲  ├──STARTUP_TIMEOUT─────────────────────────────────────────────────────▶ UNHEALTHY
        │  └──port open but k probes unanswered, or wrong device─────────────────▶ UNHEALTHY
@@ -17,8 +18,8 @@ Instance states (DESIGN.md)::
     FATAL → FATAL, started again with capped backoff (never a silent dead GPU) ·
     STOPPED (by an operator) → STOPPED · unknown to supervisord → STOPPED
 
-A single out-of-memory error is answered with ``POST /free``; a crash that supervisord restarted
-by itself is noticed through the new pid and counted once, like the monitor's own restarts.
+A single OOM error is answered with ``POST /free``; a crash that supervisord restarted is
+noticed through the new pid and counted once (an operator's stop + start is not counted).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import enum
 
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
 
-# supervisord states in which the instance's process exists and is probed.
-PROBED_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
+PROBED_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})  # the process exists: probe it
 # States in which a new process is expected (not worth an event of its own).
 _EXPECTING_NEW_PROCESS = frozenset({InstanceState.RESTARTING, InstanceState.STARTING, InstanceState.FATAL,
                                     InstanceState.BACKOFF})
 _WAITING = "waiting for the first good probe"
+_HUNG_ACTS_ON = frozenset({InstanceState.READY, InstanceState.SUSPECT, InstanceState.STARTING, InstanceState.UNHEALTHY})
 
 
 class Action(enum.Enum):
@@ -167,8 +168,7 @@ def _fmt(seconds: float) -> str:
 
 def _restart(b: _Builder, cfg: HealthConfig, cause: str, *, forced: bool = False) -> None:
     """UNHEALTHY → RESTARTING now, or stay UNHEALTHY until the backoff delay has passed."""
-    # Repeated restarts without reaching READY in between back off, so a broken instance
-    # (wrong GPU, a node that hangs at import) does not restart in a tight loop.
+    # Repeated restarts without READY in between back off: a broken instance never loops tightly.
     if not forced and b.rec.attempts > 0 and b.now < b.rec.retry_at:
         wait = _fmt(b.rec.retry_at - b.now)
         b.change_state(InstanceState.UNHEALTHY, f"{cause}; restart in {wait} (backoff)")
@@ -211,19 +211,19 @@ def _new_process(b: _Builder, proc: ProcessInfo) -> None:
     if not b.rec.seen:
         b.update(seen=True, pid=proc.pid, started=proc.start)
         if b.rec.state is InstanceState.STARTING:
-            # First sight (the monitor itself may have just started): the start began when
-            # supervisord started the process, not now.
+            # First sight (the monitor may have just started): the start began when supervisord started it.
             uptime = max(0.0, proc.now - proc.start) if proc.start else 0.0
             b.update(starting_since=b.now - uptime)
         return
     if (proc.pid, proc.start) == (b.rec.pid, b.rec.started):
         return
     was = b.rec.state
+    counted = 0 if was is InstanceState.STOPPED else 1  # an operator's stop + start is no restart
     b.update(
-        pid=proc.pid, started=proc.start, restarts=b.rec.restarts + 1, starting_since=b.now,
+        pid=proc.pid, started=proc.start, restarts=b.rec.restarts + counted, starting_since=b.now,
         failures=0, bound_failures=0, startup_error="", failed_nodes=(), oom_events=(),
     )
-    if was not in _EXPECTING_NEW_PROCESS:
+    if was not in _EXPECTING_NEW_PROCESS and was is not InstanceState.STOPPED:
         b.events.append(f"process restarted outside the monitor (new pid {proc.pid}, was {was.value})")
     # any state -> STARTING
     b.change_state(InstanceState.STARTING, f"new process (pid {proc.pid}): {_WAITING}")
@@ -249,7 +249,9 @@ def _probe_running(b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, pr
 
     if probe.ok:
         b.update(failures=0, bound_failures=0, last_error="")
-        if rec.state is not InstanceState.READY:
+        if rec.state is InstanceState.SUSPECT:
+            b.change_state(InstanceState.READY, f"answering again after {rec.failures} failed probe(s)")
+        elif rec.state is not InstanceState.READY:
             took = b.now - rec.starting_since
             # STARTING/UNHEALTHY -> READY
             after = f" after {_fmt(took)}" if rec.state is InstanceState.STARTING else ""
@@ -292,8 +294,9 @@ def _probe_running(b: _Builder, cfg: HealthConfig, probe: ProbeResult | None, pr
         else:
             b.change_state(InstanceState.UNHEALTHY, f"{cause}; supervisord did not answer")
         return
-    if rec.state is InstanceState.READY:
-        b.update(reason=f"{failures} failed probe(s): {error}")
+    if rec.state in {InstanceState.READY, InstanceState.SUSPECT}:
+        # READY -> SUSPECT at once (no new jobs, not ready); the threshold decides the restart
+        b.change_state(InstanceState.SUSPECT, f"{failures} failed probe(s): {error}")
 
 
 def _oom(b: _Builder, cfg: HealthConfig) -> None:
@@ -341,7 +344,7 @@ def decide(
         return b.decision()
 
     if state in PROBED_STATES:
-        if hung and b.rec.state in {InstanceState.READY, InstanceState.STARTING, InstanceState.UNHEALTHY}:
+        if hung and b.rec.state in _HUNG_ACTS_ON:
             _apply_logs(b, probe)
             _restart(b, cfg, f"reported hung: {hung}")
             return b.decision()

@@ -44,6 +44,9 @@ class InstanceState(enum.Enum):
     BACKOFF = "BACKOFF"
     FATAL = "FATAL"
     STOPPED = "STOPPED"
+    # READY whose latest probe failed: no new jobs, not counted ready; READY again on the next
+    # good probe, restarted (UNHEALTHY) after UNHEALTHY_THRESHOLD failed probes in a row.
+    SUSPECT = "SUSPECT"
 
     @property
     def code(self) -> int:
@@ -59,6 +62,7 @@ _STATE_CODES = {
     InstanceState.RESTARTING: 4,
     InstanceState.BACKOFF: 5,
     InstanceState.FATAL: 6,
+    InstanceState.SUSPECT: 7,
 }
 
 

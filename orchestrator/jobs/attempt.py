@@ -4,7 +4,10 @@
 
     /ws?clientId (adopt the fork's own client_id) ─► /upload/image ─► POST /prompt
       ─► follow (events, backed by /history) ─► outputs from /history (+ /view for base64)
-      └► past the deadline: POST /interrupt (executing) or delete from /queue (still queued)
+      └► past the deadline: where is it in /queue? queued: deleted from the queue; running:
+         POST /interrupt {prompt_id} (only ours: another client's prompt is never touched), then
+         :func:`confirm_stopped` watches it leave the queue for JOB_INTERRUPT_GRACE and only then
+         reports the instance hung (the monitor restarts it)
 
 An instance that goes away raises :class:`~orchestrator.jobs.follow.Down` (``started`` says
 whether resubmitting is safe); one that refuses the workflow raises :class:`Rejected`.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -29,7 +33,7 @@ from orchestrator.comfy.protocol import (
     prompt_rejection,
 )
 from orchestrator.core.instances import InstanceView
-from orchestrator.jobs.follow import Down, Outcome, Tracking, follow
+from orchestrator.jobs.follow import Down, Outcome, Tracking, ended, follow, gone
 from orchestrator.jobs.schemas import JobErrorInfo, OutputFile, error_info, output_file
 from orchestrator.jobs.store import FinalStatus, Job
 
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_TIMEOUT = 30.0  # seconds for the ws handshake, uploads and POST /prompt together
 STOP_CALL_TIMEOUT = 3.0  # seconds for POST /interrupt or /queue at the deadline (best effort)
+CONFIRM_INTERVAL = 0.25  # seconds between /queue reads while an interrupt is awaited
 _HISTORY_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds between /history reads
 
 
@@ -52,6 +57,8 @@ class Result:
 
     status: FinalStatus
     error: JobErrorInfo | None = None
+    # The prompt was interrupted at its deadline: the caller watches it stop (confirm_stopped).
+    interrupted: bool = False
 
 
 async def run_attempt(job: Job, view: InstanceView, client: ComfyClient, t: Tracking) -> Result:
@@ -87,8 +94,9 @@ async def run_attempt(job: Job, view: InstanceView, client: ComfyClient, t: Trac
                     f"{view.name} (GPU {view.index}) did not take the prompt within {SUBMIT_TIMEOUT:g} s",
                     started=False,
                 ) from None
+            # Not the instance's fault: a short deadline must never get an instance restarted
+            # (a slow or dead one is the monitor's to judge, through its probes).
             reason = f"{view.name} did not accept job {job.id} within its {job.timeout:g} s deadline"
-            t.directory.report_hung(view.index, reason)
             return Result("timeout", JobErrorInfo(type="timeout", message=reason))
         job.status = "queued"
         t.saved(job)
@@ -208,19 +216,71 @@ async def _fetch_data(view: InstanceView, client: ComfyClient, item: OutputFile)
     return item.model_copy(update={"data": base64.b64encode(data).decode()})
 
 
-async def _stop_at_deadline(job: Job, view: InstanceView, client: ComfyClient, t: Tracking) -> Result:
-    """Interrupt (executing) or dequeue (still queued) a job past its deadline."""
-    started = job.started_mono is not None
+async def _where(client: ComfyClient, prompt_id: str) -> str:
+    """running | pending | missing | unknown (the instance did not answer)."""
     try:
-        if started:
-            # A stuck execution is a hung instance: interrupt it and tell the monitor.
-            await client.interrupt(job.prompt_id, STOP_CALL_TIMEOUT)
-        else:
-            await client.delete_queued([job.prompt_id] if job.prompt_id else [], STOP_CALL_TIMEOUT)
+        return await client.queue_position(prompt_id, STOP_CALL_TIMEOUT)
+    except ComfyCallError:
+        return "unknown"
+
+
+async def _stop_at_deadline(job: Job, view: InstanceView, client: ComfyClient, t: Tracking) -> Result:
+    """Past its deadline: dequeue the prompt (still queued) or interrupt it (executing).
+
+    Only our prompt is touched: one still queued behind another client's prompt is deleted from
+    the queue, never interrupted (an interrupt would stop whatever runs). The instance is not
+    blamed here; :func:`confirm_stopped` reports it hung only if the interrupt does not take.
+    """
+    prompt_id = job.prompt_id or ""
+    where = await _where(client, prompt_id)
+    try:
+        if where == "pending":
+            await client.delete_queued([prompt_id], STOP_CALL_TIMEOUT)
+            if await _where(client, prompt_id) == "running":
+                where = "running"  # it started meanwhile: interrupt it below
+        if where == "running" or (where == "unknown" and job.started_mono is not None):
+            # The prompt_id makes it targeted (ComfyUI 0.3.64 and the simulator interrupt only when
+            # it is the running prompt); an older server interrupts whatever runs, which /queue
+            # just said is ours.
+            where = "running"
+            await client.interrupt(prompt_id, STOP_CALL_TIMEOUT)
     except ComfyCallError as exc:
-        log.warning("job %s: could not stop prompt %s on %s: %s", job.id, job.prompt_id, view.name, exc.reason)
-    where = "while executing; interrupted" if started else "while still queued; removed from the queue"
-    reason = f"job {job.id} (prompt {job.prompt_id}) ran past its {job.timeout:g} s deadline {where}"
-    if started:
-        t.directory.report_hung(view.index, reason)
-    return Result("timeout", JobErrorInfo(type="timeout", message=f"{reason} on {view.name}"))
+        log.warning("job %s: could not stop prompt %s on %s: %s", job.id, prompt_id, view.name, exc.reason)
+    if where == "missing":
+        entry = None
+        with contextlib.suppress(ComfyCallError):
+            entry = await client.history(prompt_id, STOP_CALL_TIMEOUT)
+        if entry is not None and ended(job, entry, t.clock()).kind == "done":
+            return await _collect(job, view, client)  # it finished as its deadline passed
+    how = {
+        "running": "while executing; interrupted",
+        "pending": "while still queued; removed from the queue",
+        "missing": "as it left the queue",
+    }.get(where, "while still queued; the instance did not answer to remove it")
+    reason = f"job {job.id} (prompt {prompt_id}) ran past its {job.timeout:g} s deadline {how}"
+    return Result("timeout", JobErrorInfo(type="timeout", message=f"{reason} on {view.name}"), where == "running")
+
+
+async def confirm_stopped(job: Job, view: InstanceView, client: ComfyClient, t: Tracking, grace: float) -> bool:
+    """After an interrupt at the deadline: True once the prompt left the queue within ``grace`` s.
+
+    Otherwise (still running, or the instance stopped answering) the instance is reported hung
+    and the monitor restarts it. Jobs of other clients on the instance are never failed here.
+    """
+    prompt_id = job.prompt_id or ""
+    until = t.clock() + grace
+    while True:
+        if gone(view, t.directory):
+            return False  # the monitor is restarting it already
+        if await _where(client, prompt_id) in {"missing", "pending"}:
+            return True
+        if t.clock() >= until:
+            break
+        await asyncio.sleep(min(CONFIRM_INTERVAL, max(0.0, until - t.clock())))
+    reason = (
+        f"prompt {prompt_id} of job {job.id} still runs (or /queue does not answer) {grace:g} s after "
+        f"it was interrupted at its {job.timeout:g} s deadline (JOB_INTERRUPT_GRACE)"
+    )
+    log.warning("job %s: %s on %s; reporting the instance hung", job.id, reason, view.name)
+    t.directory.report_hung(view.index, reason)
+    return False

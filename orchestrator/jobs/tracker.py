@@ -7,9 +7,10 @@
     get    ─► the stored result (bounded by JOB_RESULTS_MAX and JOB_RESULTS_TTL)
 
 An instance that goes away before it started a job gets the job resubmitted once to another;
-one that goes away mid-job fails it with the reason. A job past its deadline is interrupted,
-reported as a timeout, and (when it was executing) reported to the directory as a hung
-instance.
+one that goes away mid-job fails it with the reason. A job past its deadline is reported as a
+timeout at once: removed from its instance's queue, or (executing) interrupted; the instance is
+reported hung only when the interrupt does not take within JOB_INTERRUPT_GRACE. A ``timeout``
+below JOB_MIN_TIMEOUT is refused (400), so a client cannot make instances look hung.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from orchestrator.core.routing import RouteError, all_saturated
 from orchestrator.core.routing_score import profile
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
-from orchestrator.jobs.attempt import Result, run_attempt, settled
+from orchestrator.jobs.attempt import Result, confirm_stopped, run_attempt, settled
 from orchestrator.jobs.follow import Down, Tracking
 from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.metrics import JobMetrics
@@ -45,6 +46,16 @@ from orchestrator.jobs.uploads import OutputUploader
 from orchestrator.jobs.vram import PeakWatcher
 
 log = logging.getLogger(__name__)
+
+
+def check_timeout(request: JobRequest, least: float) -> None:
+    """A ``timeout`` below JOB_MIN_TIMEOUT is refused (a client cannot make instances look hung)."""
+    if request.timeout is not None and request.timeout < least:
+        raise WorkflowError(
+            f"timeout: {request.timeout:g} s is below the {least:g} s minimum (JOB_MIN_TIMEOUT); "
+            f"ask for {least:g} s or more",
+            field="timeout",
+        )
 
 
 class JobManager:
@@ -158,6 +169,7 @@ class JobManager:
         if self._session is None:
             raise JobError("the job manager is not started; call start() inside the event loop first")
         try:
+            check_timeout(request, self.settings.job_min_timeout)
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())
         except WorkflowError:
             self.metrics.refused("invalid")
@@ -221,18 +233,21 @@ class JobManager:
                 return await run_attempt(job, current, ComfyClient(session, current.base_url), self.tracking)
 
         try:
-            await self._outcome(job, attempts())
+            result = await self._outcome(job, attempts())
+            if result.interrupted and holding:  # the instance stays reserved until the prompt has left it
+                held = holding[-1]
+                client, grace = ComfyClient(session, held.base_url), self.settings.job_interrupt_grace
+                await confirm_stopped(job, held, client, self.tracking, grace)
         finally:
             for held in holding:
                 self._release(held)
 
-    async def _outcome(self, job: Job, work: Awaitable[Result]) -> None:
+    async def _outcome(self, job: Job, work: Awaitable[Result]) -> Result:
         """Await an attempt and record how it ended, whatever it raised."""
         try:
             result = await settled(job, work)
             if result.status == "success" and self.uploader is not None:
                 await self.uploader.upload(job)
-            self._finish(job, result)
         except asyncio.CancelledError:
             if self.journal is None:  # with one, the record stays as it is: the next monitor follows the job
                 self._fail(job, "internal", "the job API shut down while the job was in flight")
@@ -240,6 +255,8 @@ class JobManager:
         except Exception:
             self._fail(job, "internal", "the job ended without a result")
             raise
+        self._finish(job, result)
+        return result
 
     # ------------------------------------------------------------ outcomes
     def _fail(self, job: Job, kind: ErrorType, message: str) -> None:

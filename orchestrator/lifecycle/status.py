@@ -1,5 +1,11 @@
 """``status``: one row per instance (supervisord's state joined with the monitor's health), as
-frozen values; the table and ``--json`` are both rendered from them."""
+frozen values; the table and ``--json`` are both rendered from them.
+
+supervisord is read now, the monitor's view may be up to a tick older: :func:`row_health` never
+lets the two contradict each other on one row (a STOPPED program is not shown READY, a new
+process not shown READY before the monitor probed it). Failed custom nodes come from the last
+nodes sync (``up`` or ``nodes sync``), each with its error.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,43 @@ from orchestrator.machine.supervisor import Supervisor, socket_in_use
 
 # States whose supervisord message (spawn error or description) is the instance's last error.
 _FAILED = frozenset({ProcessState.FATAL, ProcessState.BACKOFF, ProcessState.EXITED})
+# Monitor states that say the process exists, and what a non-running supervisord state means.
+_PROCESS_UP = frozenset({"STARTING", "RUNNING"})
+_HEALTH_OF_RUNNING = frozenset({"STARTING", "READY", "SUSPECT", "UNHEALTHY", "RESTARTING"})
+_HEALTH_OF_STOPPED = {"STOPPED": "STOPPED", "STOPPING": "STOPPED", "EXITED": "BACKOFF", "BACKOFF": "BACKOFF",
+                      "FATAL": "FATAL"}
+
+
+def row_health(state: str, pid: int, mon: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(HEALTH, reason) for a row whose supervisord STATE and pid were read after the monitor's view.
+
+    The monitor's answer stands unless supervisord has moved on since: a program no longer
+    running is shown with the health its state implies; a running one the monitor still thinks
+    stopped, or whose pid it has not probed yet, is STARTING.
+    """
+    health, reason = mon.get("state"), str(mon.get("reason") or "")
+    if health is None:
+        return None, reason
+    if state in _PROCESS_UP:
+        seen = mon.get("pid")
+        if health not in _HEALTH_OF_RUNNING or (pid and seen and seen != pid and health != "RESTARTING"):
+            return "STARTING", f"process {pid} not probed by the monitor yet (supervisord: {state})"
+        return str(health), reason
+    if health in _HEALTH_OF_RUNNING - {"RESTARTING"}:
+        return _HEALTH_OF_STOPPED.get(state, "STOPPED"), f"supervisord reports {state}"
+    return str(health), reason
+
+
+def nodes_section(recorded: Mapping[str, Any], report: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The last nodes sync: counts, failed names and their errors (the report of ``up`` or
+    ``nodes sync``, newer than what the last ``up`` recorded in status.json)."""
+    if not report:
+        return dict(recorded)
+    errors = {
+        str(n.get("name")): str(n.get("error") or "")
+        for n in report.get("nodes") or () if isinstance(n, dict) and n.get("status") == "failed"
+    }
+    return {"counts": dict(report.get("counts") or {}), "failed": sorted(errors), "errors": errors}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +179,8 @@ def status(settings: Settings) -> MachineStatus:
         last_error = ""
         if info and info.state in _FAILED:
             last_error = info.spawnerr or info.description
+        state = info.state.name if info else "STOPPED"
+        shown, reason = row_health(state, info.pid if info else 0, mon)
         rows.append(
             InstanceRow(
                 gpu=inst.index,
@@ -143,14 +188,14 @@ def status(settings: Settings) -> MachineStatus:
                 name=inst.name,
                 port=inst.port,
                 pid=info.pid if info else 0,
-                state=info.state.name if info else "STOPPED",
+                state=state,
                 uptime_seconds=round(info.uptime, 1) if info else 0.0,
                 restarts=mon.get("restarts"),
-                health=mon.get("state"),
-                reason=mon.get("reason") or "",
+                health=shown,
+                reason=reason,
                 failed_custom_nodes=tuple(mon.get("failed_custom_nodes") or ()),
                 comfyui_version=mon.get("comfyui_version"),
-                last_error=last_error or mon.get("reason") or "",
+                last_error=last_error or reason,
             )
         )
     others = {n: {"state": p.state.name, "pid": p.pid} for n, p in procs.items() if not n.startswith("comfyui_gpu")}
@@ -159,7 +204,7 @@ def status(settings: Settings) -> MachineStatus:
         supervisord_pid=sup.pid() if running else 0,
         monitor_answering=bool(health),
         comfy=code_report(layout.comfy_dir, _section(prov, "comfy")),
-        nodes=_section(prov, "nodes"),
+        nodes=nodes_section(_section(prov, "nodes"), _nodes_report(layout, warnings)),
         stages=_section(prov, "stages"),
         instances=tuple(rows),
         programs=others,
@@ -172,3 +217,13 @@ def status(settings: Settings) -> MachineStatus:
 def _section(record: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = record.get(key)
     return value if isinstance(value, dict) else {}
+
+
+def _nodes_report(layout: Layout, warnings: list[str]) -> dict[str, Any] | None:
+    from orchestrator.provision.nodes.report import last_report
+
+    try:
+        return last_report(layout)
+    except OrchestratorError as exc:
+        warnings.append(str(exc))
+        return None

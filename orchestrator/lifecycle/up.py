@@ -31,7 +31,7 @@ from orchestrator.machine import gpu as gpu_mod
 from orchestrator.machine import lock as oplock
 from orchestrator.machine.fs import write_json
 from orchestrator.machine.supervisor import Supervisor
-from orchestrator.monitor.preflight import check_start
+from orchestrator.monitor.preflight import check_inputs, check_ports, check_start
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
                     comfy.url, comfy.ref, comfy.commit, comfy.wanted,
                 )
             status["shared"] = repos.sync_shared(settings, layout).to_dict()
+        check_inputs(settings)  # the copies just fetched, before any pip
     elif not settings.shared_repo_url and not has_shared_config(layout.shared_dir):
         status["shared"] = repos.sync_shared(settings, layout).to_dict()
     if not (layout.comfy_dir / "main.py").exists():
@@ -156,6 +157,7 @@ def up(
     """
     check_start(settings)
     check_passthrough(settings.instance_env_passthrough)  # a secret there: refused before anything
+    check_inputs(settings)  # files on disk, COMFY_ARGS: before any folder, clone or pip
     layout = Layout(settings.root)
     for d in (layout.state_dir, layout.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,7 @@ def _pipeline(
     timer = StageTimer()
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
+    check_ports(settings, [g.index for g in gpus])
     record = provision(settings, layout, timer, skip=skip_provision)
     with timer.stage("plan"):
         plan = build_plan(settings, gpus, supported_flags(layout.comfy_dir))

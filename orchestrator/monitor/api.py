@@ -59,7 +59,7 @@ class InstanceModel(BaseModel):
     gpu: int = Field(description="GPU index")
     name: str = Field(description="supervisord program, comfyui_gpu{N}")
     port: int
-    state: str = Field(description="STARTING, READY, UNHEALTHY, RESTARTING, BACKOFF, FATAL or STOPPED")
+    state: str = Field(description="STARTING, READY, SUSPECT, UNHEALTHY, RESTARTING, BACKOFF, FATAL or STOPPED")
     reason: str = Field(description="why the instance is in this state")
     since: float = Field(description="epoch seconds the state was entered")
     ready: bool

@@ -6,7 +6,7 @@ waits on NVML or on a hung instance, and an instance that disappears takes its s
 
 Instance metrics carry ``gpu``, ``instance`` (``comfyui_gpu{N}``) and ``port``.
 ``comfyui_instance_state`` is one series per instance whose value is the state's code
-(STOPPED 0, STARTING 1, READY 2, UNHEALTHY 3, RESTARTING 4, BACKOFF 5, FATAL 6) and whose
+(STOPPED 0, STARTING 1, READY 2, UNHEALTHY 3, RESTARTING 4, BACKOFF 5, FATAL 6, SUSPECT 7) and whose
 ``state`` label names it, so both ``comfyui_instance_state == 2`` and
 ``count by (state) (comfyui_instance_state)`` work.
 
@@ -86,7 +86,7 @@ class InstanceCollector(Collector):
         state = GaugeMetricFamily(
             "comfyui_instance_state",
             "Instance state code (STOPPED 0, STARTING 1, READY 2, UNHEALTHY 3, RESTARTING 4, BACKOFF 5, "
-            "FATAL 6); the state label names it",
+            "FATAL 6, SUSPECT 7); the state label names it",
             labels=(*labels, "state"),
         )
         stopped = GaugeMetricFamily(

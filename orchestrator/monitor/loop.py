@@ -1,10 +1,11 @@
 """The monitor's probe loop: probes every instance, turns the results into restarts.
 
-One asyncio loop ticks every ``min(PROBE_INTERVAL, 0.25 s)``: it reads supervisord's process table
-(:class:`SupervisordPoller`, in a thread, with a timeout) and starts a check task for each instance
-that is due. READY instances are probed every ``PROBE_INTERVAL``; starting ones and any instance
-whose process changed are probed at once, so a crash is noticed within a tick and a restarted
-instance is READY as soon as it answers. After a failed probe the next one starts a tick later,
+One asyncio loop ticks every ``min(PROBE_INTERVAL, PROBE_STARTING_INTERVAL, 0.25 s)``: it reads
+supervisord's process table (:class:`SupervisordPoller`, in a thread, with a timeout) and starts a
+check task for each instance that is due. READY instances are probed every ``PROBE_INTERVAL``;
+STARTING and SUSPECT ones every ``PROBE_STARTING_INTERVAL`` (0.25 s), and any instance whose
+process changed at once, so a crash is noticed within a tick and a (re)started instance is READY
+within that interval of ComfyUI answering. After a failed probe the next one starts a tick later,
 and a process stopped by a signal (state T, e.g. SIGSTOP) fails its probes at once without waiting
 for PROBE_TIMEOUT, so a hung instance is restarted within seconds. Each instance has at most one
 task in flight, so a hung instance never delays the others, nor a scrape. Decisions come from the
@@ -46,7 +47,8 @@ from orchestrator.monitor.supervision import (
 log = logging.getLogger(__name__)
 
 _FAST_STATES = frozenset(
-    {InstanceState.STARTING, InstanceState.RESTARTING, InstanceState.BACKOFF, InstanceState.FATAL}
+    {InstanceState.STARTING, InstanceState.RESTARTING, InstanceState.BACKOFF, InstanceState.FATAL,
+     InstanceState.SUSPECT}
 )
 _LOUD_STATES = frozenset({InstanceState.UNHEALTHY, InstanceState.FATAL, InstanceState.BACKOFF})
 MAX_TICK = 0.25  # seconds between supervisord polls (and probes of starting instances)
@@ -78,18 +80,21 @@ class ProbeLoop:
     Args:
         slots: the instances' bookkeeping, by GPU index (shared with the :class:`Monitor`).
         cfg: the state machine's knobs.
-        tick: seconds between polls; interval: PROBE_INTERVAL.
+        tick: seconds between polls; interval: PROBE_INTERVAL; fast: PROBE_STARTING_INTERVAL (the
+            cadence of STARTING and SUSPECT instances and after a failed probe; default ``tick``).
     """
 
     def __init__(
         self, slots: Mapping[int, Slot], cfg: HealthConfig, pieces: tuple[SupervisordPoller, SupervisorActions, Prober],
         *, tick: float, interval: float, clock: Callable[[], float], wall: Callable[[], float],
+        fast: float | None = None,
     ) -> None:
         self.slots = slots
         self.cfg = cfg
         self.poller, self.actions, self.prober = pieces
         self.tick = tick
         self.interval = interval
+        self.fast = tick if fast is None else fast
         self._clock = clock
         self._wall = wall
         self.heartbeat: Callable[[], None] = lambda: None  # the Monitor's heartbeat file (machine.watchdog)
@@ -144,7 +149,7 @@ class ProbeLoop:
         # After a failed probe the next comes at once (a tick later): a hung instance is restarted
         # after UNHEALTHY_THRESHOLD probe timeouts, not that many PROBE_INTERVALs.
         fast = slot.record.state in _FAST_STATES or bool(decision.actions) or slot.record.failures > 0
-        slot.next_due = started + (self.tick if fast else self.interval)
+        slot.next_due = started + (self.fast if fast else self.interval)
 
     async def _probe(self, slot: Slot, proc: ProcessInfo | None) -> ProbeResult:
         return await self.prober.probe(slot.instance, slot.scanner, proc)
@@ -203,7 +208,9 @@ class Monitor:
         self.loop = ProbeLoop(
             self._slots, health_config(settings),
             (self.poller, SupervisorActions(factory, settings.stop_timeout, len(self._slots)), self.prober),
-            tick=min(settings.probe_interval, MAX_TICK), interval=settings.probe_interval, clock=clock, wall=wall,
+            tick=min(settings.probe_interval, settings.probe_starting_interval, MAX_TICK),
+            interval=settings.probe_interval, clock=clock, wall=wall,
+            fast=min(settings.probe_interval, settings.probe_starting_interval),
         )
         self.loop.heartbeat = Heartbeat(heartbeat_path(layout)).beat
         self._loop_task: asyncio.Task[None] | None = None

@@ -15,6 +15,8 @@ from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
 from orchestrator.monitor.prober import process_stopped
 from orchestrator.monitor.probes import LogScanner
 
+_ANSWERING = frozenset({InstanceState.READY, InstanceState.SUSPECT})
+
 
 @dataclasses.dataclass
 class Slot:
@@ -75,7 +77,7 @@ class Slot:
 
         running = proc if proc is not None and proc.state in PROBED_STATES and proc.pid > 0 else None
         state, reason = rec.state, rec.reason
-        if running is not None and rec.state is InstanceState.READY and running.pid != rec.pid:
+        if running is not None and rec.state in _ANSWERING and running.pid != rec.pid:
             # supervisord already shows a new process the state machine has not judged yet:
             # never report READY next to a process that is still starting.
             state, reason = InstanceState.STARTING, f"new process {running.pid} not probed yet"
