@@ -28,6 +28,7 @@ from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
 from orchestrator.core.routing import RouteError, all_saturated, route
+from orchestrator.core.scaling import MachineLoad, machine_load
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.attempt import Rejected, Result, run_attempt
@@ -71,6 +72,7 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self.draining = False  # shutting down: new jobs are refused (503 draining)
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
@@ -120,6 +122,23 @@ class JobManager:
         """Every READY instance has MAX_QUEUE_DEPTH or more (for /readyz with READYZ_SATURATION)."""
         return all_saturated(self.directory.snapshot(), self._inflight, self.settings.max_queue_depth)
 
+    def load(self) -> MachineLoad:
+        """The machine's autoscaling signals (``/scaling``, ``comfyui_machine_*``)."""
+        return machine_load(
+            self.directory.snapshot(), self._inflight, self.settings.max_queue_depth, draining=self.draining
+        )
+
+    # ------------------------------------------------------------ shutdown
+    def drain(self) -> None:
+        """Refuse new jobs from now on; the ones in flight go on (see :meth:`drained`)."""
+        if not self.draining:
+            log.warning("draining: new jobs are refused; %d in flight go on", len(self._tasks))
+        self.draining = True
+
+    def idle(self) -> bool:
+        """No job is in flight."""
+        return not self._tasks
+
     # ------------------------------------------------------------ submission
     async def submit(self, request: JobRequest) -> Job:
         """Validate, route and start following a job; returns at once (await ``job.done``).
@@ -131,6 +150,12 @@ class JobManager:
         """
         if self._session is None:
             raise JobError("the job manager is not started; call start() inside the event loop first")
+        if self.draining:
+            self.metrics.refused("rejected")
+            raise RouteError(
+                "this machine is draining (shutting down): send the job to another machine",
+                status=503, reason="draining",
+            )
         try:
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())
         except WorkflowError:

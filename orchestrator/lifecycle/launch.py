@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -128,7 +129,10 @@ def extra_programs(
         # The plan hash makes supervisord restart the monitor when the plan changes.
         Program(
             "monitor", ("nice", "-n", "5", *me("monitor"), "serve"), str(layout.root),
-            {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
+            {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash},
+            # Above the instances' 100: supervisord's shutdown (a container's SIGTERM) stops the
+            # monitor first, and it drains (SHUTDOWN_DRAIN_TIMEOUT) while the instances still run.
+            priority=150, stopwaitsecs=math.ceil(settings.shutdown_drain_timeout) + 15,
             # Outlives a killed supervisord to answer /readyz 503; `up` stops it (lifecycle.orphans).
             die_with_supervisord=False,
         ),
