@@ -1,0 +1,91 @@
+"""SIGTERM → drain → exit, on real processes: a container's ``orchestrator up --foreground``
+(supervisord in the foreground after the exec) with the simulator as ComfyUI.
+
+supervisord stops the monitor first (its priority is above the instances'); the monitor refuses
+new jobs (503 ``draining``), reports /readyz 503, lets the running job finish on its instance,
+then exits, and only then are the instances stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from support import Machine, gone, readyz_code, simulated_machine, stop_process, txt2img, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def foreground(tmp_path: Path) -> Iterator[tuple[Machine, subprocess.Popen[bytes]]]:
+    """One simulated instance (6 s per prompt) under a foreground supervisord, as in the image."""
+    m = simulated_machine(tmp_path / "m", 1, SIM_EXEC_TIME="6", SHUTDOWN_DRAIN_TIMEOUT="60")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "up", "--foreground", "--skip-provision"],
+        env=m.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield m, proc
+    finally:
+        if proc.poll() is None:
+            stop_process(proc, 90)
+        m.down()
+
+
+def test_sigterm_drains_running_jobs_refuses_new_ones_then_exits(
+    foreground: tuple[Machine, subprocess.Popen[bytes]],
+) -> None:
+    m, proc = foreground
+    wait_for(m.ready, 90, 0.2, what="the instance READY under the foreground supervisord")
+
+    answer: dict[str, Any] = {}
+
+    def run_job() -> None:
+        body = {"workflow": txt2img("drain", seed=7), "wait": True}
+        r = requests.post(f"{m.monitor_url}/jobs", json=body, timeout=120)
+        answer.update(status_code=r.status_code, body=r.json())
+
+    worker = threading.Thread(target=run_job)
+    worker.start()
+    wait_for(
+        lambda: requests.get(f"{m.monitor_url}/scaling", timeout=5).json()["jobs_running"] == 1,
+        30, 0.1, what="the job running on its instance",
+    )
+
+    proc.send_signal(signal.SIGTERM)  # what `docker stop` / the kubelet sends to the container
+
+    def draining() -> dict[str, Any] | None:
+        r = requests.get(f"{m.monitor_url}/readyz", timeout=5)
+        return r.json() if r.status_code == 503 and "draining" in r.json()["reason"] else None
+
+    wait_for(draining, 30, 0.1, what="/readyz 503 while draining")
+    refused = requests.post(f"{m.monitor_url}/jobs", json={"workflow": txt2img("late")}, timeout=10)
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "draining"
+    scaling = requests.get(f"{m.monitor_url}/scaling", timeout=5).json()
+    assert (scaling["draining"], scaling["free_slots"], scaling["jobs_running"]) == (True, 0, 1)
+
+    worker.join(90)
+    assert answer["status_code"] == 200, answer
+    assert answer["body"]["status"] == "success", answer  # finished on an instance still running
+    assert proc.wait(60) is not None  # supervisord, then the container, exits
+    assert readyz_code(m) is None
+    assert all(gone(p) for p in _instance_pids(m))
+
+
+def _instance_pids(m: Machine) -> list[int]:
+    """Processes still holding the instances' ports (none once the machine is down)."""
+    import psutil
+
+    ports = set(m.ports) | {m.monitor_port}
+    return [
+        c.pid for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports and c.pid
+    ]
