@@ -28,7 +28,6 @@ from orchestrator.comfy.protocol import Dialect
 from orchestrator.core.errors import JobError
 from orchestrator.core.instances import InstanceDirectory, InstanceView
 from orchestrator.core.routing import RouteError, all_saturated, route
-from orchestrator.core.scaling import MachineLoad, machine_load
 from orchestrator.core.settings import Settings
 from orchestrator.core.workflow import WorkflowError
 from orchestrator.jobs.attempt import Rejected, Result, run_attempt
@@ -122,21 +121,11 @@ class JobManager:
         """Every READY instance has MAX_QUEUE_DEPTH or more (for /readyz with READYZ_SATURATION)."""
         return all_saturated(self.directory.snapshot(), self._inflight, self.settings.max_queue_depth)
 
-    def load(self) -> MachineLoad:
-        """The machine's autoscaling signals (``/scaling``, ``comfyui_machine_*``)."""
-        return machine_load(
-            self.directory.snapshot(), self._inflight, self.settings.max_queue_depth, draining=self.draining
-        )
-
-    # ------------------------------------------------------------ shutdown
     def drain(self) -> None:
-        """Refuse new jobs from now on; the ones in flight go on (see :meth:`drained`)."""
-        if not self.draining:
-            log.warning("draining: new jobs are refused; %d in flight go on", len(self._tasks))
+        """Shutdown: refuse new jobs (503 ``draining``); those in flight go on until :meth:`idle`."""
         self.draining = True
 
     def idle(self) -> bool:
-        """No job is in flight."""
         return not self._tasks
 
     # ------------------------------------------------------------ submission
@@ -152,10 +141,8 @@ class JobManager:
             raise JobError("the job manager is not started; call start() inside the event loop first")
         if self.draining:
             self.metrics.refused("rejected")
-            raise RouteError(
-                "this machine is draining (shutting down): send the job to another machine",
-                status=503, reason="draining",
-            )
+            raise RouteError("this machine is draining (shutting down): send the job to another machine",
+                             status=503, reason="draining")
         try:
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())
         except WorkflowError:

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
+from orchestrator.core.scaling import MachineLoad, machine_load
 from orchestrator.core.settings import Settings
 from orchestrator.jobs.routes import jobs_router
 from orchestrator.jobs.tracker import JobManager
@@ -71,7 +72,12 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     registry = build_registry(monitor, settings, Layout(settings.root))
     manager = JobManager(settings, monitor, registry)
     monitor.set_inflight(manager.inflight)
-    registry.register(MachineCollector(manager.load))
+
+    def load() -> MachineLoad:
+        """The autoscaling signals (``/scaling``, ``comfyui_machine_*``): one function, one answer."""
+        return machine_load(monitor.snapshot(), manager.inflight(), settings.max_queue_depth, draining=manager.draining)
+
+    registry.register(MachineCollector(load))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,7 +90,7 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
             await monitor.close()
 
     app = create_app(
-        monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan, scaling=manager.load
+        monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan, scaling=load
     )
     app.state.jobs = manager
     return app, monitor
