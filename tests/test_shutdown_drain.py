@@ -89,3 +89,74 @@ def _instance_pids(m: Machine) -> list[int]:
         c.pid for c in psutil.net_connections("tcp")
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports and c.pid
     ]
+
+
+# ---------------------------------------------------------------- the parts, without processes
+def test_supervisord_stops_the_monitor_first_and_waits_out_its_drain(tmp_path: Path) -> None:
+    from orchestrator.core.gpus import Gpu
+    from orchestrator.core.layout import Layout
+    from orchestrator.core.plan import build_plan
+    from orchestrator.core.settings import load_settings
+    from orchestrator.lifecycle.launch import extra_programs
+
+    settings = load_settings({"ROOT": str(tmp_path), "MOCK_GPU": "1", "SHUTDOWN_DRAIN_TIMEOUT": "90.5s"})
+    plan = build_plan(settings, [Gpu(0, "GPU-0", "0000:01:00.0", "mock", 1, "0", mock=True)])
+    [monitor] = [p for p in extra_programs(settings, Layout(tmp_path), plan) if p.name == "monitor"]
+    # supervisord stops programs in reverse priority order, one after the other; the instances' is 100.
+    assert monitor.priority > 100
+    assert monitor.stopwaitsecs >= 91 + 5  # the drain, then uvicorn's own graceful shutdown
+
+
+class FakeJobs:
+    def __init__(self) -> None:
+        self.draining = False
+        self.busy = True
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def idle(self) -> bool:
+        return not self.busy
+
+
+def draining_server(grace: float) -> tuple[Any, FakeJobs]:
+    import uvicorn
+
+    from orchestrator.monitor.app import DrainingServer
+
+    jobs = FakeJobs()
+    server = DrainingServer(uvicorn.Config(app=lambda *a: None), jobs, grace)  # type: ignore[arg-type]
+    return server, jobs
+
+
+def test_the_first_signal_drains_and_the_server_exits_once_idle() -> None:
+    import asyncio
+
+    server, jobs = draining_server(60)
+    server.handle_exit(signal.SIGTERM, None)
+    assert jobs.draining
+    assert not server.should_exit
+    asyncio.run(server.on_tick(1))
+    assert not server.should_exit  # a job still runs
+    jobs.busy = False
+    asyncio.run(server.on_tick(2))
+    assert server.should_exit
+
+
+def test_the_grace_period_ends_the_drain_and_a_second_signal_exits_at_once() -> None:
+    import asyncio
+    import time
+
+    server, jobs = draining_server(60)
+    server.handle_exit(signal.SIGTERM, None)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
+    late, _ = draining_server(60)
+    late.handle_exit(signal.SIGTERM, None)
+    late.drain_deadline = time.monotonic() - 1  # the grace period is over, the job still runs
+    asyncio.run(late.on_tick(1))
+    assert late.should_exit
+    now, now_jobs = draining_server(0)
+    now.handle_exit(signal.SIGTERM, None)
+    assert now.should_exit
+    assert not now_jobs.draining
