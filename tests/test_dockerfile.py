@@ -231,3 +231,58 @@ def test_provision_only_refuses_foreground_and_skip_provision(tmp_path: Path) ->
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "up --provision-only starts nothing" in r.stderr
+
+
+# ---------------------------------------------------------------- COMFY_LISTEN: instances a fleet can reach
+@pytest.mark.parametrize("value", ["127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "0.0.0.0,::"])
+def test_comfy_listen_goes_to_every_instances_listen_flag(value: str) -> None:
+    from orchestrator.core.gpus import Gpu
+    from orchestrator.core.plan import build_plan
+    from orchestrator.core.settings import load_settings
+
+    settings = load_settings({"ROOT": "/r", "MOCK_GPU": "1", "COMFY_LISTEN": value})
+    plan = build_plan(settings, [Gpu(i, f"GPU-{i}", f"0000:0{i}:00.0", "mock", 1, "0", mock=True) for i in range(2)])
+    for inst in plan.instances:
+        assert inst.argv[inst.argv.index("--listen") + 1] == value
+
+
+def test_comfy_listen_defaults_to_loopback_and_refuses_one_other_address() -> None:
+    from orchestrator.core.errors import ConfigError
+    from orchestrator.core.settings import load_settings
+
+    assert load_settings({}).comfy_listen == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"invalid COMFY_LISTEN='10.1.2.3': expected 127.0.0.1 .* 0.0.0.0 / ::"):
+        load_settings({"COMFY_LISTEN": "10.1.2.3"})
+
+
+def _outside_address() -> str | None:
+    """An address of this host other than loopback (no packet is sent), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = str(s.getsockname()[0])
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.integration
+def test_with_comfy_listen_0000_an_instance_answers_beyond_loopback_and_stays_monitored(tmp_path: Path) -> None:
+    from support import answers, simulated_machine
+
+    address = _outside_address()
+    if address is None:
+        pytest.skip("this host has no address but loopback")
+    m = simulated_machine(tmp_path / "m", 1, COMFY_LISTEN="0.0.0.0")
+    try:
+        m.up()
+        assert wait_until(m.ready, 60, 0.2)  # the monitor still reaches it on 127.0.0.1
+        import requests
+
+        stats = requests.get(f"http://{address}:{m.ports[0]}/system_stats", timeout=5)
+        assert stats.status_code == 200
+        assert answers(m.ports[0])
+    finally:
+        m.down()
