@@ -286,3 +286,74 @@ def test_with_comfy_listen_0000_an_instance_answers_beyond_loopback_and_stays_mo
         assert answers(m.ports[0])
     finally:
         m.down()
+
+
+# ---------------------------------------------------------------- SIGTERM while provisioning: tini as PID 1
+def _pid_namespaces() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("tini") is None, reason="tini (Debian: tini) not installed")
+def test_sigterm_during_provisioning_stops_the_container_under_tini_not_with_python_as_pid_1(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import time
+
+    import psutil
+    from support import commit_file
+
+    from orchestrator.lifecycle.demo import build_sources, demo_settings
+
+    if not _pid_namespaces():
+        pytest.skip("no PID namespaces here (unshare --pid needs root or user namespaces)")
+    urls = build_sources(tmp_path / "src")
+    shared = tmp_path / "src" / "shared"
+    nodes = json.loads((shared / "config_nodes.json").read_text())
+    for node in nodes["custom_nodes"]:
+        if node.get("custom_script"):
+            node["custom_script"] = "sleep 300"  # a long provisioning step (a clone, a pip install)
+    commit_file(shared, "config_nodes.json", json.dumps(nodes))
+
+    def boot(root: Path, *init: str) -> tuple[subprocess.Popen[bytes], psutil.Process]:
+        env = clean_env(**demo_settings(root, 1, urls), ORCHESTRATOR_PORT=str(free_port_block(1)),
+                        WORKER_BASE_COMFYUI_PORT=str(free_port_block(2)), PIP_NO_INDEX="1")
+        argv = ["unshare", "--pid", "--fork", "--mount-proc", *init,
+                sys.executable, "-m", "orchestrator", "up", "--foreground"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def sleeping() -> bool:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if p.cmdline()[:2] == ["sleep", "300"]:
+                        return True
+                except psutil.Error:  # gone or a zombie meanwhile (git, pip of earlier steps)
+                    continue
+            return False
+
+        assert wait_until(sleeping, 120), "provisioning never reached the long step"
+        return proc, psutil.Process(proc.pid).children()[0]  # PID 1 in the container
+
+    bare, python_init = boot(tmp_path / "bare")
+    try:
+        python_init.send_signal(signal.SIGTERM)  # what `docker stop` sends PID 1
+        time.sleep(3)
+        assert bare.poll() is None, "python as PID 1 was expected to ignore SIGTERM (no handler)"
+    finally:
+        python_init.kill()  # SIGKILL: the end of `docker stop`'s grace period
+        bare.wait(30)
+
+    tini, tini_init = boot(tmp_path / "tini", "tini", "--")
+    descendants = tini_init.children(recursive=True)
+    try:
+        tini_init.send_signal(signal.SIGTERM)
+        assert tini.wait(60) is not None  # tini forwarded it; the container ends without SIGKILL
+        assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in descendants)
+    finally:
+        if tini.poll() is None:
+            tini_init.kill()
+            tini.wait(30)
