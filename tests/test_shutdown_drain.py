@@ -160,3 +160,32 @@ def test_the_grace_period_ends_the_drain_and_a_second_signal_exits_at_once() -> 
     now.handle_exit(signal.SIGTERM, None)
     assert now.should_exit
     assert not now_jobs.draining
+
+
+def test_an_up_that_restarts_only_the_monitor_lets_its_running_job_answer(
+    machine: Any,
+) -> None:
+    """A changed monitor setting restarts the monitor alone: it drains first, so the caller waiting
+    on its job gets the answer, and `up` waits for that longer than its usual client timeout."""
+    m: Machine = machine(1, SIM_EXEC_TIME="14", SHUTDOWN_DRAIN_TIMEOUT="60")
+    m.up()
+    wait_for(m.ready, 60, 0.2, what="the instance READY")
+    answer: dict[str, Any] = {}
+
+    def run_job() -> None:
+        r = requests.post(f"{m.monitor_url}/jobs", json={"workflow": txt2img("reconcile", seed=3)}, timeout=120)
+        answer.update(status_code=r.status_code, body=r.json())
+
+    worker = threading.Thread(target=run_job)
+    worker.start()
+    wait_for(
+        lambda: requests.get(f"{m.monitor_url}/scaling", timeout=5).json()["jobs_running"] == 1,
+        30, 0.1, what="the job running on its instance",
+    )
+    r = m.run("up", "--skip-provision", timeout=180, PROBE_INTERVAL="0.4")  # the monitor's env changes
+    assert r.returncode == 0, r.stderr
+    assert "restarted monitor" in r.stdout
+    worker.join(60)
+    assert answer["status_code"] == 200, answer
+    assert answer["body"]["status"] == "success"
+    wait_for(m.ready, 60, 0.2, what="the new monitor READY")

@@ -205,7 +205,7 @@ def _pipeline(
     env = launch.child_environment()
     with timer.stage("start"):
         if running:
-            changes = launch.reconcile(sup)
+            changes = launch.reconcile(sup, drain_wait=settings.shutdown_drain_timeout)
         elif foreground:
             _write_status(layout, timer, record)
             lock.release()
