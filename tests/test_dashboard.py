@@ -15,10 +15,12 @@ import yaml
 from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.layout import Layout
 from orchestrator.core.readiness import GpuStatus, InstanceStatus
+from orchestrator.core.scaling import machine_load
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.machine.fs import write_json
+from orchestrator.monitor.collectors import MachineCollector
 from orchestrator.monitor.metrics import build_registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +86,7 @@ def exported_names(tmp_path: Path) -> set[str]:
     registry = build_registry(Source(), load_settings({"ROOT": str(tmp_path)}), layout, hostname="h")
     jobs = JobMetrics(registry, lambda: {0: 1}, lambda: [])  # the job API's, registered by the JobManager
     jobs.node_seconds.labels("KSampler").observe(1.0)  # labelled: exported once a job has run a node
+    registry.register(MachineCollector(lambda: machine_load([], {}, 8)))  # registered by monitor.app.build_app
     return {s.name for family in registry.collect() for s in family.samples}
 
 

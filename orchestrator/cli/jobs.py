@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from orchestrator.core.settings import Settings
-from orchestrator.jobs.runpod import import_runpod, instance_count, make_handler
+from orchestrator.jobs.runpod import ReadyConcurrency, import_runpod, make_handler
 
 
 def sdk_argv(args: argparse.Namespace) -> list[str]:
@@ -26,6 +26,6 @@ def cmd_runpod_worker(settings: Settings, args: argparse.Namespace) -> int:
     runpod = import_runpod()
     # The SDK reads its own flags (--test_input, --rp_serve_api, …) from sys.argv.
     sys.argv = [sys.argv[0], *sdk_argv(args)]
-    concurrency = instance_count(settings)
-    runpod.serverless.start({"handler": make_handler(settings), "concurrency_modifier": lambda _current: concurrency})
+    # As many jobs at once as READY instances (GET /scaling), re-read as instances come and go.
+    runpod.serverless.start({"handler": make_handler(settings), "concurrency_modifier": ReadyConcurrency(settings)})
     return 0

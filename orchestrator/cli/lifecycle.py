@@ -15,6 +15,7 @@ from types import FrameType
 
 from orchestrator.cli.config import flag_overrides
 from orchestrator.cli.output import error, print_json, print_json_line, print_line
+from orchestrator.core.errors import ConfigError
 from orchestrator.core.settings import Settings, load_settings
 from orchestrator.lifecycle import control, demo, down, logs, plan, status, up
 from orchestrator.lifecycle.logs import LogLine
@@ -56,12 +57,20 @@ def _up_overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    provision_only = bool(getattr(args, "provision_only", False))
+    if provision_only and (args.foreground or args.skip_provision):
+        raise ConfigError("up --provision-only starts nothing: drop --foreground and --skip-provision")
     report = up.up(
         settings,
         overrides=_up_overrides(args),
         foreground=args.foreground,
         skip_provision=args.skip_provision,
+        provision_only=provision_only,
     )
+    if provision_only:
+        print_line(f"provisioned in {report.total_seconds:.2f}s under {settings.root}: code, nodes and models; "
+                   "nothing started")
+        return 0
     changes = report.changes
     total = report.total_seconds
     if changes.started or changes.restarted or changes.removed:

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="prepare the machine and start every instance under supervisord")
     p.add_argument("--foreground", action="store_true", help="exec supervisord in the foreground (containers)")
     p.add_argument("--skip-provision", action="store_true", help="do not fetch code, nodes or models")
+    p.add_argument(
+        "--provision-only", action="store_true",
+        help="fetch code, nodes and models, start nothing (bake ROOT into an image at build time)",
+    )
     p = sub.add_parser("down", help="stop every instance, the monitor and supervisord")
     p = sub.add_parser("status", help="per instance: GPU, port, pid, state, uptime, restarts, health")
     _json_flag(p)

@@ -6,6 +6,7 @@ turns that into a one-line error naming the variable and the value.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from collections.abc import Callable
@@ -128,6 +129,26 @@ def to_listen(raw: str) -> str:
     if not re.fullmatch(r"[0-9A-Za-z.:\-\[\]]+", value):
         raise ValueError("expected an IP address or host name such as 127.0.0.1")
     return value
+
+
+def to_comfy_listen(raw: str) -> str:
+    """Where the instances listen: a loopback address, or every interface (0.0.0.0, ::, 0.0.0.0,::).
+
+    Another single address is refused: the monitor and the job API reach each instance on
+    127.0.0.1, which an instance bound to one other interface would not answer.
+    """
+    value = raw.strip()
+    if value in {"0.0.0.0", "::", "0.0.0.0,::"} or value == "localhost":  # noqa: S104 - a comparison, not a bind
+        return value
+    try:
+        if ipaddress.ip_address(value).is_loopback:
+            return value
+    except ValueError:
+        pass
+    raise ValueError(
+        "expected 127.0.0.1 (this machine only) or 0.0.0.0 / :: (every interface; the monitor reaches "
+        "instances on 127.0.0.1, so one other address would not work)"
+    )
 
 
 def to_umask(raw: str) -> int:

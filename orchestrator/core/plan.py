@@ -169,7 +169,7 @@ def build_plan(
         argv = [
             settings.python,
             "main.py",
-            "--listen", "127.0.0.1",
+            "--listen", settings.comfy_listen,
             "--port", str(port),
             "--extra-model-paths-config", str(layout.extra_model_paths),
             "--output-directory", str(base / "output"),

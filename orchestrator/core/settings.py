@@ -26,6 +26,7 @@ from orchestrator.core.converters import (
     int_in,
     to_args,
     to_bool,
+    to_comfy_listen,
     to_duration,
     to_list,
     to_listen,
@@ -97,6 +98,7 @@ class Settings:
     comfy_args: tuple[str, ...] = setting("", to_args, "Extra ComfyUI flags for every instance", "COMFY_FLAGS")
     comfy_python: str = setting("", to_str, "Interpreter that runs ComfyUI's main.py (default: the orchestrator's)")
     worker_base_comfyui_port: int = setting("8188", to_port, "Instance N listens on this port + N")
+    comfy_listen: str = setting("127.0.0.1", to_comfy_listen, "Address every instance listens on: 127.0.0.1, or 0.0.0.0/:: to expose ComfyUI's unauthenticated API to the network (README: Fleet)")
     shared_repo_url: str = setting(SHARED_URL, to_str, "Shared config repository (empty: use the shipped defaults)")
     shared_branch: str = setting("", to_str, "Branch of the shared repo to follow (empty: its default branch)")
     shared_commit: str = setting("", to_str, "Pin the shared repo to this commit")
@@ -150,6 +152,7 @@ class Settings:
     routing_policy: str = setting("capacity", choice("capacity", "least_queue"), "Job routing: capacity (earliest expected finish from learned speeds, model affinity) or least_queue")
     max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
+    shutdown_drain_timeout: float = setting("120s", to_duration, "On SIGTERM the monitor refuses new jobs and waits this long for running ones before it exits (0: exit at once)")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")

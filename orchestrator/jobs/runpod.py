@@ -135,6 +135,45 @@ def instance_count(settings: Settings) -> int:
     return max(1, len(instances)) if isinstance(instances, list) else 1
 
 
+class ReadyConcurrency:
+    """The SDK's ``concurrency_modifier``: as many jobs at once as the machine has READY instances.
+
+    Reads ``ready_instances`` from the monitor's ``GET /scaling`` at most every ``ttl`` seconds
+    (the SDK calls this on its event loop before each fetch, so the call is short and cached).
+    Until the monitor first answers, and whenever it does not, the last value holds; the first is
+    the planned instance count. Never below 1 (the SDK reads 0 as an unbounded queue).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        base_url: str | None = None,
+        session: requests.Session | None = None,
+        ttl: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = (base_url or job_api_url(settings)).rstrip("/") + "/scaling"
+        self.session = session or requests.Session()
+        self.session.trust_env = False  # the local monitor: never through a proxy
+        self.ttl = ttl
+        self.clock = clock
+        self.value = instance_count(settings)
+        self._at: float | None = None
+
+    def __call__(self, current: int) -> int:
+        now = self.clock()
+        if self._at is None or now - self._at >= self.ttl:
+            self._at = now
+            try:
+                ready = self.session.get(self.url, timeout=(1.0, 1.0)).json()["ready_instances"]
+            except (requests.RequestException, ValueError, KeyError, TypeError):
+                return self.value
+            if isinstance(ready, int) and not isinstance(ready, bool):
+                self.value = max(1, ready)
+        return self.value
+
+
 # ---------------------------------------------------------------- the handler
 def make_handler(
     settings: Settings,

@@ -100,6 +100,7 @@ class JobManager:
         self._session: aiohttp.ClientSession | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.vram = PeakWatcher(gpu_statuses)
+        self.draining = False  # shutting down: new jobs are refused (503 draining)
         # A known upstream instance is posted to without waiting for its greeting (one round
         # trip less); a fork's client_id message seen later switches it back.
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
@@ -157,6 +158,13 @@ class JobManager:
         """Every READY instance has MAX_QUEUE_DEPTH or more (for /readyz with READYZ_SATURATION)."""
         return all_saturated(self.directory.snapshot(), self._inflight, self.settings.max_queue_depth)
 
+    def drain(self) -> None:
+        """Shutdown: refuse new jobs (503 ``draining``); those in flight go on until :meth:`idle`."""
+        self.draining = True
+
+    def idle(self) -> bool:
+        return not self._tasks
+
     # ------------------------------------------------------------ submission
     async def submit(self, request: JobRequest) -> Job:
         """Validate, route and start following a job; returns at once (await ``job.done``).
@@ -168,6 +176,10 @@ class JobManager:
         """
         if self._session is None:
             raise JobError("the job manager is not started; call start() inside the event loop first")
+        if self.draining:
+            self.metrics.refused("rejected")
+            raise RouteError("this machine is draining (shutting down): send the job to another machine",
+                             status=503, reason="draining")
         try:
             check_timeout(request, self.settings.job_min_timeout)
             job = new_job(request, default_timeout=self.settings.job_timeout, now=self._clock(), wall=self._wall())

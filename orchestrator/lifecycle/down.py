@@ -50,7 +50,7 @@ class Teardown:
 def down(settings: Settings) -> Teardown:
     """Stop every program gracefully, then supervisord, and wait for the instances' ports."""
     layout = Layout(settings.root)
-    sup = Supervisor(layout, timeout=settings.stop_timeout * 4 + 30)
+    sup = Supervisor(layout, timeout=settings.stop_timeout * 4 + 30 + settings.shutdown_drain_timeout)
     plan = applied_plan(layout)
     problems: list[str] = []
     survivors: list[int] = []

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -128,7 +129,10 @@ def extra_programs(
         # The plan hash makes supervisord restart the monitor when the plan changes.
         Program(
             "monitor", ("nice", "-n", "5", *me("monitor"), "serve"), str(layout.root),
-            {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
+            {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash},
+            # Above the instances' 100: supervisord's shutdown (a container's SIGTERM) stops the
+            # monitor first, and it drains (SHUTDOWN_DRAIN_TIMEOUT) while the instances still run.
+            priority=150, stopwaitsecs=math.ceil(settings.shutdown_drain_timeout) + 15,
             # Outlives a killed supervisord to answer /readyz 503; `up` stops it (lifecycle.orphans).
             die_with_supervisord=False,
         ),
@@ -271,15 +275,18 @@ def exec_supervisord(layout: Layout, env: dict[str, str], execve: Execve, umask:
         os.umask(old)
 
 
-def reconcile(sup: Supervisor) -> Changes:
+def reconcile(sup: Supervisor, drain_wait: float = 0.0) -> Changes:
     """Start stage on a running machine: apply the new supervisord.conf, touching only the
-    programs that were added, changed or removed."""
+    programs that were added, changed or removed. ``drain_wait``: seconds a stopping monitor
+    may take to drain its running jobs (SHUTDOWN_DRAIN_TIMEOUT)."""
     added, changed, removed = sup.reload_config()
+    # Stopping the monitor waits out its drain: that one call gets a client timeout to match.
+    monitor_sup = Supervisor(sup.layout, timeout=drain_wait + 30) if drain_wait else sup
     for name in removed:
-        sup.stop(name)
+        (monitor_sup if name == "monitor" else sup).stop(name)
         sup.remove_group(name)
     for name in changed:
-        sup.stop(name)
+        (monitor_sup if name == "monitor" else sup).stop(name)
         sup.remove_group(name)
         sup.add_group(name)
     for name in added:

@@ -140,6 +140,7 @@ def up(
     overrides: Mapping[str, str] | None = None,
     foreground: bool = False,
     skip_provision: bool = False,
+    provision_only: bool = False,
     execve: launch.Execve = os.execve,
 ) -> UpReport:
     """Prepare the machine, then start or reconcile supervisord.
@@ -148,6 +149,8 @@ def up(
         overrides: settings given as flags, passed on to supervisord's programs as variables.
         foreground: exec supervisord in the foreground (containers); returns only with a fake ``execve``.
         skip_provision: use the code, nodes and models already on disk.
+        provision_only: fetch the code, nodes and models, then stop: no GPU detection, no
+            supervisord (an image build that bakes ROOT in, ``BAKE=1``).
 
     Raises:
         ConfigError: a setting the monitor would refuse at its start (checked before anything).
@@ -168,7 +171,7 @@ def up(
     with oplock.hold(layout) as lock:
         return _pipeline(
             settings, layout, lock, overrides=overrides or {}, foreground=foreground,
-            skip_provision=skip_provision, execve=execve,
+            skip_provision=skip_provision, provision_only=provision_only, execve=execve,
         )
 
 
@@ -181,8 +184,13 @@ def _pipeline(
     foreground: bool,
     skip_provision: bool,
     execve: launch.Execve,
+    provision_only: bool = False,
 ) -> UpReport:
     timer = StageTimer()
+    if provision_only:
+        record = provision(settings, layout, timer, skip=False)
+        _write_status(layout, timer, record)
+        return UpReport(stages=dict(timer.stages), changes=launch.Changes(), record=record)
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
     check_ports(settings, [g.index for g in gpus])
@@ -200,7 +208,7 @@ def _pipeline(
     env = launch.child_environment()
     with timer.stage("start"):
         if running:
-            changes = launch.reconcile(sup)
+            changes = launch.reconcile(sup, drain_wait=settings.shutdown_drain_timeout)
         elif foreground:
             _write_status(layout, timer, record)
             lock.release()

@@ -10,6 +10,7 @@ refuses a non-loopback address without it. Every error answer has the one shape 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -24,7 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orchestrator import __version__
 from orchestrator.core.auth import BearerAuth
 from orchestrator.core.http import ApiError, documented, http_error_handler, route_class
+from orchestrator.core.instances import InstanceView
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness
+from orchestrator.core.scaling import MachineLoad, machine_load
 from orchestrator.core.settings import Settings
 from orchestrator.monitor.metrics import ExpositionCache, TextRenderer
 
@@ -150,6 +153,16 @@ class StatusResponse(BaseModel):
     )
 
 
+class ScalingResponse(BaseModel):
+    jobs_waiting: int = Field(description="jobs accepted or queued, not executing yet")
+    jobs_running: int = Field(description="jobs executing (at most one per instance)")
+    free_slots: int = Field(description="jobs this machine would accept now (0 while draining)")
+    ready_instances: int
+    instances: int
+    max_queue_depth: int
+    draining: bool = Field(description="shutting down: new jobs are refused, running ones finish")
+
+
 class RestartResponse(BaseModel):
     gpu: int
     name: str
@@ -213,8 +226,13 @@ def create_app(
     *,
     routers: Sequence[APIRouter] = (),
     lifespan: Lifespan | None = None,
+    scaling: Callable[[], MachineLoad] | None = None,
 ) -> FastAPI:
-    """The monitor's FastAPI app. ``routers`` are mounted as they are (e.g. the job API)."""
+    """The monitor's FastAPI app. ``routers`` are mounted as they are (e.g. the job API).
+
+    ``scaling``: the machine's load (the job manager's, with its in-flight jobs and drain flag);
+    by default the instances' probed queues alone. While it says ``draining``, /readyz is 503.
+    """
     app = FastAPI(
         title="ComfyUI orchestrator monitor",
         version=__version__,
@@ -236,8 +254,17 @@ def create_app(
         )
         return JSONResponse(body.model_dump(), status_code=200 if live.alive else 503)
 
+    def load() -> MachineLoad:
+        if scaling is not None:
+            return scaling()
+        views = [InstanceView(s.gpu, s.name, s.port, s.state, s.queue_pending or 0, s.queue_running or 0)
+                 for s in control.instance_statuses()]
+        return machine_load(views, {}, settings.max_queue_depth)
+
     async def ready() -> JSONResponse:
         r = control.readiness()
+        if scaling is not None and scaling().draining:
+            r = dataclasses.replace(r, ready=False, reason="draining: the machine is shutting down")
         return JSONResponse(_ready(r, redact).model_dump(), status_code=200 if r.ready else 503)
 
     not_alive: Responses = {503: {"model": HealthResponse, "description": "supervisord does not answer"}}
@@ -306,6 +333,10 @@ def create_app(
         # Collectors read cached samples only, so this runs on the loop without blocking it;
         # concurrent scrapes share one rendering (METRICS_CACHE).
         return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
+
+    @routes.get("/scaling", response_model=ScalingResponse, summary="Autoscaling signals (KEDA metrics-api)")
+    async def scaling_signals() -> ScalingResponse:
+        return ScalingResponse(**load().to_dict())
 
     app.include_router(routes)
     for router in routers:

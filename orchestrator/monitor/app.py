@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Coroutine
+from types import FrameType
 from typing import Any, Literal
 
 import uvicorn
@@ -18,6 +21,7 @@ from starlette.types import ASGIApp
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
+from orchestrator.core.scaling import MachineLoad, machine_load
 from orchestrator.core.settings import Settings
 from orchestrator.jobs.journal import JobJournal
 from orchestrator.jobs.routes import jobs_router
@@ -25,8 +29,11 @@ from orchestrator.jobs.tracker import JobManager
 from orchestrator.jobs.uploads import OutputUploader, UploadCollector
 from orchestrator.machine.state import applied_plan
 from orchestrator.monitor.api import create_app, with_fast_probes
+from orchestrator.monitor.collectors import MachineCollector
 from orchestrator.monitor.loop import Monitor
 from orchestrator.monitor.metrics import build_registry
+
+log = logging.getLogger(__name__)
 
 
 def load_plan(layout: Layout) -> MachinePlan:
@@ -59,7 +66,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = None) -> tuple[FastAPI, Monitor]:
-    """The monitor, its metrics registry, the job manager and the FastAPI app, wired together."""
+    """The monitor, its metrics registry, the job manager and the FastAPI app, wired together.
+
+    ``app.state.jobs`` is the job manager (:class:`DrainingServer` drains it on SIGTERM).
+    """
     monitor = monitor or Monitor(settings, plan)
     layout = Layout(settings.root)
     registry = build_registry(monitor, settings, layout)
@@ -73,6 +83,12 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
     )
     monitor.set_inflight(manager.inflight)
 
+    def load() -> MachineLoad:
+        """The autoscaling signals (``/scaling``, ``comfyui_machine_*``): one function, one answer."""
+        return machine_load(monitor.snapshot(), manager.inflight(), settings.max_queue_depth, draining=manager.draining)
+
+    registry.register(MachineCollector(load))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await monitor.start()
@@ -83,8 +99,45 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
             await manager.close()
             await monitor.close()
 
-    app = create_app(monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan)
+    app = create_app(
+        monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan, scaling=load
+    )
+    app.state.jobs = manager
     return app, monitor
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains the job API on the first SIGTERM/SIGINT before it shuts down.
+
+    Draining: new jobs get 503 ``draining``, /readyz is 503, /scaling and the metrics say so, and
+    every other route still answers (``GET /jobs/{id}``, the probes); the server exits once no job
+    is in flight or after ``grace`` seconds, whichever comes first. A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, manager: JobManager, grace: float) -> None:
+        super().__init__(config)
+        self.manager = manager
+        self.grace = grace
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is not None or self.grace <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # uvicorn re-raises it once served (the exit status)
+        self.drain_deadline = time.monotonic() + self.grace
+        self.manager.drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        deadline = self.drain_deadline
+        if deadline is not None and not self.should_exit:
+            if self.manager.idle():
+                log.info("drained: no job in flight; shutting down")
+                self.should_exit = True
+            elif time.monotonic() >= deadline:
+                log.warning("drain grace of %gs over with jobs in flight; shutting down", self.grace)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def uvicorn_config(app: ASGIApp, http: Literal["httptools", "h11"] = "httptools") -> uvicorn.Config:
@@ -117,8 +170,14 @@ def run_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
 async def serve(settings: Settings, plan: MachinePlan, sock: socket.socket) -> None:
     """Run the monitor and its HTTP API on ``sock`` until SIGTERM/SIGINT (on the running loop)."""
     app, monitor = build_app(settings, plan)
-    # A dead probe loop must not leave a monitor that serves stale answers: stop, and let
-    # supervisord start a fresh one.
-    monitor.on_loop_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
     # The probe paths (/healthz, /readyz, /metrics) are answered in front of FastAPI.
-    await uvicorn.Server(uvicorn_config(with_fast_probes(app))).serve(sockets=[sock])
+    server = DrainingServer(uvicorn_config(with_fast_probes(app)), app.state.jobs, settings.shutdown_drain_timeout)
+
+    def loop_failed() -> None:
+        # A dead probe loop must not leave a monitor that serves stale answers: stop at once
+        # (no drain), and let supervisord start a fresh one.
+        server.grace = 0.0
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monitor.on_loop_failure = loop_failed
+    await server.serve(sockets=[sock])

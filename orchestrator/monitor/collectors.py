@@ -34,6 +34,7 @@ from orchestrator import __version__
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
 from orchestrator.core.readiness import GpuStatus, InstanceStatus
+from orchestrator.core.scaling import MachineLoad
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import read_json
 from orchestrator.provision.repos.state import code_report
@@ -143,6 +144,32 @@ class InstanceCollector(Collector):
             if s.comfyui_version:
                 version.add_metric([*values, s.comfyui_version], 1.0)
         yield from (up, ready, state, stopped, restarts, probe, pending, running, start, failed, version)
+
+
+# (name, help, MachineLoad field): the autoscaling signals, the numbers GET /scaling answers
+MACHINE_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("comfyui_machine_jobs_waiting", "Jobs accepted or queued on this machine, not executing yet", "jobs_waiting"),
+    ("comfyui_machine_jobs_running", "Jobs executing on this machine (at most one per instance)", "jobs_running"),
+    ("comfyui_machine_free_slots", "Jobs this machine would accept now (MAX_QUEUE_DEPTH per READY instance, "
+     "less its load; 0 while draining)", "free_slots"),
+    ("comfyui_machine_ready_instances", "Instances READY on this machine", "ready_instances"),
+    ("comfyui_machine_draining", "1 while the machine drains for shutdown (refuses new jobs)", "draining"),
+)
+
+
+class MachineCollector(Collector):
+    """``comfyui_machine_*``: the machine's autoscaling signals (``core.scaling``), read on scrape."""
+
+    def __init__(self, load: Callable[[], MachineLoad]) -> None:
+        self.load = load
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(name, text) for name, text, _ in MACHINE_GAUGES]
+
+    def collect(self) -> Iterator[Metric]:
+        load = self.load()
+        for name, text, field in MACHINE_GAUGES:
+            yield GaugeMetricFamily(name, text, value=float(getattr(load, field)))
 
 
 # (metric name, help, GpuSample field, scale)
