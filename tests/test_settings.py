@@ -14,6 +14,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     import os
 
     full = {k: v for k, v in os.environ.items() if k not in {"MOCK_GPU", "NUM_GPUS", "TEST_GPUS"}}
+    full["XDG_RUNTIME_DIR"] = "/nonexistent-runtime-dir"  # a demo running on this machine is not ours to see
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=full, capture_output=True, text=True)
 
