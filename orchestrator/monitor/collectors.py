@@ -154,12 +154,30 @@ DCGM_GAUGES: tuple[tuple[str, str, str, float], ...] = (
     ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power", 1.0),
     ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "sm_clock", 1.0),
     ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "memory_clock", 1.0),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).", "total_energy", 1.0),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C).", "memory_temperature", 1.0),
+    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", "pcie_replay", 1.0),
+    ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors.", "ecc_sbe_volatile", 1.0),
+    ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.", "ecc_dbe_volatile", 1.0),
+    ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "Total number of single-bit persistent ECC errors.", "ecc_sbe_aggregate", 1.0),
+    ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "Total number of double-bit persistent ECC errors.", "ecc_dbe_aggregate", 1.0),
+    ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.",
+     "remapped_rows_correctable", 1.0),
+    ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.",
+     "remapped_rows_uncorrectable", 1.0),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed.", "row_remap_failure", 1.0),
+    ("DCGM_FI_DEV_POWER_VIOLATION", "Throttling duration due to power constraints (in us).", "power_violation", 1.0),
+    ("DCGM_FI_DEV_THERMAL_VIOLATION", "Throttling duration due to thermal constraints (in us).",
+     "thermal_violation", 1.0),
+    ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "Current clock throttle reasons (bitmask of NVML's reasons).",
+     "throttle_reasons", 1.0),
 )
+DRIVER_LABEL = "DCGM_FI_DRIVER_VERSION"  # dcgm-exporter's driver version label
 
 
 def gpu_label_names(host_label: str, model_label: str) -> tuple[str, ...]:
     """The dcgm-exporter label set. Raises ConfigError for an unusable label name."""
-    names = ("gpu", "UUID", "pci_bus_id", "device")
+    names = ("gpu", "UUID", "pci_bus_id", "device", DRIVER_LABEL)
     for env, value in (("GPU_METRICS_HOST_LABEL", host_label), ("GPU_METRICS_MODEL_LABEL", model_label)):
         if not _LABEL_NAME.match(value) or value.startswith("__"):
             raise ConfigError(f"invalid {env}={value!r}: expected a Prometheus label name such as Hostname")
@@ -167,7 +185,7 @@ def gpu_label_names(host_label: str, model_label: str) -> tuple[str, ...]:
             raise ConfigError(f"invalid {env}={value!r}: that label already exists on the GPU gauges")
     if host_label == model_label:
         raise ConfigError("GPU_METRICS_HOST_LABEL and GPU_METRICS_MODEL_LABEL must differ")
-    return (*names, model_label, host_label)
+    return (*names[:4], model_label, host_label, DRIVER_LABEL)
 
 
 class GpuCollector(Collector):
@@ -190,17 +208,29 @@ class GpuCollector(Collector):
         names = self.label_names
         families = [GaugeMetricFamily(name, text, labels=names) for name, text, _, _ in DCGM_GAUGES]
         failed = GaugeMetricFamily(
-            "orchestrator_gpu_failed", "1 when the last telemetry read found the GPU lost or failing",
-            labels=self.label_names,
+            "orchestrator_gpu_failed",
+            "1 when the GPU failed: reason xid_<N> (a critical Xid: no jobs are routed to it, its instance is "
+            "stopped) or lost (telemetry found it lost or failing)",
+            labels=(*self.label_names, "reason"),
+        )
+        xid = GaugeMetricFamily(
+            "DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", labels=self.label_names
         )
         for st in statuses:
             g = st.gpu
-            labels = [str(g.index), g.uuid, g.pci_bus_id, f"nvidia{g.index}", g.name, self.hostname]
+            labels = [str(g.index), g.uuid, g.pci_bus_id, f"nvidia{g.index}", g.name, self.hostname,
+                      g.driver_version]
+            health = st.health
+            if health is not None and health.listening:  # without the listener the field is unknown: omit
+                xid.add_metric(labels, float(health.last_xid or 0))
             sample = st.sample
-            if sample is None:
+            fenced = health is not None and health.failed
+            if sample is None and not fenced:
                 continue
-            failed.add_metric(labels, 1.0 if sample.failed else 0.0)
-            if sample.failed:
+            reason = health.failed_reason_label if health is not None and fenced else ""
+            lost = sample is not None and sample.failed
+            failed.add_metric([*labels, reason or ("lost" if lost else "")], 1.0 if fenced or lost else 0.0)
+            if sample is None or sample.failed:
                 continue
             for family, (_, _, field, scale) in zip(families, DCGM_GAUGES, strict=True):
                 value = getattr(sample, field)
@@ -209,6 +239,7 @@ class GpuCollector(Collector):
                     family.add_metric(labels, scaled)
         yield from families
         yield failed
+        yield xid
 
 
 def _redact_url(url: str) -> str:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 
 from orchestrator.core import health
 from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.gpufaults import Verdict
 from orchestrator.core.health import Action, Decision, HealthConfig, ProbeResult, Record
 from orchestrator.core.instances import InstanceView
 from orchestrator.core.layout import Layout
@@ -32,6 +34,7 @@ from orchestrator.core.states import InstanceState, ProcessInfo
 from orchestrator.machine.gpu import GpuBackend, open_backend
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
+from orchestrator.monitor.gpuhealth import GpuFaultWatch, stop_fenced
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
 from orchestrator.monitor.sampler import GpuSampler
@@ -93,6 +96,7 @@ class ProbeLoop:
         self._clock = clock
         self._wall = wall
         self.heartbeat: Callable[[], None] = lambda: None  # the Monitor's heartbeat file (machine.watchdog)
+        self.fenced: Callable[[int], str] = lambda _gpu: ""  # why a GPU takes no checks/actions (a failed GPU)
 
     async def run(self, wake: asyncio.Event) -> None:
         """Tick until cancelled; ``wake`` starts the next tick early (a hung report, a restart request)."""
@@ -120,6 +124,8 @@ class ProbeLoop:
                 slot.proc = proc
             if slot.busy() or not slot.due(proc, self._clock(), known=procs is not None):
                 continue
+            if self.fenced(slot.instance.index):
+                continue  # its GPU failed: no probes, no restarts (the instance is stopped)
             slot.task = asyncio.create_task(self._check(slot, proc, polled_at), name=f"probe-{slot.instance.name}")
             slot.task.add_done_callback(_log_failure)
 
@@ -206,6 +212,11 @@ class Monitor:
             tick=min(settings.probe_interval, MAX_TICK), interval=settings.probe_interval, clock=clock, wall=wall,
         )
         self.loop.heartbeat = Heartbeat(heartbeat_path(layout)).beat
+        self._factory = factory
+        self.gpu_faults = GpuFaultWatch(
+            [inst.gpu for inst in plan.instances], backend_factory or (lambda: open_backend(settings))
+        )
+        self.loop.fenced = self.gpu_faults.failed
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -220,6 +231,7 @@ class Monitor:
         self.loop.heartbeat()  # before the first round: a fresh monitor is not taken for a stuck one
         self.prober.start()
         self.sampler.start()
+        await asyncio.to_thread(self.gpu_faults.start, self.gpu_verdict)
         # One round before serving (uvicorn listens after startup): /healthz and /readyz are
         # right from the first request, e.g. after supervisord restarted the monitor.
         await self.loop.tick_once()
@@ -254,6 +266,7 @@ class Monitor:
         self.poller.close()
         self.loop.actions.close()
         await asyncio.to_thread(self.sampler.stop)
+        await asyncio.to_thread(self.gpu_faults.stop)
 
     def set_inflight(self, inflight: Callable[[], Mapping[int, int]]) -> None:
         """Jobs in flight per GPU index (from the job manager), for ``READYZ_SATURATION``."""
@@ -288,9 +301,28 @@ class Monitor:
         self._wake_up()
         return self._status(slot)
 
+    def gpu_verdict(self, gpu: int, verdict: Verdict, reason: str) -> None:
+        """A GPU fault's verdict (thread-safe): restart its instance, or fence the GPU and stop it."""
+        if gpu not in self._slots:
+            return
+        if verdict is Verdict.RESTART_INSTANCE:
+            self.request_restart(gpu, f"GPU {gpu}: {reason}")
+        elif verdict is Verdict.MARK_FAILED and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fence, gpu, reason)
+
+    def _fence(self, gpu: int, reason: str) -> None:
+        slot = self._slots[gpu]
+        log.error("GPU %d failed (%s): no more jobs to it; stopping %s", gpu, reason, slot.instance.name)
+        task = asyncio.create_task(
+            stop_fenced(slot, self._factory, self.settings.stop_timeout), name=f"fence-{slot.instance.name}"
+        )
+        task.add_done_callback(_log_failure)
+
     # ------------------------------------------------------------ views (never block)
     def _status(self, slot: Slot) -> InstanceStatus:
-        return slot.status(self._clock(), self._wall(), self.settings.redact)
+        status = slot.status(self._clock(), self._wall(), self.settings.redact)
+        failed = self.gpu_faults.failed(slot.instance.index)
+        return dataclasses.replace(status, state=InstanceState.UNHEALTHY, reason=failed) if failed else status
 
     def instance_statuses(self) -> list[InstanceStatus]:
         return [self._status(s) for s in self._slots.values()]
@@ -299,21 +331,25 @@ class Monitor:
         return self._status(self._slot(gpu))
 
     def gpu_statuses(self) -> list[GpuStatus]:
-        return self.sampler.statuses()
+        health = self.gpu_faults.health()
+        return [dataclasses.replace(s, health=health.get(s.gpu.index)) for s in self.sampler.statuses()]
 
     def snapshot(self) -> list[InstanceView]:
-        return [s.view() for s in self._slots.values()]
+        views = [s.view() for s in self._slots.values()]
+        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index)) for v in views]
 
     def readiness(self) -> Readiness:
         inflight: Mapping[int, int] = {}
         if self._inflight is not None and self.settings.readyz_saturation:
             inflight = self._inflight()
         live = self.liveness()  # 503 whenever supervisord does not answer (killed, stopped, hung)
-        return readiness(
+        r = readiness(
             self.instance_statuses(), self.settings.min_ready_instances, saturation=self.settings.readyz_saturation,
             max_queue_depth=self.settings.max_queue_depth, inflight=inflight,
             supervisord_down="" if live.supervisord else live.reason,
         )
+        failed = [why for why in map(self.gpu_faults.failed, self._slots) if why and why not in r.reason]
+        return dataclasses.replace(r, reason="; ".join([r.reason, *failed])) if failed else r
 
     def liveness(self) -> Liveness:
         running = self._loop_task is not None and not self._loop_task.done()
