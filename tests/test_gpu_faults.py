@@ -1,0 +1,235 @@
+"""GPU faults: the device plugin's classification (pure), then the real Monitor loop with the mock
+backend emitting Xid events: a critical Xid fences the GPU (no routing, instance stopped, /readyz,
+/gpus and the metrics name it), an application Xid restarts only that GPU's instance."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from orchestrator.core.gpufaults import (
+    APPLICATION_XIDS,
+    EventKind,
+    GpuEvent,
+    GpuHealth,
+    Verdict,
+    classify,
+)
+from orchestrator.core.health import HealthConfig
+from orchestrator.core.layout import Layout
+from orchestrator.core.plan import build_plan
+from orchestrator.core.routing import RouteError, route
+from orchestrator.core.settings import load_settings
+from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
+from orchestrator.machine.gpu import MockBackend
+from orchestrator.machine.ports import free_port_block
+from orchestrator.machine.state import create_instance_dirs
+from orchestrator.monitor.api import create_app
+from orchestrator.monitor.loop import Monitor
+from orchestrator.monitor.metrics import build_registry
+
+
+# ================================================================ pure classification
+@pytest.mark.parametrize("xid", sorted(APPLICATION_XIDS))
+def test_application_xids_restart_the_instance(xid: int) -> None:
+    assert classify(GpuEvent(EventKind.XID, 0, xid)) is Verdict.RESTART_INSTANCE
+
+
+@pytest.mark.parametrize("xid", [48, 63, 64, 74, 79, 94, 95, 109, 119, 1])
+def test_any_other_critical_xid_fails_the_gpu(xid: int) -> None:
+    assert classify(GpuEvent(EventKind.XID, 0, xid)) is Verdict.MARK_FAILED
+
+
+def test_ecc_events_are_counted_only() -> None:
+    h = GpuHealth()
+    h, v1 = h.apply(GpuEvent(EventKind.ECC_SINGLE, 0))
+    h, v2 = h.apply(GpuEvent(EventKind.ECC_DOUBLE, 0))
+    assert (v1, v2) == (Verdict.COUNT, Verdict.COUNT)
+    assert (h.ecc_single, h.ecc_double, h.failed, h.last_xid) == (1, 1, False, None)
+
+
+def test_health_folds_events_and_a_failed_gpu_asks_for_nothing_more() -> None:
+    h = GpuHealth(listening=True)
+    h, v = h.apply(GpuEvent(EventKind.XID, 1, 13))
+    assert v is Verdict.RESTART_INSTANCE and not h.failed and h.last_xid == 13
+    h, v = h.apply(GpuEvent(EventKind.XID, 1, 79))
+    assert v is Verdict.MARK_FAILED and h.failed
+    assert h.reason == "critical Xid 79 (GPU has fallen off the bus)"
+    assert h.failed_reason_label == "xid_79"
+    h, v = h.apply(GpuEvent(EventKind.XID, 1, 13))  # already stopped: no restart
+    assert v is Verdict.COUNT
+    h, v = h.apply(GpuEvent(EventKind.XID, 1, 48))
+    assert v is Verdict.COUNT
+    assert (h.failed_xid, h.last_xid, h.xid_events) == (79, 48, 4)
+
+
+# ================================================================ the monitor, with a fake supervisord
+class FakeComfy:
+    async def system_stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"system": {}, "devices": [{"name": "cpu", "type": "cpu", "vram_total": 1}]})
+
+    async def queue(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"queue_running": [], "queue_pending": []})
+
+
+class FakeSupervisor:
+    """Records calls; stop/start change the process table as supervisord would."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.lock = threading.Lock()
+        self.procs = {n: self._info(n, ProcessState.RUNNING, 1000 + i) for i, n in enumerate(names)}
+        self.calls: list[tuple[str, ...]] = []
+
+    @staticmethod
+    def _info(name: str, state: ProcessState, pid: int) -> ProcessInfo:
+        now = time.time()
+        return ProcessInfo(name, state, pid if state is ProcessState.RUNNING else 0, now, now, 0, "", "")
+
+    def processes(self) -> list[ProcessInfo]:
+        with self.lock:
+            return list(self.procs.values())
+
+    def start(self, name: str, wait: bool = False) -> None:
+        with self.lock:
+            self.calls.append(("start", name))
+            self.procs[name] = self._info(name, ProcessState.RUNNING, 5000 + len(self.calls))
+
+    def stop(self, name: str, wait: bool = True) -> None:
+        with self.lock:
+            self.calls.append(("stop", name))
+            self.procs[name] = self._info(name, ProcessState.STOPPED, 0)
+
+    def signal(self, name: str, sig: str) -> None:
+        with self.lock:
+            self.calls.append(("signal", name, sig))
+
+
+class Rig:
+    def __init__(self, monitor: Monitor, sup: FakeSupervisor, backend: MockBackend, tmp: Path) -> None:
+        self.monitor, self.sup, self.backend, self.tmp = monitor, sup, backend, tmp
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Poll ``predicate``; the deadline only ends a failing test, it measures nothing."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; calls {self.sup.calls}; {self.monitor.readiness().reason}")
+            await asyncio.sleep(0.02)
+
+    def client(self) -> httpx.AsyncClient:
+        registry = build_registry(self.monitor, self.monitor.settings, Layout(self.tmp), hostname="h")
+        app = create_app(self.monitor, self.monitor.settings, registry)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor")
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    base = free_port_block(2)
+    settings = load_settings({
+        "ROOT": str(tmp_path), "MOCK_GPU": "1", "NUM_GPUS": "2", "WORKER_BASE_COMFYUI_PORT": str(base),
+        "PROBE_INTERVAL": "0.2", "PROBE_TIMEOUT": "1", "GPU_SAMPLE_INTERVAL": "0.1", "METRICS_CACHE": "0",
+    })
+    backend = MockBackend(2, 2**30)
+    plan = build_plan(settings, backend.list_gpus())
+    create_instance_dirs(plan)
+    sup = FakeSupervisor([i.name for i in plan.instances])
+    monitor = Monitor(settings, plan, supervisor_factory=lambda timeout: sup, backend_factory=lambda: backend)
+    monitor.loop.cfg = HealthConfig(startup_timeout=30, unhealthy_threshold=3, backoff_base=0.2)
+    async with AsyncExitStack() as stack:
+        for inst in plan.instances:
+            app = web.Application()
+            fake = FakeComfy()
+            app.router.add_get("/system_stats", fake.system_stats)
+            app.router.add_get("/queue", fake.queue)
+            runner = web.AppRunner(app, shutdown_timeout=0.1)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, "127.0.0.1", inst.port).start()
+        await monitor.start()
+        try:
+            r = Rig(monitor, sup, backend, tmp_path)
+            await r.until(lambda: monitor.readiness().ready)
+            yield r
+        finally:
+            await monitor.close()
+
+
+def run(fn: Callable[[Path], Any], tmp_path: Path) -> None:
+    asyncio.run(fn(tmp_path))
+
+
+def test_a_critical_xid_on_gpu_1_fences_it_everywhere(tmp_path: Path) -> None:
+    async def main(tmp: Path) -> None:
+        async with rig(tmp) as r:
+            assert all(h.listening for h in r.monitor.gpu_faults.health().values())
+            r.backend.push_event(1, 79)
+            await r.until(lambda: ("stop", "comfyui_gpu1") in r.sup.calls)
+            # routing: GPU 1 never gets a job, pinned or not
+            views = r.monitor.snapshot()
+            assert "Xid 79" in views[1].fenced and not views[0].fenced
+            for _ in range(3):
+                assert route(views, {}, max_queue_depth=8).index == 0
+            with pytest.raises(RouteError, match="GPU 1 failed: critical Xid 79") as err:
+                route(views, {}, max_queue_depth=8, gpu=1)
+            assert err.value.status == 503
+            # the instance stays stopped: the probe loop neither restarts nor starts it
+            await asyncio.sleep(1.0)
+            assert [c for c in r.sup.calls if c[0] == "start"] == []
+            st = r.monitor.instance_status(1)
+            assert st.state is InstanceState.UNHEALTHY and "GPU 1 failed" in st.reason
+            assert r.monitor.instance_status(0).state is InstanceState.READY
+            async with r.client() as http:
+                ready = await http.get("/readyz")
+                assert ready.status_code == 503
+                assert "GPU 1 failed: critical Xid 79 (GPU has fallen off the bus)" in ready.json()["reason"]
+                gpus = {g["index"]: g for g in (await http.get("/gpus")).json()["gpus"]}
+                assert (gpus[1]["health"], gpus[1]["last_xid"], gpus[1]["fault_events"]) == ("failed", 79, True)
+                assert "Xid 79" in gpus[1]["health_reason"]
+                assert gpus[0]["health"] == "ok"
+                status = (await http.get("/status")).json()
+                assert status["gpus"][1]["health"] == "failed" and "GPU 1 failed" in status["reason"]
+                text = (await http.get("/metrics")).text
+            assert 'orchestrator_gpu_failed{' in text
+            failed = [line for line in text.splitlines() if line.startswith("orchestrator_gpu_failed{")]
+            assert any('gpu="1"' in line and 'reason="xid_79"' in line and line.endswith(" 1.0") for line in failed)
+            assert any('gpu="0"' in line and 'reason=""' in line and line.endswith(" 0.0") for line in failed)
+            xids = [line for line in text.splitlines() if line.startswith("DCGM_FI_DEV_XID_ERRORS{")]
+            assert any('gpu="1"' in line and line.endswith(" 79.0") for line in xids)
+
+    run(main, tmp_path)
+
+
+def test_an_application_xid_restarts_only_its_instance(tmp_path: Path) -> None:
+    async def main(tmp: Path) -> None:
+        async with rig(tmp) as r:
+            r.backend.push_event(0, 13)
+            await r.until(lambda: ("start", "comfyui_gpu0") in r.sup.calls)
+            await r.until(lambda: r.monitor.instance_status(0).ready)
+            assert all(c[1] == "comfyui_gpu0" for c in r.sup.calls)
+            assert r.monitor.instance_status(0).restarts == 1
+            assert r.monitor.instance_status(1).restarts == 0
+            assert not any(v.fenced for v in r.monitor.snapshot())
+            assert r.monitor.readiness().ready
+            assert r.monitor.gpu_faults.health()[0].last_xid == 13
+
+    run(main, tmp_path)
+
+
+def test_an_event_nvml_cannot_place_applies_to_every_gpu(tmp_path: Path) -> None:
+    async def main(tmp: Path) -> None:
+        async with rig(tmp) as r:
+            r.backend.push_event(None, 79)
+            await r.until(lambda: {("stop", "comfyui_gpu0"), ("stop", "comfyui_gpu1")} <= set(r.sup.calls))
+            with pytest.raises(RouteError, match="no READY instance"):
+                route(r.monitor.snapshot(), {}, max_queue_depth=8)
+
+    run(main, tmp_path)
