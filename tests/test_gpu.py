@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from orchestrator.core.errors import ConfigError, GpuError
-from orchestrator.core.settings import load_settings
 from orchestrator.core.gpufaults import EventKind, GpuEvent
+from orchestrator.core.settings import load_settings
 from orchestrator.machine.gpu import MockBackend, NvmlBackend, detect, open_backend, select_gpus
 from orchestrator.machine.nvml_events import DOUBLE_BIT_ECC, XID_CRITICAL, NvmlEventListener, open_listener
 

@@ -60,9 +60,12 @@ def test_ecc_events_are_counted_only() -> None:
 def test_health_folds_events_and_a_failed_gpu_asks_for_nothing_more() -> None:
     h = GpuHealth(listening=True)
     h, v = h.apply(GpuEvent(EventKind.XID, 1, 13))
-    assert v is Verdict.RESTART_INSTANCE and not h.failed and h.last_xid == 13
+    assert v is Verdict.RESTART_INSTANCE
+    assert not h.failed
+    assert h.last_xid == 13
     h, v = h.apply(GpuEvent(EventKind.XID, 1, 79))
-    assert v is Verdict.MARK_FAILED and h.failed
+    assert v is Verdict.MARK_FAILED
+    assert h.failed
     assert h.reason == "critical Xid 79 (GPU has fallen off the bus)"
     assert h.failed_reason_label == "xid_79"
     h, v = h.apply(GpuEvent(EventKind.XID, 1, 13))  # already stopped: no restart
@@ -175,7 +178,8 @@ def test_a_critical_xid_on_gpu_1_fences_it_everywhere(tmp_path: Path) -> None:
             await r.until(lambda: ("stop", "comfyui_gpu1") in r.sup.calls)
             # routing: GPU 1 never gets a job, pinned or not
             views = r.monitor.snapshot()
-            assert "Xid 79" in views[1].fenced and not views[0].fenced
+            assert "Xid 79" in views[1].fenced
+            assert not views[0].fenced
             for _ in range(3):
                 assert route(views, {}, max_queue_depth=8).index == 0
             with pytest.raises(RouteError, match="GPU 1 failed: critical Xid 79") as err:
@@ -185,7 +189,8 @@ def test_a_critical_xid_on_gpu_1_fences_it_everywhere(tmp_path: Path) -> None:
             await asyncio.sleep(1.0)
             assert [c for c in r.sup.calls if c[0] == "start"] == []
             st = r.monitor.instance_status(1)
-            assert st.state is InstanceState.UNHEALTHY and "GPU 1 failed" in st.reason
+            assert st.state is InstanceState.UNHEALTHY
+            assert "GPU 1 failed" in st.reason
             assert r.monitor.instance_status(0).state is InstanceState.READY
             async with r.client() as http:
                 ready = await http.get("/readyz")
@@ -196,7 +201,8 @@ def test_a_critical_xid_on_gpu_1_fences_it_everywhere(tmp_path: Path) -> None:
                 assert "Xid 79" in gpus[1]["health_reason"]
                 assert gpus[0]["health"] == "ok"
                 status = (await http.get("/status")).json()
-                assert status["gpus"][1]["health"] == "failed" and "GPU 1 failed" in status["reason"]
+                assert status["gpus"][1]["health"] == "failed"
+                assert "GPU 1 failed" in status["reason"]
                 text = (await http.get("/metrics")).text
             assert 'orchestrator_gpu_failed{' in text
             failed = [line for line in text.splitlines() if line.startswith("orchestrator_gpu_failed{")]
