@@ -25,7 +25,7 @@ import platform
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -36,6 +36,7 @@ from orchestrator.core.layout import Layout
 from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.fs import read_json
+from orchestrator.monitor.recycle import MemoryReport
 from orchestrator.provision.repos.state import code_report
 
 INSTANCE_LABELS = ("gpu", "instance", "port")
@@ -240,6 +241,62 @@ class GpuCollector(Collector):
         yield from families
         yield failed
         yield xid
+
+
+@runtime_checkable
+class MemorySource(Protocol):
+    """The monitor's instance memory (``monitor.recycle``)."""
+
+    def instance_statuses(self) -> list[InstanceStatus]: ...
+
+    def memory_report(self) -> MemoryReport: ...
+
+
+class MemoryCollector(Collector):
+    """``comfyui_instance_memory_*``, ``comfyui_instance_gpu_memory_used_bytes`` and the recycles."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([], MemoryReport({}, None, {})))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.source.instance_statuses(), self.source.memory_report())
+
+    @staticmethod
+    def _families(statuses: Sequence[InstanceStatus], report: MemoryReport) -> Iterator[Metric]:
+        rss = GaugeMetricFamily(
+            "comfyui_instance_memory_rss_bytes", "Resident memory of the instance's process tree (last sample)",
+            labels=INSTANCE_LABELS,
+        )
+        vram = GaugeMetricFamily(
+            "comfyui_instance_gpu_memory_used_bytes",
+            "GPU memory NVML attributes to the instance's processes (omitted where NVML cannot list them)",
+            labels=INSTANCE_LABELS,
+        )
+        budget = GaugeMetricFamily(
+            "comfyui_instance_memory_budget_bytes", "The instance's host-RAM budget (INSTANCE_MEMORY_MAX)",
+            labels=INSTANCE_LABELS,
+        )
+        recycles = CounterMetricFamily(
+            "comfyui_instance_recycles",
+            "Instances drained and restarted: memory (past the budget's high-water mark), growth "
+            "(INSTANCE_MEMORY_GROWTH_MAX), jobs (RECYCLE_AFTER_JOBS)",
+            labels=(*INSTANCE_LABELS, "reason"),
+        )
+        for s in statuses:
+            values = _labels(s)
+            mem = report.samples.get(s.gpu)
+            if mem is not None:
+                rss.add_metric(values, float(mem.rss))
+                if mem.vram is not None:
+                    vram.add_metric(values, float(mem.vram))
+            if report.budget:
+                budget.add_metric(values, float(report.budget))
+            for reason in ("memory", "growth", "jobs"):
+                recycles.add_metric([*values, reason], float(report.recycles.get((s.gpu, reason), 0)))
+        yield from (rss, vram, budget, recycles)
 
 
 def _redact_url(url: str) -> str:

@@ -107,11 +107,12 @@ class GpuFaultWatch:
         return f"GPU {index} failed: {h.reason}" if h is not None and h.failed else ""
 
 
-async def stop_fenced(slot: Slot, factory: SupervisorFactory, stop_timeout: float) -> None:
+async def stop_fenced(slot: Slot, factory: SupervisorFactory, stop_timeout: float, reason: str) -> None:
     """Stop the instance of a failed GPU through supervisord (the probe loop no longer acts on it).
 
     A check already in flight finishes first, so a restart it started cannot undo the stop.
     """
+    log.error("GPU %d failed (%s): no more jobs to it; stopping %s", slot.instance.index, reason, slot.instance.name)
     if slot.task is not None and not slot.task.done():
         await asyncio.wait([slot.task])
     name = slot.instance.name

@@ -37,6 +37,7 @@ from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
 from orchestrator.monitor.gpuhealth import GpuFaultWatch, stop_fenced
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
+from orchestrator.monitor.recycle import MemoryReport, MemoryWatch, running_pids
 from orchestrator.monitor.sampler import GpuSampler
 from orchestrator.monitor.slots import Slot
 from orchestrator.monitor.supervision import (
@@ -217,6 +218,9 @@ class Monitor:
             [inst.gpu for inst in plan.instances], backend_factory or (lambda: open_backend(settings))
         )
         self.loop.fenced = self.gpu_faults.failed
+        self.memory = MemoryWatch(
+            self, settings, plan, lambda: running_pids(self._slots), self.sampler.processes, clock=clock, wall=wall
+        )
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -232,6 +236,7 @@ class Monitor:
         self.prober.start()
         self.sampler.start()
         await asyncio.to_thread(self.gpu_faults.start, self.gpu_verdict)
+        await self.memory.start()
         # One round before serving (uvicorn listens after startup): /healthz and /readyz are
         # right from the first request, e.g. after supervisord restarted the monitor.
         await self.loop.tick_once()
@@ -267,6 +272,7 @@ class Monitor:
         self.loop.actions.close()
         await asyncio.to_thread(self.sampler.stop)
         await asyncio.to_thread(self.gpu_faults.stop)
+        await self.memory.close()
 
     def set_inflight(self, inflight: Callable[[], Mapping[int, int]]) -> None:
         """Jobs in flight per GPU index (from the job manager), for ``READYZ_SATURATION``."""
@@ -303,20 +309,11 @@ class Monitor:
 
     def gpu_verdict(self, gpu: int, verdict: Verdict, reason: str) -> None:
         """A GPU fault's verdict (thread-safe): restart its instance, or fence the GPU and stop it."""
-        if gpu not in self._slots:
-            return
-        if verdict is Verdict.RESTART_INSTANCE:
+        if verdict is Verdict.RESTART_INSTANCE and gpu in self._slots:
             self.request_restart(gpu, f"GPU {gpu}: {reason}")
-        elif verdict is Verdict.MARK_FAILED and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._fence, gpu, reason)
-
-    def _fence(self, gpu: int, reason: str) -> None:
-        slot = self._slots[gpu]
-        log.error("GPU %d failed (%s): no more jobs to it; stopping %s", gpu, reason, slot.instance.name)
-        task = asyncio.create_task(
-            stop_fenced(slot, self._factory, self.settings.stop_timeout), name=f"fence-{slot.instance.name}"
-        )
-        task.add_done_callback(_log_failure)
+        elif verdict is Verdict.MARK_FAILED and gpu in self._slots and self._loop and not self._loop.is_closed():
+            stop = stop_fenced(self._slots[gpu], self._factory, self.settings.stop_timeout, reason)
+            asyncio.run_coroutine_threadsafe(stop, self._loop)
 
     # ------------------------------------------------------------ views (never block)
     def _status(self, slot: Slot) -> InstanceStatus:
@@ -336,7 +333,15 @@ class Monitor:
 
     def snapshot(self) -> list[InstanceView]:
         views = [s.view() for s in self._slots.values()]
-        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index)) for v in views]
+        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index) or self.memory.fenced(v.index))
+                for v in views]
+
+    # ------------------------------------------------------------ memory (monitor.recycle)
+    def jobs_in_flight(self, gpu: int) -> int:
+        return int(self._inflight().get(gpu, 0)) if self._inflight is not None else 0
+
+    def memory_report(self) -> MemoryReport:
+        return self.memory.report()
 
     def readiness(self) -> Readiness:
         inflight: Mapping[int, int] = {}

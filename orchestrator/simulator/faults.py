@@ -10,6 +10,7 @@ SIM_EXEC_TIME     seconds per prompt    exec_time
 SIM_GPU_NAME      device name           gpu_name
 SIM_GPU_VRAM      device VRAM in bytes  gpu_vram
 SIM_IGNORE_SIGTERM  ignore SIGTERM      ignore_sigterm (only SIGKILL stops it then)
+SIM_LEAK_PER_PROMPT bytes kept per prompt leak_per_prompt (RSS grows by that much per prompt run)
 
 The file is re-read every 0.5 s while the simulator runs; its keys override the environment,
 and a key that disappears falls back to the environment's value. Times after "ready" are
@@ -41,6 +42,7 @@ class Faults:
     gpu_name: str = DEFAULT_GPU_NAME
     gpu_vram: int = DEFAULT_GPU_VRAM  # bytes
     ignore_sigterm: bool = False
+    leak_per_prompt: int = 0  # bytes allocated, written and kept after each prompt (a leak)
 
 
 def _seconds(value: Any) -> float:
@@ -58,6 +60,15 @@ def _bytes(value: Any) -> int:
     number = int(float(value))
     if number <= 0:
         raise ValueError(f"expected a byte count > 0, got {value!r}")
+    return number
+
+
+def _byte_count(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"expected a byte count, got {value!r}")
+    number = int(float(value))
+    if number < 0:
+        raise ValueError(f"expected a byte count >= 0, got {value!r}")
     return number
 
 
@@ -98,6 +109,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "gpu_name": _text,
     "gpu_vram": _bytes,
     "ignore_sigterm": _flag,
+    "leak_per_prompt": _byte_count,
 }
 
 
