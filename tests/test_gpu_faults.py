@@ -5,6 +5,8 @@ backend emitting Xid events: a critical Xid fences the GPU (no routing, instance
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from orchestrator.core.gpufaults import (
     APPLICATION_XIDS,
@@ -24,9 +27,11 @@ from orchestrator.core.gpufaults import (
     Verdict,
     classify,
 )
+from orchestrator.core.gpus import Gpu, GpuSample
 from orchestrator.core.health import HealthConfig
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import build_plan
+from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.routing import RouteError, route
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
@@ -239,3 +244,58 @@ def test_an_event_nvml_cannot_place_applies_to_every_gpu(tmp_path: Path) -> None
                 route(r.monitor.snapshot(), {}, max_queue_depth=8)
 
     run(main, tmp_path)
+
+
+# ================================================================ the dcgm health fields on /metrics
+class GpuSource:
+    def __init__(self, gpus: list[GpuStatus]) -> None:
+        self.gpus = gpus
+        self.supervisord_ok = True
+
+    def instance_statuses(self) -> list[InstanceStatus]:
+        return []
+
+    def gpu_statuses(self) -> list[GpuStatus]:
+        return self.gpus
+
+
+def test_the_health_fields_use_dcgm_names_and_a_missing_one_is_omitted(tmp_path: Path) -> None:
+    a = Gpu(0, "GPU-aaaa", "00000000:01:00.0", "NVIDIA H100 80GB HBM3", 80 * 2**30, "550.54.15")
+    b = Gpu(1, "GPU-bbbb", "00000000:02:00.0", "NVIDIA L4", 24 * 2**30, "550.54.15")
+    full = GpuSample(0, a.uuid, total_energy=123_456_789, memory_temperature=71.0, pcie_replay=7,
+                     ecc_sbe_volatile=3, ecc_dbe_volatile=0, ecc_sbe_aggregate=11, ecc_dbe_aggregate=1,
+                     remapped_rows_correctable=2, remapped_rows_uncorrectable=1, row_remap_failure=0,
+                     power_violation=5000.0, thermal_violation=0.0, throttle_reasons=4)
+    bare = GpuSample(1, b.uuid, utilization=3.0)  # no ECC, no HBM, no energy counter
+    src = GpuSource([
+        GpuStatus(a, full, 1.0, GpuHealth(listening=True, last_xid=48, failed=True, failed_xid=48, reason="r")),
+        GpuStatus(b, bare, 1.0, GpuHealth(listening=False, listen_error="not supported")),
+    ])
+    s = load_settings({"ROOT": str(tmp_path)})
+    reg = build_registry(src, s, Layout(tmp_path), hostname="h")
+    labels = {"gpu": "0", "UUID": "GPU-aaaa", "pci_bus_id": "00000000:01:00.0", "device": "nvidia0",
+              "model_name": "NVIDIA H100 80GB HBM3", "Hostname": "h", "DCGM_FI_DRIVER_VERSION": "550.54.15"}
+    expected = {
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": 123_456_789, "DCGM_FI_DEV_MEMORY_TEMP": 71,
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER": 7, "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL": 3,
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0, "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL": 11,
+        "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL": 1, "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": 2,
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": 1, "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0,
+        "DCGM_FI_DEV_POWER_VIOLATION": 5000, "DCGM_FI_DEV_THERMAL_VIOLATION": 0,
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS": 4, "DCGM_FI_DEV_XID_ERRORS": 48,
+    }
+    for name, value in expected.items():
+        assert reg.get_sample_value(name, labels) == value, name
+    assert reg.get_sample_value("orchestrator_gpu_failed", {**labels, "reason": "xid_48"}) == 1
+    text = generate_latest(reg).decode()
+    for name in expected:  # GPU 1 lacks every one of them (and its listener is off: no Xid field)
+        assert f'{name}{{' in text
+        assert not any(line.startswith(name + "{") and 'gpu="1"' in line for line in text.splitlines()), name
+    assert 'DCGM_FI_DEV_GPU_UTIL{' in text
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+        # Parses (exit 1 would be a format error); the one lint is dcgm-exporter's own name, kept
+        # exactly so that NVIDIA's dashboards work: "..._COUNTER should not include type 'counter'".
+        lints = [line for line in (r.stdout + r.stderr).decode().splitlines() if line]
+        assert r.returncode in (0, 3), lints
+        assert lints == ["DCGM_FI_DEV_PCIE_REPLAY_COUNTER metric name should not include type 'counter'"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,10 +20,12 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client import generate_latest
 from support import simulated_machine, txt2img, wait_for
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.instances import InstanceView
+from orchestrator.core.layout import Layout
 from orchestrator.core.memory import (
     MemoryPolicy,
     RecycleReason,
@@ -35,8 +38,9 @@ from orchestrator.core.readiness import InstanceStatus
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.cgroups import CgroupError, MemoryCgroups, detect
-from orchestrator.monitor.recycle import drain_and_restart, policy_for
-from orchestrator.monitor.sampler import EXECUTED, ExecutionCounter, MemorySampler
+from orchestrator.monitor.metrics import build_registry
+from orchestrator.monitor.recycle import MemoryReport, drain_and_restart, policy_for
+from orchestrator.monitor.sampler import EXECUTED, ExecutionCounter, InstanceMemory, MemorySampler
 
 MIB = 2**20
 GIB = 2**30
@@ -131,6 +135,10 @@ def test_a_delegated_v2_cgroup_gets_a_child_per_instance_with_memory_max(tmp_pat
     assert (own / "cgroup.subtree_control").read_text() == "+memory"
     cg.join("comfyui_gpu0", 4242)
     assert cg.members("comfyui_gpu0") == [4242]
+    # a restarted monitor finds itself in the leaf and still manages the same children
+    (tmp_path / "self_cgroup").write_text("0::/kubepods/pod1/orchestrator\n")
+    (own / "orchestrator" / "cgroup.controllers").write_text("memory\n")
+    assert detect(tmp_path, tmp_path / "self_cgroup").path == own
 
 
 def test_unavailable_support_refuses_to_build_cgroups(tmp_path: Path) -> None:
@@ -327,3 +335,42 @@ def test_an_instance_growing_past_its_budget_is_drained_and_recycled_with_no_fai
         assert failed == []
     finally:
         m.down()
+
+
+# ================================================================ metrics
+class MemSource:
+    supervisord_ok = True
+
+    def instance_statuses(self) -> list[InstanceStatus]:
+        return [
+            InstanceStatus(g, f"comfyui_gpu{g}", 8188 + g, InstanceState.READY, "", 0.0, "RUNNING", 10 + g, None,
+                           None, 0, (), 0, 0, None, None, None)
+            for g in (0, 1)
+        ]
+
+    def gpu_statuses(self) -> list[Any]:
+        return []
+
+    def memory_report(self) -> MemoryReport:
+        samples = {
+            0: InstanceMemory(0, 10, 3 * GIB, GIB, 5 * GIB, 4, 1.0),
+            1: InstanceMemory(1, 11, 2 * GIB, GIB, None, 0, 1.0),  # NVML cannot list its processes
+        }
+        return MemoryReport(samples, 8 * GIB, {(0, "memory"): 2, (0, "jobs"): 1})
+
+
+def test_memory_metrics_per_instance_and_recycles_by_reason(tmp_path: Path) -> None:
+    reg = build_registry(MemSource(), load_settings({"ROOT": str(tmp_path)}), Layout(tmp_path), hostname="h")
+    l0 = {"gpu": "0", "instance": "comfyui_gpu0", "port": "8188"}
+    l1 = {"gpu": "1", "instance": "comfyui_gpu1", "port": "8189"}
+    assert reg.get_sample_value("comfyui_instance_memory_rss_bytes", l0) == 3 * GIB
+    assert reg.get_sample_value("comfyui_instance_gpu_memory_used_bytes", l0) == 5 * GIB
+    assert reg.get_sample_value("comfyui_instance_gpu_memory_used_bytes", l1) is None  # omitted, not 0
+    assert reg.get_sample_value("comfyui_instance_memory_budget_bytes", l1) == 8 * GIB
+    assert reg.get_sample_value("comfyui_instance_recycles_total", {**l0, "reason": "memory"}) == 2
+    assert reg.get_sample_value("comfyui_instance_recycles_total", {**l0, "reason": "jobs"}) == 1
+    assert reg.get_sample_value("comfyui_instance_recycles_total", {**l1, "reason": "growth"}) == 0
+    text = generate_latest(reg).decode()
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr

@@ -60,6 +60,8 @@ def detect(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> CgroupS
     if own is None:
         return CgroupSupport(False, None, f"{self_cgroup} names no cgroup v2 path")
     path = root / own.lstrip("/")
+    if path.name == LEAF and path != root:
+        path = path.parent  # an earlier monitor moved us into our leaf: the instances' parent is above it
     try:
         controllers = (path / "cgroup.controllers").read_text().split()
     except OSError as exc:
