@@ -5,6 +5,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -309,3 +310,21 @@ def test_the_mock_backend_emits_pushed_events_to_its_listener() -> None:
         time.sleep(0.02)
     listener.stop(timeout=10)
     assert [(e.kind, e.index, e.xid) for e in got] == [(EventKind.XID, 1, 79), (EventKind.ECC_SINGLE, 0, 0)]
+
+
+def test_the_mock_events_file_feeds_the_listener_and_a_bad_line_is_skipped(tmp_path: Path) -> None:
+    events = tmp_path / "mock_gpu_events.jsonl"
+    events.write_text('{"gpu": 0, "xid": 31}\n')  # written before listening: old news
+    backend = MockBackend(2, 2**30, events)
+    listener = open_listener(backend, backend.list_gpus())
+    assert listener is not None
+    got: list[GpuEvent] = []
+    listener.start(got.append)
+    with events.open("a") as fh:
+        fh.write('not json\n{"gpu": 1, "xid": 79}\n{"kind": "ecc_double", "gpu": 0}\n{"gpu": null, "xid"')
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    listener.stop(timeout=10)
+    assert [(e.kind, e.index, e.xid) for e in got] == [(EventKind.XID, 1, 79), (EventKind.ECC_DOUBLE, 0, 0)]

@@ -5,6 +5,7 @@ backend emitting Xid events: a critical Xid fences the GPU (no routing, instance
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import threading
@@ -16,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 from aiohttp import web
 from prometheus_client import generate_latest
+from support import simulated_machine, txt2img, wait_for
 
 from orchestrator.core.gpufaults import (
     APPLICATION_XIDS,
@@ -35,7 +38,7 @@ from orchestrator.core.readiness import GpuStatus, InstanceStatus
 from orchestrator.core.routing import RouteError, route
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
-from orchestrator.machine.gpu import MockBackend
+from orchestrator.machine.gpu import MOCK_EVENTS_FILE, MockBackend
 from orchestrator.machine.ports import free_port_block
 from orchestrator.machine.state import create_instance_dirs
 from orchestrator.monitor.api import create_app
@@ -299,3 +302,40 @@ def test_the_health_fields_use_dcgm_names_and_a_missing_one_is_omitted(tmp_path:
         lints = [line for line in (r.stdout + r.stderr).decode().splitlines() if line]
         assert r.returncode in (0, 3), lints
         assert lints == ["DCGM_FI_DEV_PCIE_REPLAY_COUNTER metric name should not include type 'counter'"]
+
+
+# ================================================================ a real machine (supervisord, the simulator)
+def test_on_a_real_machine_xid_79_fences_gpu_1_and_xid_13_restarts_only_gpu_0(tmp_path: Path) -> None:
+    m = simulated_machine(tmp_path / "root", 2)
+    m.up()
+    try:
+        wait_for(m.ready, 90, 0.2, what="/readyz 200")
+        url = m.monitor_url
+        events = m.layout.state_dir / MOCK_EVENTS_FILE
+
+        def inst(gpu: int) -> dict[str, Any]:
+            return dict(requests.get(f"{url}/instances/{gpu}", timeout=5).json())
+
+        pid0 = inst(0)["pid"]
+        with events.open("a") as fh:
+            fh.write(json.dumps({"gpu": 1, "xid": 79}) + "\n")
+        wait_for(lambda: inst(1)["process_state"] == "STOPPED", 60, 0.2, what="GPU 1's instance stopped")
+        ready = requests.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 503
+        assert "GPU 1 failed: critical Xid 79" in ready.json()["reason"]
+        for n in range(3):
+            r = requests.post(f"{url}/jobs", json={"workflow": txt2img(f"x{n}"), "timeout": 60}, timeout=90)
+            assert r.status_code == 200, r.text
+            assert r.json()["instance"]["gpu"] == 0
+        pinned = requests.post(f"{url}/jobs", json={"workflow": txt2img("p"), "gpu": 1}, timeout=30)
+        assert pinned.status_code == 503
+        row = {r["gpu"]: r for r in m.status()["instances"]}[1]
+        assert "GPU 1 failed: critical Xid 79" in row["reason"]
+        with events.open("a") as fh:
+            fh.write(json.dumps({"gpu": 0, "xid": 13}) + "\n")
+        wait_for(lambda: inst(0)["pid"] not in (None, pid0) and inst(0)["state"] == "READY", 60, 0.2,
+                 what="GPU 0 restarted")
+        assert inst(0)["restarts"] == 1
+        assert inst(1)["process_state"] == "STOPPED"  # the failed GPU's instance stays down
+    finally:
+        m.down()

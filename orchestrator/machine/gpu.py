@@ -14,15 +14,19 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 from orchestrator.core.errors import ConfigError, GpuError
 from orchestrator.core.gpufaults import EventKind, GpuEvent
 from orchestrator.core.gpus import Gpu, GpuSample
+from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+MOCK_EVENTS_FILE = "mock_gpu_events.jsonl"  # in the state dir: faults a MOCK_GPU=1 monitor reports
 
 
 class GpuBackend(Protocol):
@@ -38,13 +42,15 @@ class MockBackend:
     """k CPU "GPUs" with stable fake UUIDs (``MOCK_GPU=1``).
 
     ``events`` is its fault-event queue: :meth:`push_event` stands in for the driver reporting
-    an Xid or ECC error, and the monitor's listener (``machine.nvml_events``) reads it.
+    an Xid or ECC error, and the monitor's listener (``machine.nvml_events``) reads it, and the
+    JSON lines appended to ``events_file`` (``{"gpu": 1, "xid": 79}``) while it listens.
     """
 
-    def __init__(self, count: int, memory_total: int) -> None:
+    def __init__(self, count: int, memory_total: int, events_file: Path | None = None) -> None:
         self.count = count
         self.memory_total = memory_total
         self.events: queue.Queue[GpuEvent] = queue.Queue()
+        self.events_file = events_file
 
     def push_event(self, index: int | None, xid: int = 0, kind: EventKind = EventKind.XID) -> None:
         """Report a fault on GPU ``index`` (None: NVML could not say which) as NVML would."""
@@ -275,15 +281,16 @@ def open_backend(settings: Settings, nvml: ModuleType | None = None) -> GpuBacke
     ``MOCK_GPU=1`` → mock; ``MOCK_GPU=0`` → NVML, failing loudly without a driver;
     ``MOCK_GPU=auto`` → NVML, or one mock GPU (with a warning) when there is no driver.
     """
+    events = Layout(settings.root).state_dir / MOCK_EVENTS_FILE
     if settings.mock_gpu == "1":
-        return MockBackend(settings.num_gpus or 1, settings.mock_gpu_memory_mb * 1024 * 1024)
+        return MockBackend(settings.num_gpus or 1, settings.mock_gpu_memory_mb * 1024 * 1024, events)
     backend = NvmlBackend(nvml)
     if settings.mock_gpu == "auto":
         try:
             backend.list_gpus()
         except GpuError as exc:
             log.warning("%s; MOCK_GPU=auto: running %d CPU instance(s)", exc, settings.num_gpus or 1)
-            return MockBackend(settings.num_gpus or 1, settings.mock_gpu_memory_mb * 1024 * 1024)
+            return MockBackend(settings.num_gpus or 1, settings.mock_gpu_memory_mb * 1024 * 1024, events)
     return backend
 
 

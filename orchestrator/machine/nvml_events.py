@@ -11,11 +11,13 @@ its events come from :meth:`MockBackend.push_event`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.core.errors import GpuError
@@ -81,15 +83,22 @@ class _Thread:
 
 
 class QueueEventListener(_Thread):
-    """The mock backend's events, read from its queue."""
+    """The mock backend's events: its queue, and the JSON lines appended to its events file."""
 
-    def __init__(self, events: queue.Queue[GpuEvent], gpus: Sequence[Gpu], wait: float = 0.2) -> None:
+    def __init__(
+        self, events: queue.Queue[GpuEvent], gpus: Sequence[Gpu], wait: float = 0.2, file: Path | None = None
+    ) -> None:
         super().__init__("gpu-events")
         self._events = events
         self._gpus = list(gpus)
         self._wait = wait
+        self._file = file
+        self._pos = 0
 
     def start(self, on_event: OnEvent) -> dict[int, str]:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._pos = self._file.stat().st_size  # lines written before we listened are old news
         self._launch(on_event)
         return {g.index: "" for g in self._gpus}
 
@@ -97,7 +106,29 @@ class QueueEventListener(_Thread):
         try:
             return self._events.get(timeout=self._wait)
         except queue.Empty:
+            self._read_file()
             return None
+
+    def _read_file(self) -> None:
+        """Queue the complete lines appended to the events file since the last read."""
+        if self._file is None:
+            return
+        try:
+            with self._file.open("rb") as fh:
+                fh.seek(self._pos)
+                data = fh.read()
+        except OSError:
+            return
+        lines = data[: data.rfind(b"\n") + 1]
+        self._pos += len(lines)
+        for line in lines.splitlines():
+            try:
+                item = json.loads(line)
+                kind = EventKind(item.get("kind", "xid"))
+                gpu = item.get("gpu")
+                self._events.put(GpuEvent(kind, None if gpu is None else int(gpu), int(item.get("xid", 0))))
+            except (ValueError, TypeError, AttributeError):
+                log.warning("%s: ignoring %r (expected {\"gpu\": 1, \"xid\": 79})", self._file, line[:200])
 
 
 class NvmlEventListener(_Thread):
@@ -195,7 +226,7 @@ class NvmlEventListener(_Thread):
 def open_listener(backend: GpuBackend, gpus: Sequence[Gpu]) -> EventListener | None:
     """The event listener of ``backend`` (None for a backend that has no events)."""
     if isinstance(backend, MockBackend):
-        return QueueEventListener(backend.events, gpus)
+        return QueueEventListener(backend.events, gpus, file=backend.events_file)
     if isinstance(backend, NvmlBackend):
         return NvmlEventListener(backend.lib(), gpus, backend.handle)
     return None
