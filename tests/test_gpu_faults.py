@@ -243,7 +243,7 @@ def test_an_event_nvml_cannot_place_applies_to_every_gpu(tmp_path: Path) -> None
         async with rig(tmp) as r:
             r.backend.push_event(None, 79)
             await r.until(lambda: {("stop", "comfyui_gpu0"), ("stop", "comfyui_gpu1")} <= set(r.sup.calls))
-            with pytest.raises(RouteError, match="no READY instance"):
+            with pytest.raises(RouteError, match=r"no READY instance to run the job \(0:FENCED, 1:FENCED\)"):
                 route(r.monitor.snapshot(), {}, max_queue_depth=8)
 
     run(main, tmp_path)

@@ -68,7 +68,7 @@ def route(
         return view
     ready = [v for v in views if v.ready and v.index not in excluded and not v.fenced]
     if not ready:
-        states = ", ".join(f"{v.index}:{v.state.value}" for v in views) or "no instances"
+        states = ", ".join(f"{v.index}:{'FENCED' if v.fenced else v.state.value}" for v in views) or "no instances"
         raise RouteError(f"no READY instance to run the job ({states})", status=503, reason="no_instance")
     loads = [(instance_load(v, inflight.get(v.index, 0)), v.index, v) for v in ready]
     load, _, best = min(loads, key=lambda t: (t[0], t[1]))
