@@ -7,6 +7,7 @@ counts it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -34,12 +35,14 @@ from orchestrator.core.memory import (
     to_fraction,
     to_memory_max,
 )
+from orchestrator.core.plan import build_plan
 from orchestrator.core.readiness import InstanceStatus
 from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.cgroups import CgroupError, MemoryCgroups, detect
+from orchestrator.machine.gpu import MockBackend
 from orchestrator.monitor.metrics import build_registry
-from orchestrator.monitor.recycle import MemoryReport, drain_and_restart, policy_for
+from orchestrator.monitor.recycle import MemoryReport, MemoryWatch, drain_and_restart, policy_for
 from orchestrator.monitor.sampler import EXECUTED, ExecutionCounter, InstanceMemory, MemorySampler
 
 MIB = 2**20
@@ -374,3 +377,30 @@ def test_memory_metrics_per_instance_and_recycles_by_reason(tmp_path: Path) -> N
     if shutil.which("promtool"):
         r = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_watch_recycles_once_per_process_and_counts_by_reason(tmp_path: Path) -> None:
+    async def main() -> None:
+        settings = load_settings({"ROOT": str(tmp_path), "MOCK_GPU": "1", "NUM_GPUS": "1",
+                                  "INSTANCE_MEMORY_MAX": "off", "RECYCLE_AFTER_JOBS": "3"})
+        plan = build_plan(settings, MockBackend(1, GIB).list_gpus())
+        target = FakeTarget()
+        target.queue = target.inflight = 0
+        watch = MemoryWatch(target, settings, plan, dict, lambda gpu: None, clock=time.monotonic, wall=time.time)
+        samples = {0: InstanceMemory(0, 100, 500 * MIB, 400 * MIB, None, 2, 1.0)}
+        watch.sampler.latest = lambda: samples  # type: ignore[method-assign]
+        watch.check_once()
+        assert not watch._tasks  # 2 prompts: kept
+        samples[0] = dataclasses.replace(samples[0], jobs=3)
+        watch.check_once()
+        await wait_async(lambda: bool(target.restarts))
+        assert watch.fenced(0).startswith("draining to recycle: ran 3 prompts")
+        target.pid, target.ready = 101, True
+        await asyncio.wait_for(watch._tasks[0], 30)
+        assert watch.recycles == {(0, "jobs"): 1}
+        assert watch.fenced(0) == ""
+        watch.check_once()  # the old process's sample lingers until the next round: no second recycle
+        assert watch._tasks[0].done()
+        assert len(target.restarts) == 1
+
+    asyncio.run(main())
