@@ -104,7 +104,7 @@ def test_gpu_gauges_use_dcgm_names_units_and_labels(tmp_path: Path) -> None:
     reg = build_registry(full_source(), s, Layout(tmp_path), hostname="worker-1")
     labels = {
         "gpu": "0", "UUID": "GPU-aaaa", "pci_bus_id": "00000000:01:00.0", "device": "nvidia0",
-        "model_name": "NVIDIA H100 80GB HBM3", "Hostname": "worker-1",
+        "model_name": "NVIDIA H100 80GB HBM3", "Hostname": "worker-1", "DCGM_FI_DRIVER_VERSION": "550.54",
     }
     assert reg.get_sample_value("DCGM_FI_DEV_GPU_UTIL", labels) == 87
     assert reg.get_sample_value("DCGM_FI_DEV_FB_USED", labels) == 10 * 1024  # MiB, like dcgm-exporter
@@ -119,7 +119,7 @@ def test_the_host_and_model_label_names_are_configurable(tmp_path: Path) -> None
     s = settings_for(tmp_path, GPU_METRICS_HOST_LABEL="node", GPU_METRICS_MODEL_LABEL="modelName")
     reg = build_registry(full_source(), s, Layout(tmp_path), hostname="w2")
     labels = {"gpu": "1", "UUID": "GPU-bbbb", "pci_bus_id": "00000000:02:00.0", "device": "nvidia1",
-              "modelName": "NVIDIA H100 80GB HBM3", "node": "w2"}
+              "modelName": "NVIDIA H100 80GB HBM3", "node": "w2", "DCGM_FI_DRIVER_VERSION": "550.54"}
     assert reg.get_sample_value("DCGM_FI_DEV_GPU_UTIL", labels) == 87
 
 
@@ -143,7 +143,8 @@ def test_unsupported_fields_are_omitted_and_a_failed_gpu_exports_no_readings(tmp
     assert reg.get_sample_value(
         "orchestrator_gpu_failed",
         {"gpu": "1", "UUID": "GPU-bbbb", "pci_bus_id": "00000000:02:00.0", "device": "nvidia1",
-         "model_name": "NVIDIA H100 80GB HBM3", "Hostname": "h"},
+         "model_name": "NVIDIA H100 80GB HBM3", "Hostname": "h", "DCGM_FI_DRIVER_VERSION": "550.54",
+         "reason": "lost"},
     ) == 1
 
 

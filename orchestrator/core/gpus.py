@@ -41,6 +41,21 @@ class GpuSample:
     power: float | None = None  # watts
     sm_clock: float | None = None  # MHz
     memory_clock: float | None = None  # MHz
+    # dcgm-exporter's health fields (None: this GPU or driver does not report it)
+    total_energy: int | None = None  # millijoules since the driver loaded
+    memory_temperature: float | None = None  # degrees Celsius (HBM)
+    pcie_replay: int | None = None  # PCIe replay counter
+    ecc_sbe_volatile: int | None = None  # corrected ECC errors since the driver loaded
+    ecc_dbe_volatile: int | None = None  # uncorrected ECC errors since the driver loaded
+    ecc_sbe_aggregate: int | None = None  # corrected ECC errors over the GPU's life
+    ecc_dbe_aggregate: int | None = None  # uncorrected ECC errors over the GPU's life
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    row_remap_failure: int | None = None  # 1 when a row remapping failed
+    power_violation: float | None = None  # microseconds clocks were held down by the power cap
+    thermal_violation: float | None = None  # microseconds clocks were held down by temperature
+    throttle_reasons: int | None = None  # NVML's clocks event (throttle) reasons bitmask
+    processes: tuple[tuple[int, int], ...] | None = None  # (pid, GPU memory bytes) of compute processes
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -18,6 +18,7 @@ class InstanceView:
     state: InstanceState
     queue_pending: int = 0
     queue_running: int = 0
+    fenced: str = ""  # why no job may be routed here although it may be READY (a failed GPU, a drain)
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from orchestrator.core.states import InstanceState, ProcessState
 
 if TYPE_CHECKING:  # types only: `orchestrator health` must import fast
+    from orchestrator.core.gpufaults import GpuHealth
     from orchestrator.core.gpus import Gpu, GpuSample
 
 
@@ -60,6 +61,7 @@ class GpuStatus:
     gpu: Gpu
     sample: GpuSample | None
     sampled_at: float | None  # epoch seconds
+    health: GpuHealth | None = None  # what its fault events add up to (None: not watched)
 
 
 @dataclasses.dataclass(frozen=True)

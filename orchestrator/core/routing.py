@@ -56,9 +56,10 @@ def route(
                 reason="validation",
             )
         view = pinned[0]
-        if not view.ready or view.index in excluded:
+        if not view.ready or view.index in excluded or view.fenced:
+            why = view.fenced or f"{view.state.value}, not READY"
             raise RouteError(
-                f"gpu {gpu} ({view.name}) is {view.state.value}, not READY; retry later or leave gpu out",
+                f"gpu {gpu} ({view.name}) is {why}; retry later or leave gpu out",
                 status=503,
                 reason="not_ready",
             )
@@ -69,9 +70,9 @@ def route(
                 reason="saturated",
             )
         return view
-    ready = [v for v in views if v.ready and v.index not in excluded]
+    ready = [v for v in views if v.ready and v.index not in excluded and not v.fenced]
     if not ready:
-        states = ", ".join(f"{v.index}:{v.state.value}" for v in views) or "no instances"
+        states = ", ".join(f"{v.index}:{'FENCED' if v.fenced else v.state.value}" for v in views) or "no instances"
         raise RouteError(f"no READY instance to run the job ({states})", status=503, reason="no_instance")
     loads = [(instance_load(v, inflight.get(v.index, 0)), v.index, v) for v in ready]
     key = rank or (lambda v, n: (float(n),))
@@ -87,5 +88,5 @@ def route(
 
 def all_saturated(views: Sequence[InstanceView], inflight: Mapping[int, int], max_queue_depth: int) -> bool:
     """True when at least one instance is READY and every READY one has ``max_queue_depth`` or more."""
-    ready = [v for v in views if v.ready]
+    ready = [v for v in views if v.ready and not v.fenced]
     return bool(ready) and all(instance_load(v, inflight.get(v.index, 0)) >= max_queue_depth for v in ready)

@@ -42,6 +42,7 @@ from orchestrator.core.converters import (
 )
 from orchestrator.core.disk import DiskFloor, to_disk_floor, to_size
 from orchestrator.core.errors import ConfigError
+from orchestrator.core.memory import to_fraction, to_memory_max, to_optional_size
 
 FORK_URL = "https://github.com/stakeordie/ComfyUI.git"
 UPSTREAM_URL = "https://github.com/comfyanonymous/ComfyUI.git"
@@ -153,6 +154,13 @@ class Settings:
     max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
     shutdown_drain_timeout: float = setting("120s", to_duration, "On SIGTERM the monitor refuses new jobs and waits this long for running ones before it exits (0: exit at once)")
+    instance_memory_max: int | None = setting("auto", to_memory_max, "Host-RAM budget of each instance (auto: (host RAM - INSTANCE_MEMORY_RESERVE) / instances; off; or a size such as 24G)")
+    instance_memory_reserve: int = setting("4G", to_size, "Host RAM kept out of the auto budgets (the OS, supervisord, the monitor)")
+    instance_memory_high_water: float = setting("0.9", to_fraction, "Fraction of the budget whose crossing recycles an instance (drained, then restarted)")
+    instance_memory_growth_max: int | None = setting("off", to_optional_size, "Recycle an instance whose RSS grew more than this since its process started (off, or a size)")
+    recycle_after_jobs: int | None = setting("", to_optional_count, "Recycle an instance after its process ran this many prompts (empty: never)")
+    recycle_drain_timeout: float = setting("30m", to_positive_duration, "A recycle waits this long for the instance's queue to empty, then is retried later")
+    memory_sample_interval: float = setting("5s", to_positive_duration, "How often each instance's RSS is sampled")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")

@@ -1,4 +1,5 @@
-"""The seams to the operating system: GPUs through NVML (or the mock), ports, the supervisord
+"""The seams to the operating system: GPUs through NVML (or the mock) and their fault
+events (``nvml_events``), cgroup v2 memory limits (``cgroups``), ports, the supervisord
 XML-RPC client (credentials in ``.orchestrator/supervisor.auth``), the exec wrapper that makes
 programs die with supervisord (``pdeath``), this ROOT's orphans on the plan's ports (``orphans``),
 the one command runner (own process group, deadline, tree kill), atomic file

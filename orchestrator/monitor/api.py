@@ -129,6 +129,11 @@ class GpuModel(BaseModel):
     power_watts: float | None
     sm_clock_mhz: float | None
     memory_clock_mhz: float | None
+    health: str = Field(default="unknown", description="ok, or failed (a critical Xid: no jobs are routed to it)")
+    health_reason: str | None = Field(default=None, description="why the GPU failed")
+    last_xid: int | None = Field(default=None, description="the last Xid NVML reported since the monitor started")
+    xid_events: int = Field(default=0, description="Xid events since the monitor started")
+    fault_events: bool = Field(default=False, description="the monitor listens for this GPU's Xid/ECC events")
 
 
 class GpusResponse(BaseModel):
@@ -191,7 +196,16 @@ def _gpu(st: GpuStatus) -> GpuModel:
         memory_free_bytes=s.memory_free if s else None, temperature_celsius=s.temperature if s else None,
         power_watts=s.power if s else None, sm_clock_mhz=s.sm_clock if s else None,
         memory_clock_mhz=s.memory_clock if s else None,
+        **_health(st),
     )
+
+
+def _health(st: GpuStatus) -> dict[str, Any]:
+    h = st.health
+    if h is None:
+        return {}
+    return {"health": "failed" if h.failed else "ok", "health_reason": h.reason or None, "last_xid": h.last_xid,
+            "xid_events": h.xid_events, "fault_events": h.listening}
 
 
 def _ready(r: Readiness, redact: Callable[[str], str]) -> ReadyResponse:

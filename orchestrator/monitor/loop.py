@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 
 from orchestrator.core import health
 from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.gpufaults import Verdict
 from orchestrator.core.health import Action, Decision, HealthConfig, ProbeResult, Record
 from orchestrator.core.instances import InstanceView
 from orchestrator.core.layout import Layout
@@ -33,8 +35,10 @@ from orchestrator.core.states import InstanceState, ProcessInfo
 from orchestrator.machine.gpu import GpuBackend, open_backend
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
+from orchestrator.monitor.gpuhealth import GpuFaultWatch, stop_fenced
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
+from orchestrator.monitor.recycle import MemoryReport, MemoryWatch, running_pids
 from orchestrator.monitor.sampler import GpuSampler
 from orchestrator.monitor.slots import Slot
 from orchestrator.monitor.supervision import (
@@ -98,6 +102,7 @@ class ProbeLoop:
         self._clock = clock
         self._wall = wall
         self.heartbeat: Callable[[], None] = lambda: None  # the Monitor's heartbeat file (machine.watchdog)
+        self.fenced: Callable[[int], str] = lambda _gpu: ""  # why a GPU takes no checks/actions (a failed GPU)
 
     async def run(self, wake: asyncio.Event) -> None:
         """Tick until cancelled; ``wake`` starts the next tick early (a hung report, a restart request)."""
@@ -125,6 +130,8 @@ class ProbeLoop:
                 slot.proc = proc
             if slot.busy() or not slot.due(proc, self._clock(), known=procs is not None):
                 continue
+            if self.fenced(slot.instance.index):
+                continue  # its GPU failed: no probes, no restarts (the instance is stopped)
             slot.task = asyncio.create_task(self._check(slot, proc, polled_at), name=f"probe-{slot.instance.name}")
             slot.task.add_done_callback(_log_failure)
 
@@ -213,6 +220,14 @@ class Monitor:
             fast=min(settings.probe_interval, settings.probe_starting_interval),
         )
         self.loop.heartbeat = Heartbeat(heartbeat_path(layout)).beat
+        self._factory = factory
+        self.gpu_faults = GpuFaultWatch(
+            [inst.gpu for inst in plan.instances], backend_factory or (lambda: open_backend(settings))
+        )
+        self.loop.fenced = self.gpu_faults.failed
+        self.memory = MemoryWatch(
+            self, settings, plan, lambda: running_pids(self._slots), self.sampler.processes, clock=clock, wall=wall
+        )
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -227,6 +242,8 @@ class Monitor:
         self.loop.heartbeat()  # before the first round: a fresh monitor is not taken for a stuck one
         self.prober.start()
         self.sampler.start()
+        await asyncio.to_thread(self.gpu_faults.start, self.gpu_verdict)
+        await self.memory.start()
         # One round before serving (uvicorn listens after startup): /healthz and /readyz are
         # right from the first request, e.g. after supervisord restarted the monitor.
         await self.loop.tick_once()
@@ -261,6 +278,8 @@ class Monitor:
         self.poller.close()
         self.loop.actions.close()
         await asyncio.to_thread(self.sampler.stop)
+        await asyncio.to_thread(self.gpu_faults.stop)
+        await self.memory.close()
 
     def set_inflight(self, inflight: Callable[[], Mapping[int, int]]) -> None:
         """Jobs in flight per GPU index (from the job manager), for ``READYZ_SATURATION``."""
@@ -295,9 +314,19 @@ class Monitor:
         self._wake_up()
         return self._status(slot)
 
+    def gpu_verdict(self, gpu: int, verdict: Verdict, reason: str) -> None:
+        """A GPU fault's verdict (thread-safe): restart its instance, or fence the GPU and stop it."""
+        if verdict is Verdict.RESTART_INSTANCE and gpu in self._slots:
+            self.request_restart(gpu, f"GPU {gpu}: {reason}")
+        elif verdict is Verdict.MARK_FAILED and gpu in self._slots and self._loop and not self._loop.is_closed():
+            stop = stop_fenced(self._slots[gpu], self._factory, self.settings.stop_timeout, reason)
+            asyncio.run_coroutine_threadsafe(stop, self._loop)
+
     # ------------------------------------------------------------ views (never block)
     def _status(self, slot: Slot) -> InstanceStatus:
-        return slot.status(self._clock(), self._wall(), self.settings.redact)
+        status = slot.status(self._clock(), self._wall(), self.settings.redact)
+        failed = self.gpu_faults.failed(slot.instance.index)
+        return dataclasses.replace(status, state=InstanceState.UNHEALTHY, reason=failed) if failed else status
 
     def instance_statuses(self) -> list[InstanceStatus]:
         return [self._status(s) for s in self._slots.values()]
@@ -306,21 +335,33 @@ class Monitor:
         return self._status(self._slot(gpu))
 
     def gpu_statuses(self) -> list[GpuStatus]:
-        return self.sampler.statuses()
+        health = self.gpu_faults.health()
+        return [dataclasses.replace(s, health=health.get(s.gpu.index)) for s in self.sampler.statuses()]
 
     def snapshot(self) -> list[InstanceView]:
-        return [s.view() for s in self._slots.values()]
+        views = [s.view() for s in self._slots.values()]
+        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index) or self.memory.fenced(v.index))
+                for v in views]
+
+    # ------------------------------------------------------------ memory (monitor.recycle)
+    def jobs_in_flight(self, gpu: int) -> int:
+        return int(self._inflight().get(gpu, 0)) if self._inflight is not None else 0
+
+    def memory_report(self) -> MemoryReport:
+        return self.memory.report()
 
     def readiness(self) -> Readiness:
         inflight: Mapping[int, int] = {}
         if self._inflight is not None and self.settings.readyz_saturation:
             inflight = self._inflight()
         live = self.liveness()  # 503 whenever supervisord does not answer (killed, stopped, hung)
-        return readiness(
+        r = readiness(
             self.instance_statuses(), self.settings.min_ready_instances, saturation=self.settings.readyz_saturation,
             max_queue_depth=self.settings.max_queue_depth, inflight=inflight,
             supervisord_down="" if live.supervisord else live.reason,
         )
+        failed = [why for why in map(self.gpu_faults.failed, self._slots) if why and why not in r.reason]
+        return dataclasses.replace(r, reason="; ".join([r.reason, *failed])) if failed else r
 
     def liveness(self) -> Liveness:
         running = self._loop_task is not None and not self._loop_task.done()

@@ -22,7 +22,14 @@ from prometheus_client.utils import floatToGoString
 
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
-from orchestrator.monitor.collectors import GpuCollector, InstanceCollector, ProvisioningCollector, StatusSource
+from orchestrator.monitor.collectors import (
+    GpuCollector,
+    InstanceCollector,
+    MemoryCollector,
+    MemorySource,
+    ProvisioningCollector,
+    StatusSource,
+)
 from orchestrator.provision.cleanup import CleanupCollector
 from orchestrator.provision.models.status import DownloadsCollector
 
@@ -58,6 +65,8 @@ def build_registry(
     """
     registry = MonitorRegistry(auto_describe=False)
     registry.register(InstanceCollector(source))
+    if isinstance(source, MemorySource):
+        registry.register(MemoryCollector(source))
     if settings.gpu_metrics == "dcgm":
         registry.register(
             GpuCollector(

@@ -12,6 +12,7 @@ SIM_GPU_VRAM      device VRAM in bytes  gpu_vram
 SIM_IGNORE_SIGTERM  ignore SIGTERM      ignore_sigterm (only SIGKILL stops it then)
 SIM_SPEED         relative GPU speed    speed          (> 0; 0.5 = prompts take twice SIM_EXEC_TIME)
 SIM_MODEL_LOAD_SECONDS  seconds a model loader node takes when it runs (not cached): model_load_seconds
+SIM_LEAK_PER_PROMPT bytes kept per prompt leak_per_prompt (RSS grows by that much per prompt run)
 
 The file is re-read every 0.5 s while the simulator runs; its keys override the environment,
 and a key that disappears falls back to the environment's value. Times after "ready" are
@@ -45,6 +46,7 @@ class Faults:
     ignore_sigterm: bool = False
     speed: float = 1.0  # relative speed: a prompt takes exec_time / speed
     model_load_seconds: float = 0.0  # extra seconds per model loader node that runs (not cached)
+    leak_per_prompt: int = 0  # bytes allocated, written and kept after each prompt (a leak)
 
 
 def _seconds(value: Any) -> float:
@@ -69,6 +71,15 @@ def _speed(value: Any) -> float:
     number = _seconds(value)
     if number <= 0:
         raise ValueError(f"expected a speed > 0, got {value!r}")
+    return number
+
+
+def _byte_count(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"expected a byte count, got {value!r}")
+    number = int(float(value))
+    if number < 0:
+        raise ValueError(f"expected a byte count >= 0, got {value!r}")
     return number
 
 
@@ -111,6 +122,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "ignore_sigterm": _flag,
     "speed": _speed,
     "model_load_seconds": _seconds,
+    "leak_per_prompt": _byte_count,
 }
 
 

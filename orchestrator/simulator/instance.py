@@ -57,6 +57,7 @@ class Simulator:
         self.version = version
         self.ready_at: float | None = None
         self.stop = asyncio.Event()
+        self.leaked: list[bytes] = []  # the leak_per_prompt fault's allocations
         self.watch = FaultWatcher(
             env_faults,
             folders.user / faultlib.FAULTS_FILE,
@@ -170,6 +171,8 @@ class Simulator:
             if isinstance(client, str):
                 self.hub.send("executing", {"node": None, "prompt_id": item.prompt_id}, client)
             self.log(f"Prompt executed in {time.perf_counter() - started:.2f} seconds")
+            if self.faults.leak_per_prompt:
+                self.leaked.append(b"\x01" * self.faults.leak_per_prompt)  # written: it counts in RSS
             self.apply_free_flags()
 
     def apply_free_flags(self) -> None:
