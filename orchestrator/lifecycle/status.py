@@ -47,9 +47,11 @@ def row_health(state: str, pid: int, mon: Mapping[str, Any]) -> tuple[str | None
         if health not in _HEALTH_OF_RUNNING or (pid and seen and seen != pid and health != "RESTARTING"):
             return "STARTING", f"process {pid} not probed by the monitor yet (supervisord: {state})"
         return str(health), reason
-    if health in _HEALTH_OF_RUNNING - {"RESTARTING"}:  # the monitor's reason still says why (a failed GPU)
+    if health in _HEALTH_OF_RUNNING - {"RESTARTING"}:
         why = f"supervisord reports {state}"
-        return _HEALTH_OF_STOPPED.get(state, "STOPPED"), f"{why}; {reason}" if reason else why
+        if health in {"UNHEALTHY", "SUSPECT"} and reason:  # the monitor's finding still says why (a failed GPU)
+            why = f"{why}; {reason}"
+        return _HEALTH_OF_STOPPED.get(state, "STOPPED"), why
     return str(health), reason
 
 
