@@ -18,10 +18,11 @@ class InstanceView:
     state: InstanceState
     queue_pending: int = 0
     queue_running: int = 0
+    draining: bool = False  # taken out of routing for a planned restart (monitor.drain)
 
     @property
     def ready(self) -> bool:
-        return self.state is InstanceState.READY
+        return self.state is InstanceState.READY and not self.draining
 
     @property
     def base_url(self) -> str:

@@ -145,6 +145,8 @@ class Settings:
     job_results_ttl: float = setting("1h", to_positive_duration, "How long finished jobs are kept")
     max_request_bytes: int = setting("67108864", int_in(1), "Largest POST /jobs body in bytes (413 above; 64 MiB fits base64 images)")
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
+    drain_timeout: float = setting("300s", to_positive_duration, "A drained instance's prompts are interrupted after this (rolling restarts)")
+    rolling_max_unavailable: int = setting("1", int_in(1), "Instances a rolling restart takes out of service at once")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")

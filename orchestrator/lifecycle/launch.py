@@ -12,11 +12,12 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from orchestrator.core.environment import base_environment, passthrough_environment, program_environment
 from orchestrator.core.errors import SupervisorError
+from orchestrator.core.generation import ENV_VAR as GENERATION_VAR
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
 from orchestrator.core.render import Program, RenderOptions, render_supervisord_conf
@@ -43,6 +44,8 @@ class Changes:
     restarted: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    # Instances whose program changed: left running, to be restarted one at a time (lifecycle.rolling).
+    rolling: tuple[str, ...] = ()
 
 
 def credentials(layout: Layout) -> tuple[str, str]:
@@ -123,9 +126,10 @@ def extra_programs(
     def batch(program: str) -> list[str]:
         return ["nice", "-n", "10", *me(program)]
 
-    plan_hash = _digest(plan.to_dict())
+    plan_hash = _digest(monitor_view(plan))
     programs = [
-        # The plan hash makes supervisord restart the monitor when the plan changes.
+        # The plan hash makes supervisord restart the monitor when the plan changes (the parts it
+        # uses: an instance's flags or environment changing rolls the instance, not the monitor).
         Program(
             "monitor", ("nice", "-n", "5", *me("monitor"), "serve"), str(layout.root),
             {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash}, priority=50,
@@ -146,6 +150,13 @@ def extra_programs(
         )
     programs.append(watchdog_program(settings, layout))
     return programs
+
+
+def monitor_view(plan: MachinePlan) -> dict[str, object]:
+    """The plan without each instance's argv and environment (the monitor uses neither)."""
+    data = plan.to_dict()
+    data["instances"] = [{k: v for k, v in i.items() if k not in ("argv", "env")} for i in data["instances"]]
+    return data
 
 
 def watchdog_program(settings: Settings, layout: Layout) -> Program:
@@ -178,20 +189,24 @@ def render(
     background_models: bool,
     supervisord_pid: int | None,
     overrides: Mapping[str, str] | None = None,
+    generation: str | None = None,
 ) -> None:
     """Render stage: check the ports, then write supervisord.conf (0600), the folders and plan.json.
 
     ``supervisord_pid``: the running supervisord, whose own processes may hold the ports.
     ``overrides``: settings given as flags, passed on to the orchestrator's own programs.
+    ``generation``: the id each instance gets as ORCHESTRATOR_GENERATION (see ``core.generation``).
 
     Raises:
         ConfigError: INSTANCE_ENV_PASSTHROUGH names a secret.
     """
     user, password = credentials(layout)
+    instance_env = passthrough_environment(os.environ, settings.instance_env_passthrough)
+    if generation:
+        instance_env[GENERATION_VAR] = generation
     options = RenderOptions(
         username=user, password=password, stopwaitsecs=int(settings.stop_timeout), wrapper=pdeath_wrapper(),
-        umask=settings.umask,
-        instance_env=passthrough_environment(os.environ, settings.instance_env_passthrough),
+        umask=settings.umask, instance_env=instance_env,
     )
     envs = program_envs(settings, overrides)
     programs = extra_programs(settings, layout, plan, background_models=background_models, envs=envs)
@@ -271,10 +286,16 @@ def exec_supervisord(layout: Layout, env: dict[str, str], execve: Execve, umask:
         os.umask(old)
 
 
-def reconcile(sup: Supervisor) -> Changes:
+def reconcile(sup: Supervisor, instances: Collection[str] = ()) -> Changes:
     """Start stage on a running machine: apply the new supervisord.conf, touching only the
-    programs that were added, changed or removed."""
+    programs that were added, changed or removed.
+
+    A changed program named in ``instances`` keeps running on its old config: it is returned in
+    ``rolling``, for :mod:`lifecycle.rolling` to restart one at a time with a drain.
+    """
     added, changed, removed = sup.reload_config()
+    rolling = [n for n in changed if n in instances]
+    changed = [n for n in changed if n not in instances]
     for name in removed:
         sup.stop(name)
         sup.remove_group(name)
@@ -287,10 +308,11 @@ def reconcile(sup: Supervisor) -> Changes:
     known = {p.name for p in sup.processes()}
     changes = Changes(
         started=tuple(added), restarted=tuple(changed), removed=tuple(removed),
-        unchanged=tuple(sorted(known - set(added) - set(changed))),
+        unchanged=tuple(sorted(known - set(added) - set(changed) - set(rolling))), rolling=tuple(rolling),
     )
     log.info(
-        "reconciled: %d started, %d restarted, %d removed, %d unchanged",
+        "reconciled: %d started, %d restarted, %d removed, %d unchanged, %d to roll",
         len(changes.started), len(changes.restarted), len(changes.removed), len(changes.unchanged),
+        len(changes.rolling),
     )
     return changes

@@ -21,15 +21,20 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from orchestrator.core.environment import check_passthrough
-from orchestrator.core.errors import PlanError
+from orchestrator.core.environment import check_passthrough, passthrough_environment
+from orchestrator.core.errors import PlanError, SupervisorError
+from orchestrator.core.generation import differences
 from orchestrator.core.layout import Layout
-from orchestrator.core.plan import build_plan, supported_flags
+from orchestrator.core.plan import MachinePlan, build_plan, supported_flags
 from orchestrator.core.settings import Settings
-from orchestrator.lifecycle import launch, watch
+from orchestrator.core.states import ProcessState
+from orchestrator.lifecycle import generation as generations
+from orchestrator.lifecycle import launch, rolling, watch
 from orchestrator.machine import gpu as gpu_mod
 from orchestrator.machine import lock as oplock
 from orchestrator.machine.fs import write_json
+from orchestrator.machine.generation import current_id
+from orchestrator.machine.state import applied_plan
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.monitor.preflight import check_start
 
@@ -41,17 +46,22 @@ WATCH_TIMEOUT = 15.0  # seconds for started programs to pass their startsecs (1 
 class StageTimer:
     """Records how long each bootstrap stage took (for status.json and the metric)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: rolling.Progress | None = None) -> None:
         self.stages: dict[str, float] = {}  # seconds, in the order the stages ran
+        self.progress = progress  # told "<stage>: ..." as each stage starts and ends
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.monotonic()
+        if self.progress is not None:
+            self.progress(f"{name}: ...")
         try:
             yield
         finally:
             self.stages[name] = round(time.monotonic() - start, 4)
             log.info("stage %s done in %.2fs", name, self.stages[name])
+            if self.progress is not None:
+                self.progress(f"{name}: done in {self.stages[name]:.2f}s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,9 @@ class UpReport:
     stages: Mapping[str, float]
     changes: launch.Changes
     record: Mapping[str, Any]
+    generation: str = ""
+    reasons: tuple[str, ...] = ()  # what changed since the last generation (core.generation.differences)
+    roll: rolling.RollReport | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -80,6 +93,9 @@ class UpReport:
             "stages": dict(self.stages),
             **{k: list(v) for k, v in dataclasses.asdict(self.changes).items()},
             "status": dict(self.record),
+            "generation": self.generation,
+            "reasons": list(self.reasons),
+            "roll": None if self.roll is None else self.roll.to_dict(),
         }
 
 
@@ -140,6 +156,7 @@ def up(
     foreground: bool = False,
     skip_provision: bool = False,
     execve: launch.Execve = os.execve,
+    progress: rolling.Progress | None = None,
 ) -> UpReport:
     """Prepare the machine, then start or reconcile supervisord.
 
@@ -147,6 +164,7 @@ def up(
         overrides: settings given as flags, passed on to supervisord's programs as variables.
         foreground: exec supervisord in the foreground (containers); returns only with a fake ``execve``.
         skip_provision: use the code, nodes and models already on disk.
+        progress: told one line as each stage starts and ends, and each step of a roll.
 
     Raises:
         ConfigError: a setting the monitor would refuse at its start (checked before anything).
@@ -166,7 +184,7 @@ def up(
     with oplock.hold(layout) as lock:
         return _pipeline(
             settings, layout, lock, overrides=overrides or {}, foreground=foreground,
-            skip_provision=skip_provision, execve=execve,
+            skip_provision=skip_provision, execve=execve, progress=progress,
         )
 
 
@@ -179,25 +197,33 @@ def _pipeline(
     foreground: bool,
     skip_provision: bool,
     execve: launch.Execve,
+    progress: rolling.Progress | None = None,
 ) -> UpReport:
-    timer = StageTimer()
+    timer = StageTimer(progress)
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
     record = provision(settings, layout, timer, skip=skip_provision)
     with timer.stage("plan"):
         plan = build_plan(settings, gpus, supported_flags(layout.comfy_dir))
-    sup = Supervisor(layout)
+    with timer.stage("generation"):
+        gen = generations.compute(
+            settings, layout, plan, passthrough_environment(os.environ, settings.instance_env_passthrough)
+        )
+        previous = generations.recorded(layout)
+        reasons = tuple(differences(previous.components if previous else None, gen.components))
+    sup = Supervisor(layout, timeout=settings.stop_timeout * 2 + 30)
     running = sup.is_running()
     with timer.stage("render"):
         launch.render(
             settings, layout, plan,
             background_models=bool(record.get("models", {}).get("background")),
-            supervisord_pid=sup.pid() if running else None, overrides=overrides,
+            supervisord_pid=sup.pid() if running else None, overrides=overrides, generation=gen.id,
         )
+        generations.record(layout, gen, previous)
     env = launch.child_environment()
     with timer.stage("start"):
         if running:
-            changes = launch.reconcile(sup)
+            changes = stale_instances(sup, plan, gen.id, launch.reconcile(sup, {i.name for i in plan.instances}))
         elif foreground:
             _write_status(layout, timer, record)
             lock.release()
@@ -210,9 +236,51 @@ def _pipeline(
         with timer.stage("watch"):
             started = (*changes.started, *changes.restarted) if running else [p.name for p in sup.processes()]
             watch.watch_started(sup, started, timeout=WATCH_TIMEOUT, redact=settings.redact)
+    roll = None
+    if changes.rolling:
+        with timer.stage("roll"):
+            targets = [i for i in plan.instances if i.name in changes.rolling]
+            roll = rolling.roll(settings, sup, targets, gen.id, progress=progress or (lambda _line: None))
     if not (foreground and not running):
         _write_status(layout, timer, record)
-    return UpReport(stages=dict(timer.stages), changes=changes, record=record)
+    return UpReport(
+        stages=dict(timer.stages), changes=changes, record=record, generation=gen.id, reasons=reasons, roll=roll
+    )
+
+
+def stale_instances(sup: Supervisor, plan: MachinePlan, generation: str, changes: launch.Changes) -> launch.Changes:
+    """Add to ``changes.rolling`` the running instances whose process started with another generation
+    (their supervisord program may be unchanged, e.g. after a roll that stopped)."""
+    touched = {*changes.rolling, *changes.started, *changes.restarted}
+    table = {p.name: p for p in sup.processes()}
+    stale = []
+    for inst in plan.instances:
+        proc = table.get(inst.name)
+        if inst.name in touched or proc is None or proc.state is not ProcessState.RUNNING:
+            continue
+        if generations.process_generation(proc.pid) != generation:
+            stale.append(inst.name)
+    if not stale:
+        return changes
+    rolling_names = tuple(sorted({*changes.rolling, *stale}))
+    unchanged = tuple(n for n in changes.unchanged if n not in stale)
+    return dataclasses.replace(changes, rolling=rolling_names, unchanged=unchanged)
+
+
+def wait_serving(settings: Settings, timeout: float, progress: rolling.Progress | None = None) -> list[rolling.Serving]:
+    """``up --wait``: every applied instance READY on the current generation, or why not.
+
+    Raises:
+        SupervisorError: nothing was started here.
+    """
+    layout = Layout(settings.root)
+    plan = applied_plan(layout)
+    if plan is None:
+        raise SupervisorError("nothing has been started here: run `orchestrator up`")
+    sup = Supervisor(layout)
+    return rolling.wait_serving(
+        settings, sup, plan.instances, current_id(layout) or "", timeout, progress=progress or (lambda _line: None)
+    )
 
 
 def _write_status(layout: Layout, timer: StageTimer, record: Mapping[str, Any]) -> None:

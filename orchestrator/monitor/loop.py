@@ -29,9 +29,11 @@ from orchestrator.core.plan import Instance, MachinePlan
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings
 from orchestrator.core.states import InstanceState, ProcessInfo
+from orchestrator.machine.generation import CurrentGeneration
 from orchestrator.machine.gpu import GpuBackend, open_backend
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
+from orchestrator.monitor.drain import Drainer, DrainResult
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
 from orchestrator.monitor.sampler import GpuSampler
@@ -144,6 +146,7 @@ class ProbeLoop:
         # After a failed probe the next comes at once (a tick later): a hung instance is restarted
         # after UNHEALTHY_THRESHOLD probe timeouts, not that many PROBE_INTERVALs.
         fast = slot.record.state in _FAST_STATES or bool(decision.actions) or slot.record.failures > 0
+        fast = fast or slot.drain is not None  # a drain waits for a fresh queue count
         slot.next_due = started + (self.tick if fast else self.interval)
 
     async def _probe(self, slot: Slot, proc: ProcessInfo | None) -> ProbeResult:
@@ -211,6 +214,11 @@ class Monitor:
         self._wake: asyncio.Event | None = None
         self._inflight: Callable[[], Mapping[int, int]] | None = None
         self.on_loop_failure: Callable[[], None] | None = None  # serve: exit, supervisord restarts us
+        self.generation = CurrentGeneration(layout)
+        self.drainer = Drainer(
+            lambda: self._inflight() if self._inflight is not None else {}, self.prober.session, clock,
+            hold=settings.startup_timeout + settings.stop_timeout + 60, wake=self._wake_up,
+        )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -288,9 +296,21 @@ class Monitor:
         self._wake_up()
         return self._status(slot)
 
+    async def drain(self, gpu: int, timeout: float) -> DrainResult:
+        """Stop routing to the instance on ``gpu`` and wait until it is empty (see :mod:`monitor.drain`).
+
+        Raises KeyError for an unknown GPU."""
+        return await self.drainer.drain(self._slot(gpu), timeout)
+
+    def undrain(self, gpu: int) -> InstanceStatus:
+        """Route jobs to the instance on ``gpu`` again. Raises KeyError for an unknown GPU."""
+        slot = self._slot(gpu)
+        self.drainer.undrain(slot)
+        return self._status(slot)
+
     # ------------------------------------------------------------ views (never block)
     def _status(self, slot: Slot) -> InstanceStatus:
-        return slot.status(self._clock(), self._wall(), self.settings.redact)
+        return slot.status(self._clock(), self._wall(), self.settings.redact, self.generation.get())
 
     def instance_statuses(self) -> list[InstanceStatus]:
         return [self._status(s) for s in self._slots.values()]
@@ -302,7 +322,8 @@ class Monitor:
         return self.sampler.statuses()
 
     def snapshot(self) -> list[InstanceView]:
-        return [s.view() for s in self._slots.values()]
+        now = self._clock()
+        return [s.view(now) for s in self._slots.values()]
 
     def readiness(self) -> Readiness:
         inflight: Mapping[int, int] = {}

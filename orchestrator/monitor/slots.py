@@ -6,14 +6,19 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from orchestrator.core.health import PROBED_STATES, Record
 from orchestrator.core.instances import InstanceView
 from orchestrator.core.plan import Instance
 from orchestrator.core.readiness import InstanceStatus
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
+from orchestrator.machine.generation import process_generation
 from orchestrator.monitor.prober import process_stopped
 from orchestrator.monitor.probes import LogScanner
+
+if TYPE_CHECKING:
+    from orchestrator.monitor.drain import DrainMark
 
 
 @dataclasses.dataclass
@@ -34,6 +39,15 @@ class Slot:
     # hung and restart_requested are also written from other threads (report_hung from a job
     # thread, request_restart from the API): set and read-and-clear them under this lock only.
     requests_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    drain: DrainMark | None = None  # taken out of routing (monitor.drain)
+    _generation: tuple[int, str | None] = (0, None)  # (pid, the generation it started with)
+
+    def generation(self) -> str | None:
+        """The generation the running process started with (read once per process)."""
+        pid = self.proc.pid if self.proc is not None and self.proc.pid > 0 else 0
+        if pid != self._generation[0]:
+            self._generation = (pid, process_generation(pid))
+        return self._generation[1]
 
     def take_requests(self) -> tuple[str, str]:
         """(hung, restart_requested), cleared atomically: a report arriving meanwhile is kept."""
@@ -58,16 +72,23 @@ class Slot:
                 return True  # SIGSTOPped: each probe fails at once, no need to wait PROBE_INTERVAL
         return False
 
-    def view(self) -> InstanceView:
-        """What the job router needs: state and queue depth."""
+    def view(self, now: float) -> InstanceView:
+        """What the job router needs: state, queue depth, and whether it is drained."""
+        from orchestrator.monitor.drain import routing_closed
+
         rec = self.record
         return InstanceView(
             index=self.instance.index, name=self.instance.name, port=self.instance.port, state=rec.state,
             queue_pending=rec.queue_pending or 0, queue_running=rec.queue_running or 0,
+            draining=routing_closed(self, now),
         )
 
-    def status(self, now: float, wall: float, redact: Callable[[str], str]) -> InstanceStatus:
+    def status(
+        self, now: float, wall: float, redact: Callable[[str], str], current: str | None = None
+    ) -> InstanceStatus:
         """The instance as the API and the metrics show it (``now`` monotonic, ``wall`` epoch)."""
+        from orchestrator.monitor.drain import active, routing_closed
+
         rec, proc, inst = self.record, self.proc, self.instance
 
         def epoch(t: float | None) -> float | None:
@@ -98,4 +119,8 @@ class Slot:
             probe_duration=rec.probe_duration,
             device=rec.device,
             comfyui_version=rec.comfyui_version,
+            generation=self.generation() if running is not None else None,
+            current_generation=current,
+            draining=routing_closed(self, now),
+            planned_out=active(self, now),
         )
