@@ -72,7 +72,7 @@ class Progress:
             self.stream.write(f"\r\033[K{line}")
             self.stream.flush()
             self._open = True
-        else:
+        elif not line.endswith(": ..."):  # a stage starting: shown on a terminal only
             print_line(line, file=self.stream, flush=True)
 
     def close(self) -> None:

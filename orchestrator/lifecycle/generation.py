@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,12 @@ from orchestrator.provision.git.worktree import read_head
 
 log = logging.getLogger(__name__)
 
+# The distributions installed where pip installs (name-version.dist-info): a listing, not a parse.
 _PACKAGES = (
-    "import importlib.metadata as m\n"
-    "print('\\n'.join(sorted({f\"{d.metadata['Name']}=={d.version}\" for d in m.distributions()})))"
+    "import os, sysconfig\n"
+    "dirs = sorted({sysconfig.get_paths()[k] for k in ('purelib', 'platlib')})\n"
+    "print('\\n'.join(sorted({n for d in dirs if os.path.isdir(d) for n in os.listdir(d)"
+    " if n.endswith(('.dist-info', '.egg-info', '.pth'))})))"
 )
 # Per-instance values (its own GPU) that do not make one instance's generation differ from another's.
 _OWN_ENV = frozenset({"CUDA_VISIBLE_DEVICES"})
@@ -56,11 +61,15 @@ def _file_digest(path: Path) -> str:
         return ""
 
 
+# Folders of a code tree that are data, not code (custom nodes are counted one by one).
+_NOT_CODE = frozenset({"__pycache__", ".git", "custom_nodes", "models", "input", "output", "temp", "user"})
+
+
 def _tree_digest(path: Path) -> str:
     """A folder that is not a git checkout: names, sizes and mtimes of its files (not their bytes)."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", ".git"))
+        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_CODE)
         for name in sorted(filenames):
             p = Path(dirpath, name)
             try:
@@ -93,8 +102,18 @@ def node_digests(nodes_dir: Path) -> dict[str, str]:
     return out
 
 
+def _own_packages() -> str:
+    """What :data:`_PACKAGES` prints, for this interpreter, without starting another."""
+    dirs = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    suffixes = (".dist-info", ".egg-info", ".pth")
+    names = sorted({n for d in dirs if os.path.isdir(d) for n in os.listdir(d) if n.endswith(suffixes)})
+    return digest(("\n".join(names) + "\n").encode())
+
+
 def installed_packages(python: str, timeout: float = 60) -> str:
     """Digest of ``name==version`` of every distribution the instances' Python sees ("" if unknown)."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        return _own_packages()  # the same interpreter: no second Python to start
     try:
         done = subproc.run([python, "-I", "-c", _PACKAGES], cwd=None, env={"PATH": os.environ.get("PATH", "")},
                            timeout=timeout, merge_stderr=False)
