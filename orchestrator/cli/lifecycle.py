@@ -175,7 +175,8 @@ def status_line(row: InstanceRow) -> str:
     """One instance as a line of the status table."""
     # A READY instance whose custom nodes failed at import still says which ones.
     failed_nodes = "failed nodes: " + ", ".join(row.failed_custom_nodes) if row.failed_custom_nodes else ""
-    detail = "; ".join(part for part in (row.last_error, failed_nodes) if part)
+    old = f"old generation {row.generation or '?'}" if not row.current else ""
+    detail = "; ".join(part for part in (old, row.last_error, failed_nodes) if part)
     restarts = "-" if row.restarts is None else str(row.restarts)
     return (
         f"{row.gpu:<4}{row.port:<7}{row.pid or '-':<9}{row.state:<10}{row.health or '-':<12}"
@@ -215,6 +216,9 @@ def _print_status(data: MachineStatus) -> None:
         print_line(f"WARNING: FALLBACK ComfyUI in use: {code} (configured: {comfy.get('wanted') or '?'})")
     else:
         print_line(f"ComfyUI code: {code}")
+    if data.generation:
+        on = sum(1 for r in data.instances if r.current and r.generation)
+        print_line(f"generation: {data.generation} ({on}/{len(data.instances)} instances run it)")
     print_line(STATUS_HEADER)
     for row in data.instances:
         print_line(status_line(row))

@@ -96,7 +96,10 @@ def differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[s
         if old.get(key) != new.get(key):
             out.append(f"{label} changed")
     if old.get("argv") != new.get("argv"):
-        out.append(f"flags {' '.join(old.get('argv') or []) or '-'} -> {' '.join(new.get('argv') or []) or '-'}")
+        before, after = list(old.get("argv") or []), list(new.get("argv") or [])
+        gone = [a for a in before if a not in after]
+        added = [a for a in after if a not in before]
+        out.append("flags " + (" ".join([*(f"+{a}" for a in added), *(f"-{a}" for a in gone)]) or "reordered"))
     env = _keyed(old.get("env") or {}, new.get("env") or {})
     if env:
         out.append(f"environment {env}")

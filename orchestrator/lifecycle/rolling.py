@@ -223,9 +223,12 @@ def roll(
                     rolled.append(inst.name)
                     progress(f"{inst.name}: READY on generation {generation}")
         finally:
+            # The instance that failed stays planned out (its drain mark expires by itself), so
+            # /readyz with the default MIN_READY_INSTANCES keeps counting the others as enough.
             if link is not None:
                 for inst in batch:
-                    link.undrain(inst.index)
+                    if inst.name != failed:
+                        link.undrain(inst.index)
         if failed:
             left = tuple(i.name for i in todo)
             return RollReport(generation, tuple(rolled), failed, settings.redact(failure), left,
@@ -247,43 +250,64 @@ class Serving:
         return dataclasses.asdict(self)
 
 
+def _crash_looping(sup: Supervisor, name: str, pids: dict[str, set[int]]) -> str | None:
+    """Why ``name`` will not become READY: crash-looping in supervisord, or restarted (by the
+    monitor) twice since the wait began without ever being READY; None while it may still."""
+    why = not_ready_reason(sup, name)
+    if why is not None:
+        return why
+    try:
+        pid = sup.process(name).pid
+    except SupervisorError:
+        return None
+    seen = pids.setdefault(name, set())
+    if pid:
+        seen.add(pid)
+    if len(seen) >= 3:
+        return f"crash-looping ({len(seen) - 1} restarts while waiting): {explaining_line(log_tail(sup, name, 20))}"
+    return None
+
+
 def wait_serving(
     settings: Settings, sup: Supervisor, instances: Sequence[Instance], generation: str, timeout: float,
     *, progress: Progress = lambda _line: None,
 ) -> list[Serving]:
     """Wait until every instance is READY on ``generation`` (at most ``timeout`` s); one
-    :class:`Serving` each. A crash-looping instance is given up at once, with the log line that says why."""
+    :class:`Serving` each. A crash-looping instance is given up at once, with the log line that
+    says why; one READY on an older generation (a roll that stopped) too."""
     link: MonitorLink | None = MonitorLink(settings)
     if link is not None and not link.answers(wait=min(15.0, timeout)):
         link = None
     deadline = time.monotonic() + timeout
     pending = {i.name: i for i in instances}
     out: dict[str, Serving] = {}
+    pids: dict[str, set[int]] = {}
     while pending:
         for name, inst in sorted(pending.items()):
             url = f"http://127.0.0.1:{inst.port}"
+            data = link.instance(inst.index) if link is not None else None
             if is_ready(inst, generation, sup, link):
                 out[name] = Serving(name, url, True)
+                progress(f"ready {sum(s.ready for s in out.values())}/{len(instances)}")
+            elif data and data.get("ready") and data.get("generation") not in (None, generation):
+                old = data.get("generation")  # no roll is under way: it stays there
+                out[name] = Serving(name, url, False, f"READY on the old generation {old} (not rolled)")
             else:
-                why = not_ready_reason(sup, name)
+                why = _crash_looping(sup, name, pids)
                 if why is not None:
                     out[name] = Serving(name, url, False, settings.redact(why))
             if name in out:
                 del pending[name]
-                progress(f"ready {sum(s.ready for s in out.values())}/{len(instances)}")
         if pending and time.monotonic() >= deadline:
             for name, inst in pending.items():
                 data = link.instance(inst.index) if link is not None else None
                 state = f"{data.get('state')}: {data.get('reason')}" if data else "not READY"
-                if data and data.get("ready") and data.get("generation") != generation:
-                    state = f"READY on the old generation {data.get('generation')}"
                 out[name] = Serving(name, f"http://127.0.0.1:{inst.port}", False,
                                     settings.redact(f"{state} after {timeout:g}s"))
             break
         if pending:
             time.sleep(POLL)
     return [out[i.name] for i in instances]
-
 
 def restart_rolling(settings: Settings, target: str, progress: Progress = lambda _line: None) -> RollReport:
     """``restart all --rolling`` (or one GPU): the same processes restarted, each drained first.
