@@ -110,7 +110,8 @@ def test_the_recorded_generation_and_a_process_generation_are_read_back(tmp_path
     assert watcher.get() is None
     first = gens.Generation("abc123abc123", BASE.components())
     gens.record(layout, first, None)
-    assert current_id(layout) == "abc123abc123" and watcher.get() == "abc123abc123"
+    assert current_id(layout) == "abc123abc123"
+    assert watcher.get() == "abc123abc123"
     second = gens.Generation("def456def456", {**BASE.components(), "requirements": "r9"})
     gens.record(layout, second, gens.recorded(layout))
     assert watcher.get() == "def456def456"

@@ -52,7 +52,9 @@ def status(gpu: int, *, state: InstanceState = InstanceState.READY, **kw: Any) -
 def test_readyz_with_the_default_does_not_require_the_instance_planned_out_but_an_explicit_minimum_holds() -> None:
     rolling = [status(0, draining=True, planned_out=True), status(1), status(2), status(3)]
     r = readiness(rolling, None)
-    assert r.ready and r.ready_count == 3 and r.required == 3
+    assert r.ready
+    assert r.ready_count == 3
+    assert r.required == 3
     restarting = [status(0, state=InstanceState.STARTING, planned_out=True), status(1), status(2), status(3)]
     assert readiness(restarting, None).ready
     # a crash is not planned: the default still needs every instance
@@ -174,13 +176,19 @@ def test_a_drain_closes_routing_at_once_and_ends_when_the_queue_is_empty(tmp_pat
             await asyncio.sleep(0.3)
             assert not task.done()
             view = {v.index: v for v in monitor.snapshot()}
-            assert view[0].draining and not view[0].ready and view[1].ready
+            assert view[0].draining
+            assert not view[0].ready
+            assert view[1].ready
             st = monitor.instance_status(0)
-            assert st.draining and st.planned_out and not st.ready
+            assert st.draining
+            assert st.planned_out
+            assert not st.ready
             assert monitor.readiness().ready  # the default needs the 1 instance not planned out
             comfies[0].busy = 0
             result = await asyncio.wait_for(task, 15)
-            assert result.drained and result.interrupted == 0 and result.gpu == 0
+            assert result.drained
+            assert result.interrupted == 0
+            assert result.gpu == 0
             assert comfies[0].calls == []  # nothing interrupted
             assert monitor.snapshot()[0].draining  # still closed until undrained or restarted
             assert not monitor.undrain(0).draining
@@ -194,7 +202,8 @@ def test_a_drain_past_its_timeout_clears_the_queue_and_interrupts(tmp_path: Path
         async with drain_rig(tmp_path) as (monitor, comfies):
             comfies[1].busy = 3
             result = await asyncio.wait_for(monitor.drain(1, timeout=1.0), 15)
-            assert not result.drained and result.interrupted == 3
+            assert not result.drained
+            assert result.interrupted == 3
             assert comfies[1].calls == ['queue {"clear": true}', "interrupt"]
             assert comfies[0].calls == []
             with pytest.raises(KeyError):
@@ -270,7 +279,8 @@ def test_a_node_added_while_jobs_run_rolls_every_instance_with_no_failed_job(mac
     for port in m.ports:
         assert f"READY http://127.0.0.1:{port}" in first.stdout
     old = {i["generation"] for i in instances(m)}
-    assert len(old) == 1 and None not in old
+    assert len(old) == 1
+    assert None not in old
     assert all(i["current"] for i in instances(m))
     slow_jobs(m, 1.0)
     node = m.root / "ComfyUI" / "custom_nodes" / "hello-nodes"
@@ -296,20 +306,24 @@ def test_a_node_added_while_jobs_run_rolls_every_instance_with_no_failed_job(mac
         watching.set()
         time.sleep(1.5)
     watcher.join(5)
-    assert "rolling comfyui_gpu0, comfyui_gpu1 to generation" in out and "custom nodes +hello-nodes" in out, out
+    assert "rolling comfyui_gpu0, comfyui_gpu1 to generation" in out, out
+    assert "custom nodes +hello-nodes" in out, out
     assert "roll done" in out, out
     failed = [r for r in load.results if r[0] != 200]
     assert not failed, failed
     assert len(load.results) >= 4
-    assert codes and all(c == 200 for c in codes), codes
+    assert codes
+    assert all(c == 200 for c in codes), codes
     now = instances(m)
-    assert len({i["generation"] for i in now}) == 1 and now[0]["generation"] not in old
+    assert len({i["generation"] for i in now}) == 1
+    assert now[0]["generation"] not in old
     assert all(i["current"] and i["ready"] and not i["draining"] for i in now)
     for port in m.ports:
         assert "HelloRollNode" in requests.get(f"http://127.0.0.1:{port}/object_info", timeout=10).json()
     metrics = requests.get(f"{m.monitor_url}/metrics", timeout=5).text
     lines = [ln for ln in metrics.splitlines() if ln.startswith("comfyui_instance_generation_info{")]
-    assert len(lines) == 2 and all(f'generation="{now[0]["generation"]}"' in ln and ln.endswith(" 1.0") for ln in lines)
+    assert len(lines) == 2
+    assert all(f'generation="{now[0]["generation"]}"' in ln and ln.endswith(" 1.0") for ln in lines)
     # the drain endpoints need the token
     assert requests.post(f"{m.monitor_url}/instances/0/drain", timeout=5).status_code == 401
 
@@ -329,7 +343,9 @@ def test_a_bad_flag_stops_the_roll_after_the_first_instance_and_up_wait_names_it
     assert "not READY on the current generation" in r.stderr
     by_name = {i["name"]: i for i in instances(m)}
     for name in ("comfyui_gpu1", "comfyui_gpu2"):
-        assert by_name[name]["ready"] and by_name[name]["generation"] == old and not by_name[name]["current"]
+        assert by_name[name]["ready"]
+        assert by_name[name]["generation"] == old
+        assert not by_name[name]["current"]
     assert m.ready()  # the two serving are enough while the failed one is planned out
     st = m.run("status", check=True).stdout
     assert f"old generation {old}" in st
