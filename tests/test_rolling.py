@@ -232,8 +232,9 @@ class Load:
             try:
                 body = {"workflow": txt2img(f"c{k}", seed=k * 10000 + n)}
                 r = requests.post(f"{self.m.monitor_url}/jobs", json=body, headers=headers, timeout=120)
-                self.results.append((r.status_code, "" if r.status_code == 200 else r.text[:300]))
-            except requests.RequestException as exc:
+                ok = r.status_code == 200 and r.json().get("status") == "success"
+                self.results.append((r.status_code if ok else -r.status_code, "" if ok else r.text[:300]))
+            except (requests.RequestException, ValueError) as exc:
                 self.results.append((0, repr(exc)))
 
     def __enter__(self) -> Load:
