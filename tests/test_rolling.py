@@ -327,6 +327,12 @@ def test_a_node_added_while_jobs_run_rolls_every_instance_with_no_failed_job(mac
     assert all(f'generation="{now[0]["generation"]}"' in ln and ln.endswith(" 1.0") for ln in lines)
     # the drain endpoints need the token
     assert requests.post(f"{m.monitor_url}/instances/0/drain", timeout=5).status_code == 401
+    # `restart all --rolling`: new processes, one at a time, on the same generation
+    pids = {i["gpu"]: i["pid"] for i in now}
+    again = m.run("restart", "all", "--rolling", check=True, timeout=300).stdout
+    assert "rolling restart done" in again
+    after = instances(m)
+    assert all(i["pid"] not in (None, pids[i["gpu"]]) and i["generation"] == now[0]["generation"] for i in after)
 
 
 @pytest.mark.integration

@@ -240,6 +240,9 @@ def _pipeline(
     if changes.rolling:
         with timer.stage("roll"):
             targets = [i for i in plan.instances if i.name in changes.rolling]
+            if progress is not None:
+                why = "; ".join(reasons) or "their supervisord programs changed"
+                progress(settings.redact(f"rolling {', '.join(changes.rolling)} to generation {gen.id}: {why}"))
             roll = rolling.roll(settings, sup, targets, gen.id, progress=progress or (lambda _line: None))
     if not (foreground and not running):
         _write_status(layout, timer, record)
