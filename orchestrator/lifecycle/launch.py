@@ -79,6 +79,7 @@ def child_environment() -> dict[str, str]:
 
 
 PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup")
+INSTANCE_ONLY = frozenset({"COMFY_ARGS", "COMFY_FLAGS"})  # settings no orchestrator program reads
 
 
 def env_file(layout: Layout, program: str) -> Path:
@@ -120,7 +121,10 @@ def extra_programs(
         return [*envexec_wrapper(env_file(layout, program)), sys.executable, "-m", "orchestrator"]
 
     def env(program: str) -> dict[str, str]:
-        return {"ORCHESTRATOR_ENV_HASH": _digest(envs[program])}
+        # Settings only the instances use do not restart the orchestrator's programs (a flag
+        # change rolls the instances; a monitor restart would drop the jobs it tracks).
+        kept = {k: v for k, v in envs[program].items() if k not in INSTANCE_ONLY}
+        return {"ORCHESTRATOR_ENV_HASH": _digest(kept)}
 
     # Batch work yields the CPU to instances that are starting (`nice` execs, keeping the pid).
     def batch(program: str) -> list[str]:
