@@ -342,6 +342,7 @@ def test_a_bad_flag_stops_the_roll_after_the_first_instance_and_up_wait_names_it
     m = machine(3)
     m.run("up", "--skip-provision", "--wait", "--timeout", "90", check=True)
     old = instances(m)[0]["generation"]
+    monitor_pid = m.status()["programs"]["monitor"]["pid"]
     r = m.run("up", "--skip-provision", "--wait", "--timeout", "60", COMFY_ARGS="--lowvram", timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ROLL STOPPED: comfyui_gpu0" in r.stdout, r.stdout
@@ -356,3 +357,5 @@ def test_a_bad_flag_stops_the_roll_after_the_first_instance_and_up_wait_names_it
     assert m.ready()  # the two serving are enough while the failed one is planned out
     st = m.run("status", check=True).stdout
     assert f"old generation {old}" in st
+    # a flag only instances read rolls them and leaves the monitor (and the jobs it tracks) alone
+    assert m.status()["programs"]["monitor"]["pid"] == monitor_pid
