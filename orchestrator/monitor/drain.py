@@ -5,10 +5,10 @@ The one primitive a rolling restart (``lifecycle.rolling``) and any other planne
     result = await drainer.drain(slot, timeout)   # DrainResult
     drainer.undrain(slot)                          # route to it again
 
-While a :class:`DrainMark` is on a slot, the job router gets no new job for that process
-(``Slot.view().draining``) and ``/readyz`` counts it as not ready but as *planned* out, so with the
+While a :class:`~orchestrator.monitor.slots.DrainMark` is on a slot, the job router gets no new job for that process
+(``Slot.routing_closed``) and ``/readyz`` counts it as not ready but as *planned* out, so with the
 default MIN_READY_INSTANCES (all) a machine rolling one instance keeps answering 200 (see
-``core.readiness.readiness(planned_out=...)``). The mark ends when the instance is READY again on a
+``InstanceStatus.planned_out`` in ``core.readiness``). The mark ends when the instance is READY again on a
 new process (it was restarted), on :meth:`Drainer.undrain`, or ``hold`` seconds after it was set
 (whoever drained it went away). Waiting means: no job of ours in flight there, and a probe taken
 after the drain began shows an empty ComfyUI queue (prompts from other clients count too). At the
@@ -27,20 +27,11 @@ import aiohttp
 
 from orchestrator.comfy.client import ComfyCallError, ComfyClient, base_url
 from orchestrator.core.states import InstanceState
-from orchestrator.monitor.slots import Slot
+from orchestrator.monitor.slots import DrainMark, Slot
 
 log = logging.getLogger(__name__)
 
 POLL = 0.1  # seconds between looks while waiting
-
-
-@dataclasses.dataclass(frozen=True)
-class DrainMark:
-    """An instance taken out of routing: the process it was set on, when, and until when at most."""
-
-    pid: int | None
-    since: float  # monotonic
-    until: float  # monotonic; the mark is dropped past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,27 +47,6 @@ class DrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def active(slot: Slot, now: float) -> bool:
-    """Whether ``slot`` is planned out of service (drained, or restarting after a drain)."""
-    mark = slot.drain
-    if mark is None:
-        return False
-    if now >= mark.until:
-        slot.drain = None
-        return False
-    proc = slot.proc
-    if proc is not None and proc.pid != mark.pid and slot.record.state is InstanceState.READY \
-            and slot.record.pid == proc.pid:
-        slot.drain = None  # READY on its new process: back in service
-        return False
-    return True
-
-
-def routing_closed(slot: Slot, now: float) -> bool:
-    """Whether the router must not send new jobs to ``slot``'s current process."""
-    return active(slot, now) and slot.drain is not None and (slot.proc is None or slot.proc.pid == slot.drain.pid)
 
 
 class Drainer:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from orchestrator.core.health import PROBED_STATES, Record
 from orchestrator.core.instances import InstanceView
@@ -17,8 +16,15 @@ from orchestrator.machine.generation import process_generation
 from orchestrator.monitor.prober import process_stopped
 from orchestrator.monitor.probes import LogScanner
 
-if TYPE_CHECKING:
-    from orchestrator.monitor.drain import DrainMark
+
+@dataclasses.dataclass(frozen=True)
+class DrainMark:
+    """An instance taken out of routing (:mod:`orchestrator.monitor.drain`): the process it was
+    set on, when, and until when at most (monotonic seconds)."""
+
+    pid: int | None
+    since: float
+    until: float
 
 
 @dataclasses.dataclass
@@ -49,6 +55,25 @@ class Slot:
             self._generation = (pid, process_generation(pid))
         return self._generation[1]
 
+    def planned_out(self, now: float) -> bool:
+        """Drained, or restarting after a drain, until READY on a new process (or the mark expires)."""
+        mark, proc = self.drain, self.proc
+        if mark is None:
+            return False
+        if now >= mark.until:
+            self.drain = None
+            return False
+        if proc is not None and proc.pid != mark.pid and self.record.state is InstanceState.READY \
+                and self.record.pid == proc.pid:
+            self.drain = None  # READY on its new process: back in service
+            return False
+        return True
+
+    def routing_closed(self, now: float) -> bool:
+        """Whether the router must not send new jobs to the current process (it is drained)."""
+        mark = self.drain
+        return self.planned_out(now) and mark is not None and (self.proc is None or self.proc.pid == mark.pid)
+
     def take_requests(self) -> tuple[str, str]:
         """(hung, restart_requested), cleared atomically: a report arriving meanwhile is kept."""
         with self.requests_lock:
@@ -74,21 +99,17 @@ class Slot:
 
     def view(self, now: float) -> InstanceView:
         """What the job router needs: state, queue depth, and whether it is drained."""
-        from orchestrator.monitor.drain import routing_closed
-
         rec = self.record
         return InstanceView(
             index=self.instance.index, name=self.instance.name, port=self.instance.port, state=rec.state,
             queue_pending=rec.queue_pending or 0, queue_running=rec.queue_running or 0,
-            draining=routing_closed(self, now),
+            draining=self.routing_closed(now),
         )
 
     def status(
         self, now: float, wall: float, redact: Callable[[str], str], current: str | None = None
     ) -> InstanceStatus:
         """The instance as the API and the metrics show it (``now`` monotonic, ``wall`` epoch)."""
-        from orchestrator.monitor.drain import active, routing_closed
-
         rec, proc, inst = self.record, self.proc, self.instance
 
         def epoch(t: float | None) -> float | None:
@@ -121,6 +142,6 @@ class Slot:
             comfyui_version=rec.comfyui_version,
             generation=self.generation() if running is not None else None,
             current_generation=current,
-            draining=routing_closed(self, now),
-            planned_out=active(self, now),
+            draining=self.routing_closed(now),
+            planned_out=self.planned_out(now),
         )
