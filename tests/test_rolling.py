@@ -294,7 +294,7 @@ def test_a_node_added_while_jobs_run_rolls_every_instance_with_no_failed_job(mac
     def watch_readyz() -> None:
         while not watching.is_set():
             try:
-                codes.append(requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code)
+                codes.append(requests.get(f"{m.monitor_url}/readyz", timeout=10).status_code)
             except requests.RequestException:
                 codes.append(None)
             time.sleep(0.1)
