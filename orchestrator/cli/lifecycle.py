@@ -117,7 +117,10 @@ def _print_serving(servings: list[Serving]) -> int:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from orchestrator.cli.models import TqdmBar
+
     progress = Progress()
+    bar = TqdmBar() if progress.tty else None
     try:
         report = up.up(
             settings,
@@ -125,8 +128,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             foreground=args.foreground,
             skip_provision=args.skip_provision,
             progress=progress,
+            models_bar=bar,
         )
     finally:
+        if bar is not None:
+            bar.close()
         progress.close()
     _print_changes(report, settings.redact)
     code = 0 if report.roll is None or report.roll.ok else 1

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.environment import check_passthrough, passthrough_environment
 from orchestrator.core.errors import PlanError, SupervisorError
@@ -37,6 +37,9 @@ from orchestrator.machine.generation import current_id
 from orchestrator.machine.state import applied_plan
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.monitor.preflight import check_start
+
+if TYPE_CHECKING:
+    from orchestrator.provision.models.status import ByteBar
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,12 @@ class UpReport:
         }
 
 
-def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bool) -> dict[str, Any]:
-    """Code tree, shared config, custom nodes, models. Returns what status.json records."""
+def provision(
+    settings: Settings, layout: Layout, timer: StageTimer, *, skip: bool, models_bar: ByteBar | None = None
+) -> dict[str, Any]:
+    """Code tree, shared config, custom nodes, models. Returns what status.json records.
+
+    ``models_bar``: the bytes of the before-start downloads (the CLI draws it on a terminal)."""
     from orchestrator.provision.repos import sync as repos
     from orchestrator.provision.repos.shipped import has_shared_config
 
@@ -139,7 +146,7 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
             from orchestrator.provision.models import sync as models
             from orchestrator.provision.models.manifest import load_entries
 
-            mreport = models.sync_models(settings, layout, tier="before_start")
+            mreport = models.sync_models(settings, layout, tier="before_start", bar=models_bar)
             status["models"] = {
                 "failed": list(mreport.failed),
                 "background": sum(1 for e in load_entries(settings, layout) if e.when == "background"),
@@ -157,6 +164,7 @@ def up(
     skip_provision: bool = False,
     execve: launch.Execve = os.execve,
     progress: rolling.Progress | None = None,
+    models_bar: ByteBar | None = None,
 ) -> UpReport:
     """Prepare the machine, then start or reconcile supervisord.
 
@@ -165,6 +173,7 @@ def up(
         foreground: exec supervisord in the foreground (containers); returns only with a fake ``execve``.
         skip_provision: use the code, nodes and models already on disk.
         progress: told one line as each stage starts and ends, and each step of a roll.
+        models_bar: progress of the before-start model downloads, in bytes.
 
     Raises:
         ConfigError: a setting the monitor would refuse at its start (checked before anything).
@@ -184,7 +193,7 @@ def up(
     with oplock.hold(layout) as lock:
         return _pipeline(
             settings, layout, lock, overrides=overrides or {}, foreground=foreground,
-            skip_provision=skip_provision, execve=execve, progress=progress,
+            skip_provision=skip_provision, execve=execve, progress=progress, models_bar=models_bar,
         )
 
 
@@ -198,11 +207,12 @@ def _pipeline(
     skip_provision: bool,
     execve: launch.Execve,
     progress: rolling.Progress | None = None,
+    models_bar: ByteBar | None = None,
 ) -> UpReport:
     timer = StageTimer(progress)
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
-    record = provision(settings, layout, timer, skip=skip_provision)
+    record = provision(settings, layout, timer, skip=skip_provision, models_bar=models_bar)
     with timer.stage("plan"):
         plan = build_plan(settings, gpus, supported_flags(layout.comfy_dir))
     with timer.stage("generation"):
