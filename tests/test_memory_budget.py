@@ -41,6 +41,7 @@ from orchestrator.core.settings import load_settings
 from orchestrator.core.states import InstanceState
 from orchestrator.machine.cgroups import CgroupError, MemoryCgroups, detect
 from orchestrator.machine.gpu import MockBackend
+from orchestrator.monitor.drain import DrainResult
 from orchestrator.monitor.metrics import build_registry
 from orchestrator.monitor.recycle import MemoryReport, MemoryWatch, drain_and_restart, policy_for
 from orchestrator.monitor.sampler import EXECUTED, ExecutionCounter, InstanceMemory, MemorySampler
@@ -218,6 +219,7 @@ class FakeTarget:
         self.restarts: list[str] = []
         self.probed = 0.0
         self.ready = True
+        self.drains: list[str] = []
 
     def snapshot(self) -> list[InstanceView]:
         return [InstanceView(0, "comfyui_gpu0", 8188, InstanceState.READY, queue_pending=self.queue)]
@@ -235,27 +237,35 @@ class FakeTarget:
     def jobs_in_flight(self, gpu: int) -> int:
         return self.inflight
 
+    async def drain(self, gpu: int, timeout: float, *, interrupt: bool = True) -> DrainResult:
+        """The monitor's drain as a recycle sees it (monitor.drain is tested in test_rolling)."""
+        assert not interrupt, "a recycle never cuts a job"
+        self.drains.append("drain")
+        deadline = time.monotonic() + timeout
+        while self.queue or self.inflight:
+            if time.monotonic() > deadline:
+                self.drains.append("given up")
+                return DrainResult(gpu, "comfyui_gpu0", False, 0, timeout)
+            await asyncio.sleep(0.01)
+        return DrainResult(gpu, "comfyui_gpu0", True, 0, 0.0)
 
-def test_a_recycle_waits_for_the_queue_and_our_jobs_then_restarts_and_unfences_once_ready() -> None:
+
+def test_a_recycle_drains_without_cutting_jobs_then_restarts_and_waits_for_the_new_process() -> None:
     async def main() -> None:
         t = FakeTarget()
-        fences: list[str] = []
-        task = asyncio.create_task(drain_and_restart(
-            t, 0, "RSS over budget", lambda g, why: fences.append(why), timeout=30, wall=time.time,
-            clock=time.monotonic, poll=0.01,
-        ))
+        task = asyncio.create_task(drain_and_restart(t, 0, "RSS over budget", timeout=30, clock=time.monotonic,
+                                                     poll=0.01))
         await asyncio.sleep(0.2)
-        assert fences == ["draining to recycle: RSS over budget"]
+        assert t.drains == ["drain"]
         assert t.restarts == []  # jobs queued: never restarted mid-job
         t.queue = 0
         await asyncio.sleep(0.2)
         assert t.restarts == []  # one of our jobs is still in flight
         t.inflight = 0
         await wait_async(lambda: bool(t.restarts))
-        assert len(fences) == 1  # still fenced: the old process may still look READY
+        assert not task.done()  # until the new process is READY
         t.pid, t.ready = 101, True
         assert await asyncio.wait_for(task, 30) is True
-        assert fences == ["draining to recycle: RSS over budget", ""]
         assert t.restarts == ["recycle: RSS over budget"]
 
     asyncio.run(main())
@@ -264,12 +274,10 @@ def test_a_recycle_waits_for_the_queue_and_our_jobs_then_restarts_and_unfences_o
 def test_a_recycle_whose_queue_never_empties_gives_up_untouched() -> None:
     async def main() -> None:
         t = FakeTarget()
-        fences: list[str] = []
-        done = await drain_and_restart(t, 0, "x", lambda g, why: fences.append(why), timeout=0.3,
-                                       wall=time.time, clock=time.monotonic, poll=0.01)
+        done = await drain_and_restart(t, 0, "x", timeout=0.3, clock=time.monotonic, poll=0.01)
         assert done is False
         assert t.restarts == []
-        assert fences[-1] == ""
+        assert t.drains == ["drain", "given up"]
 
     asyncio.run(main())
 
@@ -394,11 +402,11 @@ def test_the_watch_recycles_once_per_process_and_counts_by_reason(tmp_path: Path
         samples[0] = dataclasses.replace(samples[0], jobs=3)
         watch.check_once()
         await wait_async(lambda: bool(target.restarts))
-        assert watch.fenced(0).startswith("draining to recycle: ran 3 prompts")
+        assert target.drains == ["drain"]
+        assert target.restarts[0].startswith("recycle: ran 3 prompts")
         target.pid, target.ready = 101, True
         await asyncio.wait_for(watch._tasks[0], 30)
         assert watch.recycles == {(0, "jobs"): 1}
-        assert watch.fenced(0) == ""
         watch.check_once()  # the old process's sample lingers until the next round: no second recycle
         assert watch._tasks[0].done()
         assert len(target.restarts) == 1

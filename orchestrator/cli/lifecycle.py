@@ -10,15 +10,19 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import TextIO
 
 from orchestrator.cli.config import flag_overrides
 from orchestrator.cli.output import error, print_json, print_json_line, print_line
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.settings import Settings, load_settings
-from orchestrator.lifecycle import control, demo, down, logs, plan, status, up
+from orchestrator.lifecycle import control, demo, down, logs, plan, rolling, status, up
 from orchestrator.lifecycle.logs import LogLine
+from orchestrator.lifecycle.rolling import Serving
 from orchestrator.lifecycle.status import InstanceRow, MachineStatus
 
 
@@ -56,36 +60,104 @@ def _up_overrides(args: argparse.Namespace) -> dict[str, str]:
     return overrides
 
 
+class Progress:
+    """Stage lines as ``up`` runs: one line rewritten in place on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._open = False
+
+    def __call__(self, line: str) -> None:
+        if self.tty:
+            self.stream.write(f"\r\033[K{line}")
+            self.stream.flush()
+            self._open = True
+        elif not line.endswith(": ..."):  # a stage starting: shown on a terminal only
+            print_line(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the in-place line (before other output)."""
+        if self._open:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._open = False
+
+
+def _print_changes(report: up.UpReport, redact: Callable[[str], str]) -> None:
+    changes = report.changes
+    total = report.total_seconds
+    if changes.started or changes.restarted or changes.removed or changes.rolling:
+        print_line(
+            f"up in {total:.2f}s: started {', '.join(changes.started) or '-'}; "
+            f"restarted {', '.join(changes.restarted) or '-'}; removed {', '.join(changes.removed) or '-'}; "
+            f"rolled {', '.join(changes.rolling) or '-'}"
+        )
+    else:
+        print_line(f"up in {total:.2f}s: nothing changed, {len(changes.unchanged)} programs keep running")
+    if changes.rolling:
+        why = "; ".join(report.reasons) or "their supervisord programs changed"
+        print_line(redact(f"rolling {', '.join(changes.rolling)} to generation {report.generation}: {why}"))
+    roll = report.roll
+    if roll is not None and roll.ok:
+        print_line(f"roll done in {roll.seconds:.1f}s: {len(roll.rolled)} instance(s) on generation {roll.generation}")
+    elif roll is not None:
+        left = f"; {', '.join(roll.left)} keep serving the old generation" if roll.left else ""
+        print_line(f"ROLL STOPPED: {roll.failed} did not become READY on generation {roll.generation}: "
+                   f"{roll.failure}{left}")
+
+
+def _print_serving(servings: list[Serving]) -> int:
+    for s in servings:
+        print_line(f"{s.name} READY {s.url}" if s.ready else f"{s.name} {s.reason}")
+    bad = [s for s in servings if not s.ready]
+    if bad:
+        error(f"not READY on the current generation: {', '.join(s.name for s in bad)}")
+        return 1
+    return 0
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from orchestrator.cli.models import TqdmBar
+
     provision_only = bool(getattr(args, "provision_only", False))
-    if provision_only and (args.foreground or args.skip_provision):
-        raise ConfigError("up --provision-only starts nothing: drop --foreground and --skip-provision")
-    report = up.up(
-        settings,
-        overrides=_up_overrides(args),
-        foreground=args.foreground,
-        skip_provision=args.skip_provision,
-        provision_only=provision_only,
-    )
+    if provision_only and (args.foreground or args.skip_provision or getattr(args, "wait", False)):
+        raise ConfigError("up --provision-only starts nothing: drop --foreground, --skip-provision and --wait")
+    progress = Progress()
+    bar = TqdmBar() if progress.tty else None
+    try:
+        report = up.up(
+            settings,
+            overrides=_up_overrides(args),
+            foreground=args.foreground,
+            skip_provision=args.skip_provision,
+            provision_only=provision_only,
+            progress=progress,
+            models_bar=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        progress.close()
     if provision_only:
         print_line(f"provisioned in {report.total_seconds:.2f}s under {settings.root}: code, nodes and models; "
                    "nothing started")
         return 0
-    changes = report.changes
-    total = report.total_seconds
-    if changes.started or changes.restarted or changes.removed:
-        print_line(
-            f"up in {total:.2f}s: started {', '.join(changes.started) or '-'}; "
-            f"restarted {', '.join(changes.restarted) or '-'}; removed {', '.join(changes.removed) or '-'}"
-        )
-    else:
-        print_line(f"up in {total:.2f}s: nothing changed, {len(changes.unchanged)} programs keep running")
+    _print_changes(report, settings.redact)
+    code = 0 if report.roll is None or report.roll.ok else 1
     if report.comfy_fallback:
         print_line("WARNING: running the FALLBACK ComfyUI repository (COMFY_REPO_URL could not be cloned)")
     if report.failed_nodes:
         print_line(f"WARNING: custom nodes failed: {', '.join(report.failed_nodes)}")
     print_line(f"monitor: http://{settings.orchestrator_listen}:{settings.orchestrator_port}/readyz")
-    return 0
+    if getattr(args, "wait", False):
+        timeout = args.timeout if args.timeout is not None else settings.startup_timeout
+        try:
+            servings = up.wait_serving(settings, timeout, progress)
+        finally:
+            progress.close()
+        code = max(code, _print_serving(servings))
+    return code
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -118,7 +190,8 @@ def status_line(row: InstanceRow) -> str:
     """One instance as a line of the status table."""
     # A READY instance whose custom nodes failed at import still says which ones.
     failed_nodes = "failed nodes: " + ", ".join(row.failed_custom_nodes) if row.failed_custom_nodes else ""
-    detail = "; ".join(part for part in (row.last_error, failed_nodes) if part)
+    old = f"old generation {row.generation or '?'}" if not row.current else ""
+    detail = "; ".join(part for part in (old, row.last_error, failed_nodes) if part)
     restarts = "-" if row.restarts is None else str(row.restarts)
     return (
         f"{row.gpu:<4}{row.port:<7}{row.pid or '-':<9}{row.state:<10}{row.health or '-':<12}"
@@ -158,6 +231,9 @@ def _print_status(data: MachineStatus) -> None:
         print_line(f"WARNING: FALLBACK ComfyUI in use: {code} (configured: {comfy.get('wanted') or '?'})")
     else:
         print_line(f"ComfyUI code: {code}")
+    if data.generation:
+        on = sum(1 for r in data.instances if r.current and r.generation)
+        print_line(f"generation: {data.generation} ({on}/{len(data.instances)} instances run it)")
     print_line(STATUS_HEADER)
     for row in data.instances:
         print_line(status_line(row))
@@ -180,6 +256,18 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- start / stop / restart
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
+    if getattr(args, "rolling", False):
+        progress = Progress()
+        try:
+            roll = rolling.restart_rolling(settings, args.target, progress)
+        finally:
+            progress.close()
+        if not roll.ok:
+            left = f"; {', '.join(roll.left)} not restarted" if roll.left else ""
+            error(f"rolling restart stopped: {roll.failed} did not become READY: {roll.failure}{left}")
+            return 1
+        print_line(f"rolling restart done in {roll.seconds:.1f}s: {', '.join(roll.rolled)}")
+        return 0
     for done in control.control(settings, args.command, args.target):
         print_line(f"{done.name}: {done.action} done")
     return 0

@@ -36,6 +36,15 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _duration(text: str) -> float:
+    from orchestrator.core.converters import to_positive_duration
+
+    try:
+        return float(to_positive_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator",
@@ -59,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--provision-only", action="store_true",
         help="fetch code, nodes and models, start nothing (bake ROOT into an image at build time)",
     )
+    p.add_argument("--wait", action="store_true", help="return when every instance is READY on the new generation")
+    p.add_argument("--timeout", type=_duration, help="with --wait: give up after this (default STARTUP_TIMEOUT)")
     p = sub.add_parser("down", help="stop every instance, the monitor and supervisord")
     p = sub.add_parser("status", help="per instance: GPU, port, pid, state, uptime, restarts, health")
     _json_flag(p)
     for verb in ("start", "stop", "restart"):
         p = sub.add_parser(verb, help=f"{verb} one instance (GPU index) or all")
         p.add_argument("target", metavar="GPU|all")
+        if verb == "restart":
+            p.add_argument("--rolling", action="store_true", help="one at a time, each drained first")
     p = sub.add_parser("logs", help="show an instance's log (all: merged with a GPU prefix)")
     p.add_argument("target", metavar="GPU|all")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

@@ -19,10 +19,11 @@ class InstanceView:
     queue_pending: int = 0
     queue_running: int = 0
     fenced: str = ""  # why no job may be routed here although it may be READY (a failed GPU, a drain)
+    draining: bool = False  # taken out of routing for a planned restart (monitor.drain)
 
     @property
     def ready(self) -> bool:
-        return self.state is InstanceState.READY
+        return self.state is InstanceState.READY and not self.draining
 
     @property
     def base_url(self) -> str:

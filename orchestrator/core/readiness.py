@@ -40,6 +40,15 @@ class InstanceStatus:
     probe_duration: float | None  # seconds
     device: str | None
     comfyui_version: str | None = None  # system.comfyui_version of the running process
+    generation: str | None = None  # the generation its process started with (core.generation)
+    current_generation: str | None = None  # the one the last `up` applied
+    draining: bool = False  # no new jobs: drained for a planned restart
+    planned_out: bool = False  # drained or restarting after a drain (readiness does not require it)
+
+    @property
+    def current(self) -> bool:
+        """Whether it runs the generation the last ``up`` applied (True when none was recorded)."""
+        return self.current_generation is None or self.generation == self.current_generation
 
     @property
     def up(self) -> bool:
@@ -47,7 +56,7 @@ class InstanceStatus:
 
     @property
     def ready(self) -> bool:
-        return self.state is InstanceState.READY
+        return self.state is InstanceState.READY and not self.draining
 
     @property
     def queue_depth(self) -> int:
@@ -102,8 +111,11 @@ def readiness(
     With ``saturation``, also not ready while every READY instance holds ``max_queue_depth`` or
     more jobs (queue depth from the probes, or jobs in flight from the job manager).
     """
-    # A MIN_READY_INSTANCES above the number of planned instances means "all of them".
-    required = max(1, len(statuses) if min_ready is None else min(min_ready, len(statuses)))
+    # A MIN_READY_INSTANCES above the number of planned instances means "all of them"; by default
+    # (all) an instance planned out (drained for a rolling restart) is not required.
+    planned = sum(1 for s in statuses if s.planned_out)
+    wanted = len(statuses) - planned if min_ready is None else min_ready
+    required = max(1, min(wanted, len(statuses)))
     ready = [s for s in statuses if s.ready]
     if supervisord_down:
         return Readiness(False, len(ready), required, supervisord_down, tuple(statuses))

@@ -161,6 +161,8 @@ class Settings:
     recycle_after_jobs: int | None = setting("", to_optional_count, "Recycle an instance after its process ran this many prompts (empty: never)")
     recycle_drain_timeout: float = setting("30m", to_positive_duration, "A recycle waits this long for the instance's queue to empty, then is retried later")
     memory_sample_interval: float = setting("5s", to_positive_duration, "How often each instance's RSS is sampled")
+    drain_timeout: float = setting("300s", to_positive_duration, "A drained instance's prompts are interrupted after this (rolling restarts)")
+    rolling_max_unavailable: int = setting("1", int_in(1), "Instances a rolling restart takes out of service at once")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
     log_format: str = setting("text", choice("text", "json"), "Log format")

@@ -13,11 +13,12 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from orchestrator.core.environment import base_environment, passthrough_environment, program_environment
 from orchestrator.core.errors import SupervisorError
+from orchestrator.core.generation import ENV_VAR as GENERATION_VAR
 from orchestrator.core.layout import Layout
 from orchestrator.core.plan import MachinePlan
 from orchestrator.core.render import Program, RenderOptions, render_supervisord_conf
@@ -44,6 +45,8 @@ class Changes:
     restarted: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    # Instances whose program changed: left running, to be restarted one at a time (lifecycle.rolling).
+    rolling: tuple[str, ...] = ()
 
 
 def credentials(layout: Layout) -> tuple[str, str]:
@@ -77,6 +80,7 @@ def child_environment() -> dict[str, str]:
 
 
 PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup")
+INSTANCE_ONLY = frozenset({"COMFY_ARGS", "COMFY_FLAGS"})  # settings no orchestrator program reads
 
 
 def env_file(layout: Layout, program: str) -> Path:
@@ -118,15 +122,19 @@ def extra_programs(
         return [*envexec_wrapper(env_file(layout, program)), sys.executable, "-m", "orchestrator"]
 
     def env(program: str) -> dict[str, str]:
-        return {"ORCHESTRATOR_ENV_HASH": _digest(envs[program])}
+        # Settings only the instances use do not restart the orchestrator's programs (a flag
+        # change rolls the instances; a monitor restart would drop the jobs it tracks).
+        kept = {k: v for k, v in envs[program].items() if k not in INSTANCE_ONLY}
+        return {"ORCHESTRATOR_ENV_HASH": _digest(kept)}
 
     # Batch work yields the CPU to instances that are starting (`nice` execs, keeping the pid).
     def batch(program: str) -> list[str]:
         return ["nice", "-n", "10", *me(program)]
 
-    plan_hash = _digest(plan.to_dict())
+    plan_hash = _digest(monitor_view(plan))
     programs = [
-        # The plan hash makes supervisord restart the monitor when the plan changes.
+        # The plan hash makes supervisord restart the monitor when the plan changes (the parts it
+        # uses: an instance's flags or environment changing rolls the instance, not the monitor).
         Program(
             "monitor", ("nice", "-n", "5", *me("monitor"), "serve"), str(layout.root),
             {**env("monitor"), "ORCHESTRATOR_PLAN_HASH": plan_hash},
@@ -150,6 +158,13 @@ def extra_programs(
         )
     programs.append(watchdog_program(settings, layout))
     return programs
+
+
+def monitor_view(plan: MachinePlan) -> dict[str, object]:
+    """The plan without each instance's argv and environment (the monitor uses neither)."""
+    data = plan.to_dict()
+    data["instances"] = [{k: v for k, v in i.items() if k not in ("argv", "env")} for i in data["instances"]]
+    return data
 
 
 def watchdog_program(settings: Settings, layout: Layout) -> Program:
@@ -182,20 +197,24 @@ def render(
     background_models: bool,
     supervisord_pid: int | None,
     overrides: Mapping[str, str] | None = None,
+    generation: str | None = None,
 ) -> None:
     """Render stage: check the ports, then write supervisord.conf (0600), the folders and plan.json.
 
     ``supervisord_pid``: the running supervisord, whose own processes may hold the ports.
     ``overrides``: settings given as flags, passed on to the orchestrator's own programs.
+    ``generation``: the id each instance gets as ORCHESTRATOR_GENERATION (see ``core.generation``).
 
     Raises:
         ConfigError: INSTANCE_ENV_PASSTHROUGH names a secret.
     """
     user, password = credentials(layout)
+    instance_env = passthrough_environment(os.environ, settings.instance_env_passthrough)
+    if generation:
+        instance_env[GENERATION_VAR] = generation
     options = RenderOptions(
         username=user, password=password, stopwaitsecs=int(settings.stop_timeout), wrapper=pdeath_wrapper(),
-        umask=settings.umask,
-        instance_env=passthrough_environment(os.environ, settings.instance_env_passthrough),
+        umask=settings.umask, instance_env=instance_env,
     )
     envs = program_envs(settings, overrides)
     programs = extra_programs(settings, layout, plan, background_models=background_models, envs=envs)
@@ -275,11 +294,18 @@ def exec_supervisord(layout: Layout, env: dict[str, str], execve: Execve, umask:
         os.umask(old)
 
 
-def reconcile(sup: Supervisor, drain_wait: float = 0.0) -> Changes:
+def reconcile(sup: Supervisor, instances: Collection[str] = (), drain_wait: float = 0.0) -> Changes:
     """Start stage on a running machine: apply the new supervisord.conf, touching only the
-    programs that were added, changed or removed. ``drain_wait``: seconds a stopping monitor
-    may take to drain its running jobs (SHUTDOWN_DRAIN_TIMEOUT)."""
+    programs that were added, changed or removed.
+
+    A changed program named in ``instances`` keeps running on its old config: it is returned in
+    ``rolling``, for :mod:`lifecycle.rolling` to restart one at a time with a drain.
+    ``drain_wait``: seconds a stopping monitor may take to drain its running jobs
+    (SHUTDOWN_DRAIN_TIMEOUT).
+    """
     added, changed, removed = sup.reload_config()
+    rolling = [n for n in changed if n in instances]
+    changed = [n for n in changed if n not in instances]
     # Stopping the monitor waits out its drain: that one call gets a client timeout to match.
     monitor_sup = Supervisor(sup.layout, timeout=drain_wait + 30) if drain_wait else sup
     for name in removed:
@@ -294,10 +320,11 @@ def reconcile(sup: Supervisor, drain_wait: float = 0.0) -> Changes:
     known = {p.name for p in sup.processes()}
     changes = Changes(
         started=tuple(added), restarted=tuple(changed), removed=tuple(removed),
-        unchanged=tuple(sorted(known - set(added) - set(changed))),
+        unchanged=tuple(sorted(known - set(added) - set(changed) - set(rolling))), rolling=tuple(rolling),
     )
     log.info(
-        "reconciled: %d started, %d restarted, %d removed, %d unchanged",
+        "reconciled: %d started, %d restarted, %d removed, %d unchanged, %d to roll",
         len(changes.started), len(changes.restarted), len(changes.removed), len(changes.unchanged),
+        len(changes.rolling),
     )
     return changes

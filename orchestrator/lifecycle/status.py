@@ -19,6 +19,7 @@ from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.core.states import ProcessInfo, ProcessState
+from orchestrator.machine.generation import current_id, process_generation
 from orchestrator.machine.orphans import PortHolder, port_holders
 from orchestrator.machine.state import load_applied_plan, read_state
 from orchestrator.machine.supervisor import Supervisor, socket_in_use
@@ -84,6 +85,8 @@ class InstanceRow:
     failed_custom_nodes: tuple[str, ...]
     comfyui_version: str | None
     last_error: str
+    generation: str | None = None  # the generation its process started with (core.generation)
+    current: bool = True  # False while it runs an older generation than the last `up` applied
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -107,6 +110,7 @@ class MachineStatus:
     port_holders: tuple[PortHolder, ...] = ()
     socket_held: bool = False  # supervisord did not answer, but a process listens on its socket
     warnings: tuple[str, ...] = ()  # damaged state files, one line each
+    generation: str | None = None  # the generation the last `up` applied
 
     @property
     def orphans(self) -> tuple[PortHolder, ...]:
@@ -129,6 +133,7 @@ class MachineStatus:
             "stages": dict(self.stages),
             "instances": [i.to_dict() for i in self.instances],
             "programs": {k: dict(v) for k, v in self.programs.items()},
+            "generation": self.generation,
         }
 
 
@@ -175,10 +180,12 @@ def status(settings: Settings) -> MachineStatus:
         ports = {i.port: i.name for i in plan.instances}
         ports[settings.orchestrator_port] = "monitor"
         holders = port_holders(layout.root, ports)
+    current = current_id(layout)
     rows = []
     for inst in plan.instances:
         info = procs.get(inst.name)
         mon = health.get(inst.index, {})
+        gen = process_generation(info.pid) if info and info.pid else None
         last_error = ""
         if info and info.state in _FAILED:
             last_error = info.spawnerr or info.description
@@ -199,6 +206,8 @@ def status(settings: Settings) -> MachineStatus:
                 failed_custom_nodes=tuple(mon.get("failed_custom_nodes") or ()),
                 comfyui_version=mon.get("comfyui_version"),
                 last_error=last_error or reason,
+                generation=gen,
+                current=gen is None or current is None or gen == current,
             )
         )
     others = {n: {"state": p.state.name, "pid": p.pid} for n, p in procs.items() if not n.startswith("comfyui_gpu")}
@@ -214,6 +223,7 @@ def status(settings: Settings) -> MachineStatus:
         port_holders=tuple(holders),
         socket_held=not running and socket_in_use(layout.socket),
         warnings=tuple(warnings),
+        generation=current,
     )
 
 

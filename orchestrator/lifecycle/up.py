@@ -19,19 +19,27 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.core.environment import check_passthrough
-from orchestrator.core.errors import PlanError
+from orchestrator.core.environment import check_passthrough, passthrough_environment
+from orchestrator.core.errors import PlanError, SupervisorError
+from orchestrator.core.generation import differences
 from orchestrator.core.layout import Layout
-from orchestrator.core.plan import build_plan, supported_flags
+from orchestrator.core.plan import MachinePlan, build_plan, supported_flags
 from orchestrator.core.settings import Settings
-from orchestrator.lifecycle import launch, watch
+from orchestrator.core.states import ProcessState
+from orchestrator.lifecycle import generation as generations
+from orchestrator.lifecycle import launch, rolling, watch
 from orchestrator.machine import gpu as gpu_mod
 from orchestrator.machine import lock as oplock
 from orchestrator.machine.fs import write_json
+from orchestrator.machine.generation import current_id
+from orchestrator.machine.state import applied_plan
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.monitor.preflight import check_inputs, check_ports, check_start
+
+if TYPE_CHECKING:
+    from orchestrator.provision.models.status import ByteBar
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +49,22 @@ WATCH_TIMEOUT = 15.0  # seconds for started programs to pass their startsecs (1 
 class StageTimer:
     """Records how long each bootstrap stage took (for status.json and the metric)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: rolling.Progress | None = None) -> None:
         self.stages: dict[str, float] = {}  # seconds, in the order the stages ran
+        self.progress = progress  # told "<stage>: ..." as each stage starts and ends
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.monotonic()
+        if self.progress is not None:
+            self.progress(f"{name}: ...")
         try:
             yield
         finally:
             self.stages[name] = round(time.monotonic() - start, 4)
             log.info("stage %s done in %.2fs", name, self.stages[name])
+            if self.progress is not None:
+                self.progress(f"{name}: done in {self.stages[name]:.2f}s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,9 @@ class UpReport:
     stages: Mapping[str, float]
     changes: launch.Changes
     record: Mapping[str, Any]
+    generation: str = ""
+    reasons: tuple[str, ...] = ()  # what changed since the last generation (core.generation.differences)
+    roll: rolling.RollReport | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -80,11 +96,18 @@ class UpReport:
             "stages": dict(self.stages),
             **{k: list(v) for k, v in dataclasses.asdict(self.changes).items()},
             "status": dict(self.record),
+            "generation": self.generation,
+            "reasons": list(self.reasons),
+            "roll": None if self.roll is None else self.roll.to_dict(),
         }
 
 
-def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bool) -> dict[str, Any]:
-    """Code tree, shared config, custom nodes, models. Returns what status.json records."""
+def provision(
+    settings: Settings, layout: Layout, timer: StageTimer, *, skip: bool, models_bar: ByteBar | None = None
+) -> dict[str, Any]:
+    """Code tree, shared config, custom nodes, models. Returns what status.json records.
+
+    ``models_bar``: the bytes of the before-start downloads (the CLI draws it on a terminal)."""
     from orchestrator.provision.repos import sync as repos
     from orchestrator.provision.repos.shipped import has_shared_config
 
@@ -124,7 +147,7 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
             from orchestrator.provision.models import sync as models
             from orchestrator.provision.models.manifest import load_entries
 
-            mreport = models.sync_models(settings, layout, tier="before_start")
+            mreport = models.sync_models(settings, layout, tier="before_start", bar=models_bar)
             status["models"] = {
                 "failed": list(mreport.failed),
                 "background": sum(1 for e in load_entries(settings, layout) if e.when == "background"),
@@ -142,6 +165,8 @@ def up(
     skip_provision: bool = False,
     provision_only: bool = False,
     execve: launch.Execve = os.execve,
+    progress: rolling.Progress | None = None,
+    models_bar: ByteBar | None = None,
 ) -> UpReport:
     """Prepare the machine, then start or reconcile supervisord.
 
@@ -151,6 +176,8 @@ def up(
         skip_provision: use the code, nodes and models already on disk.
         provision_only: fetch the code, nodes and models, then stop: no GPU detection, no
             supervisord (an image build that bakes ROOT in, ``BAKE=1``).
+        progress: told one line as each stage starts and ends, and each step of a roll.
+        models_bar: progress of the before-start model downloads, in bytes.
 
     Raises:
         ConfigError: a setting the monitor would refuse at its start (checked before anything).
@@ -171,7 +198,8 @@ def up(
     with oplock.hold(layout) as lock:
         return _pipeline(
             settings, layout, lock, overrides=overrides or {}, foreground=foreground,
-            skip_provision=skip_provision, provision_only=provision_only, execve=execve,
+            skip_provision=skip_provision, provision_only=provision_only, execve=execve, progress=progress,
+            models_bar=models_bar,
         )
 
 
@@ -185,30 +213,41 @@ def _pipeline(
     skip_provision: bool,
     execve: launch.Execve,
     provision_only: bool = False,
+    progress: rolling.Progress | None = None,
+    models_bar: ByteBar | None = None,
 ) -> UpReport:
-    timer = StageTimer()
+    timer = StageTimer(progress)
     if provision_only:
-        record = provision(settings, layout, timer, skip=False)
+        record = provision(settings, layout, timer, skip=False, models_bar=models_bar)
         _write_status(layout, timer, record)
         return UpReport(stages=dict(timer.stages), changes=launch.Changes(), record=record)
     with timer.stage("detect"):
         gpus = gpu_mod.detect(settings)
     check_ports(settings, [g.index for g in gpus])
-    record = provision(settings, layout, timer, skip=skip_provision)
+    record = provision(settings, layout, timer, skip=skip_provision, models_bar=models_bar)
     with timer.stage("plan"):
         plan = build_plan(settings, gpus, supported_flags(layout.comfy_dir))
-    sup = Supervisor(layout)
+    with timer.stage("generation"):
+        gen = generations.compute(
+            settings, layout, plan, passthrough_environment(os.environ, settings.instance_env_passthrough)
+        )
+        previous = generations.recorded(layout)
+        reasons = tuple(differences(previous.components if previous else None, gen.components))
+    sup = Supervisor(layout, timeout=settings.stop_timeout * 2 + 30)
     running = sup.is_running()
     with timer.stage("render"):
         launch.render(
             settings, layout, plan,
             background_models=bool(record.get("models", {}).get("background")),
-            supervisord_pid=sup.pid() if running else None, overrides=overrides,
+            supervisord_pid=sup.pid() if running else None, overrides=overrides, generation=gen.id,
         )
+        generations.record(layout, gen, previous)
     env = launch.child_environment()
     with timer.stage("start"):
         if running:
-            changes = launch.reconcile(sup, drain_wait=settings.shutdown_drain_timeout)
+            instances = {i.name for i in plan.instances}
+            reconciled = launch.reconcile(sup, instances, drain_wait=settings.shutdown_drain_timeout)
+            changes = stale_instances(sup, plan, gen.id, reconciled)
         elif foreground:
             _write_status(layout, timer, record)
             lock.release()
@@ -221,9 +260,54 @@ def _pipeline(
         with timer.stage("watch"):
             started = (*changes.started, *changes.restarted) if running else [p.name for p in sup.processes()]
             watch.watch_started(sup, started, timeout=WATCH_TIMEOUT, redact=settings.redact)
+    roll = None
+    if changes.rolling:
+        with timer.stage("roll"):
+            targets = [i for i in plan.instances if i.name in changes.rolling]
+            if progress is not None:
+                why = "; ".join(reasons) or "their supervisord programs changed"
+                progress(settings.redact(f"rolling {', '.join(changes.rolling)} to generation {gen.id}: {why}"))
+            roll = rolling.roll(settings, sup, targets, gen.id, progress=progress or (lambda _line: None))
     if not (foreground and not running):
         _write_status(layout, timer, record)
-    return UpReport(stages=dict(timer.stages), changes=changes, record=record)
+    return UpReport(
+        stages=dict(timer.stages), changes=changes, record=record, generation=gen.id, reasons=reasons, roll=roll
+    )
+
+
+def stale_instances(sup: Supervisor, plan: MachinePlan, generation: str, changes: launch.Changes) -> launch.Changes:
+    """Add to ``changes.rolling`` the running instances whose process started with another generation
+    (their supervisord program may be unchanged, e.g. after a roll that stopped)."""
+    touched = {*changes.rolling, *changes.started, *changes.restarted}
+    table = {p.name: p for p in sup.processes()}
+    stale = []
+    for inst in plan.instances:
+        proc = table.get(inst.name)
+        if inst.name in touched or proc is None or proc.state is not ProcessState.RUNNING:
+            continue
+        if generations.process_generation(proc.pid) != generation:
+            stale.append(inst.name)
+    if not stale:
+        return changes
+    rolling_names = tuple(sorted({*changes.rolling, *stale}))
+    unchanged = tuple(n for n in changes.unchanged if n not in stale)
+    return dataclasses.replace(changes, rolling=rolling_names, unchanged=unchanged)
+
+
+def wait_serving(settings: Settings, timeout: float, progress: rolling.Progress | None = None) -> list[rolling.Serving]:
+    """``up --wait``: every applied instance READY on the current generation, or why not.
+
+    Raises:
+        SupervisorError: nothing was started here.
+    """
+    layout = Layout(settings.root)
+    plan = applied_plan(layout)
+    if plan is None:
+        raise SupervisorError("nothing has been started here: run `orchestrator up`")
+    sup = Supervisor(layout)
+    return rolling.wait_serving(
+        settings, sup, plan.instances, current_id(layout) or "", timeout, progress=progress or (lambda _line: None)
+    )
 
 
 def _write_status(layout: Layout, timer: StageTimer, record: Mapping[str, Any]) -> None:

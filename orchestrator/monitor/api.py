@@ -82,6 +82,9 @@ class InstanceModel(BaseModel):
     comfyui_version: str | None = Field(
         default=None, description="system.comfyui_version the running process reports (/system_stats)"
     )
+    generation: str | None = Field(default=None, description="the generation its process started with")
+    current: bool = Field(default=True, description="false while it runs an older generation than the last `up`")
+    draining: bool = Field(default=False, description="taken out of job routing for a planned restart")
 
 
 class InstancesResponse(BaseModel):
@@ -183,6 +186,7 @@ def _instance(s: InstanceStatus, redact: Callable[[str], str]) -> InstanceModel:
         failed_custom_nodes=list(s.failed_custom_nodes), queue_pending=s.queue_pending,
         queue_running=s.queue_running, queue_depth=s.queue_depth, last_probe=s.last_probe,
         probe_duration_seconds=s.probe_duration, device=s.device, comfyui_version=s.comfyui_version,
+        generation=s.generation, current=s.current, draining=s.draining,
     )
 
 

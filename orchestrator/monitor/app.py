@@ -30,6 +30,7 @@ from orchestrator.jobs.uploads import OutputUploader, UploadCollector
 from orchestrator.machine.state import applied_plan
 from orchestrator.monitor.api import create_app, with_fast_probes
 from orchestrator.monitor.collectors import MachineCollector
+from orchestrator.monitor.drain_api import drain_router
 from orchestrator.monitor.loop import Monitor
 from orchestrator.monitor.metrics import build_registry
 
@@ -99,9 +100,8 @@ def build_app(settings: Settings, plan: MachinePlan, monitor: Monitor | None = N
             await manager.close()
             await monitor.close()
 
-    app = create_app(
-        monitor, settings, registry, routers=[jobs_router(manager)], lifespan=lifespan, scaling=load
-    )
+    routers = [jobs_router(manager), drain_router(monitor, settings)]
+    app = create_app(monitor, settings, registry, routers=routers, lifespan=lifespan, scaling=load)
     app.state.jobs = manager
     return app, monitor
 

@@ -124,8 +124,21 @@ class InstanceCollector(Collector):
             "The ComfyUI version the instance's process reports in /system_stats (value 1)",
             labels=(*INSTANCE_LABELS, "comfyui_version"),
         )
+        generation = GaugeMetricFamily(
+            "comfyui_instance_generation_info",
+            "The generation the instance's process started with; value 1 when it is the one the last "
+            "`up` applied, 0 while it runs an older one",
+            labels=(*INSTANCE_LABELS, "generation"),
+        )
+        draining = GaugeMetricFamily(
+            "comfyui_instance_draining", "1 while the instance gets no new jobs (drained for a restart)",
+            labels=INSTANCE_LABELS,
+        )
         for s in statuses:
             values = _labels(s)
+            if s.generation:
+                generation.add_metric([*values, s.generation], 1.0 if s.current else 0.0)
+            draining.add_metric(values, 1.0 if s.draining else 0.0)
             up.add_metric(values, 1.0 if s.up else 0.0)
             ready.add_metric(values, 1.0 if s.state is InstanceState.READY else 0.0)
             state.add_metric([*values, s.state.value], float(s.state.code))
@@ -145,6 +158,7 @@ class InstanceCollector(Collector):
             if s.comfyui_version:
                 version.add_metric([*values, s.comfyui_version], 1.0)
         yield from (up, ready, state, stopped, restarts, probe, pending, running, start, failed, version)
+        yield from (generation, draining)
 
 
 # (name, help, MachineLoad field): the autoscaling signals, the numbers GET /scaling answers

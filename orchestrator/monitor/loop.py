@@ -32,9 +32,11 @@ from orchestrator.core.plan import Instance, MachinePlan
 from orchestrator.core.readiness import GpuStatus, InstanceStatus, Liveness, Readiness, readiness
 from orchestrator.core.settings import Settings
 from orchestrator.core.states import InstanceState, ProcessInfo
+from orchestrator.machine.generation import CurrentGeneration
 from orchestrator.machine.gpu import GpuBackend, open_backend
 from orchestrator.machine.supervisor import Supervisor
 from orchestrator.machine.watchdog import Heartbeat, heartbeat_path
+from orchestrator.monitor.drain import Drainer, DrainResult
 from orchestrator.monitor.gpuhealth import GpuFaultWatch, stop_fenced
 from orchestrator.monitor.prober import Prober
 from orchestrator.monitor.probes import LogScanner
@@ -156,6 +158,7 @@ class ProbeLoop:
         # After a failed probe the next comes at once (a tick later): a hung instance is restarted
         # after UNHEALTHY_THRESHOLD probe timeouts, not that many PROBE_INTERVALs.
         fast = slot.record.state in _FAST_STATES or bool(decision.actions) or slot.record.failures > 0
+        fast = fast or slot.drain is not None  # a drain waits for a fresh queue count
         slot.next_due = started + (self.fast if fast else self.interval)
 
     async def _probe(self, slot: Slot, proc: ProcessInfo | None) -> ProbeResult:
@@ -233,6 +236,11 @@ class Monitor:
         self._wake: asyncio.Event | None = None
         self._inflight: Callable[[], Mapping[int, int]] | None = None
         self.on_loop_failure: Callable[[], None] | None = None  # serve: exit, supervisord restarts us
+        self.generation = CurrentGeneration(layout)
+        self.drainer = Drainer(
+            lambda: self._inflight() if self._inflight is not None else {}, self.prober.session, clock,
+            hold=settings.startup_timeout + settings.stop_timeout + 60, wake=self._wake_up,
+        )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -322,9 +330,21 @@ class Monitor:
             stop = stop_fenced(self._slots[gpu], self._factory, self.settings.stop_timeout, reason)
             asyncio.run_coroutine_threadsafe(stop, self._loop)
 
+    async def drain(self, gpu: int, timeout: float, *, interrupt: bool = True) -> DrainResult:
+        """Stop routing to the instance on ``gpu`` and wait until it is empty (see :mod:`monitor.drain`).
+
+        Raises KeyError for an unknown GPU."""
+        return await self.drainer.drain(self._slot(gpu), timeout, interrupt=interrupt)
+
+    def undrain(self, gpu: int) -> InstanceStatus:
+        """Route jobs to the instance on ``gpu`` again. Raises KeyError for an unknown GPU."""
+        slot = self._slot(gpu)
+        self.drainer.undrain(slot)
+        return self._status(slot)
+
     # ------------------------------------------------------------ views (never block)
     def _status(self, slot: Slot) -> InstanceStatus:
-        status = slot.status(self._clock(), self._wall(), self.settings.redact)
+        status = slot.status(self._clock(), self._wall(), self.settings.redact, self.generation.get())
         failed = self.gpu_faults.failed(slot.instance.index)
         return dataclasses.replace(status, state=InstanceState.UNHEALTHY, reason=failed) if failed else status
 
@@ -339,9 +359,9 @@ class Monitor:
         return [dataclasses.replace(s, health=health.get(s.gpu.index)) for s in self.sampler.statuses()]
 
     def snapshot(self) -> list[InstanceView]:
-        views = [s.view() for s in self._slots.values()]
-        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index) or self.memory.fenced(v.index))
-                for v in views]
+        now = self._clock()
+        return [dataclasses.replace(v, fenced=self.gpu_faults.failed(v.index))
+                for v in (s.view(now) for s in self._slots.values())]
 
     # ------------------------------------------------------------ memory (monitor.recycle)
     def jobs_in_flight(self, gpu: int) -> int:

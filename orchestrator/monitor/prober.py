@@ -55,6 +55,10 @@ class Prober:
         connector = aiohttp.TCPConnector(limit=self._connections, force_close=True)
         self._session = aiohttp.ClientSession(connector=connector)
 
+    def session(self) -> aiohttp.ClientSession:
+        """The session the probes use (for other calls to the instances, e.g. a drain's interrupt)."""
+        return self._client()
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("Prober.start() was not called")

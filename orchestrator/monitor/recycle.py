@@ -5,11 +5,10 @@
 limits (``machine.cgroups``: ``memory.max`` = the budget, where this process may create child
 cgroups) and the recycling loop. Each round asks the pure :func:`core.memory.recycle_reason`
 whether an instance passed its budget's high-water mark, grew too much since it started or ran
-its share of prompts; if so :func:`drain_and_restart` recycles it: no new jobs are routed to it,
-it finishes what it holds (never cut mid-job), it is restarted through supervisord, and jobs
-go to it again once its new process is READY.
-
-:func:`drain_and_restart` is the one recycle action: a drain primitive elsewhere can replace it.
+its share of prompts; if so :func:`drain_and_restart` recycles it through the monitor's drain
+(``monitor.drain``, as rolling restarts): no new jobs are routed to it, it finishes what it holds
+(never cut mid-job: a drain that times out is given up and retried later), it is restarted
+through supervisord, and jobs go to it again once its new process is READY.
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ from typing import Protocol
 
 import psutil
 
-from orchestrator.core.instances import InstanceView
 from orchestrator.core.memory import MemoryPolicy, describe, instance_budget, recycle_reason
 from orchestrator.core.plan import MachinePlan
 from orchestrator.core.readiness import InstanceStatus
 from orchestrator.core.settings import Settings
 from orchestrator.core.states import ProcessState
 from orchestrator.machine.cgroups import CgroupError, MemoryCgroups, detect
+from orchestrator.monitor.drain import DrainResult
 from orchestrator.monitor.sampler import InstanceMemory, MemorySampler
 from orchestrator.monitor.slots import Slot
 
@@ -44,51 +43,36 @@ def running_pids(slots: Mapping[int, Slot]) -> dict[int, int]:
 class RecycleTarget(Protocol):
     """What a recycle needs from the monitor."""
 
-    def snapshot(self) -> list[InstanceView]: ...
-
     def instance_status(self, gpu: int) -> InstanceStatus: ...
 
     def request_restart(self, gpu: int, reason: str) -> InstanceStatus: ...
 
-    def jobs_in_flight(self, gpu: int) -> int: ...
+    async def drain(self, gpu: int, timeout: float, *, interrupt: bool = True) -> DrainResult: ...
 
 
 async def drain_and_restart(
-    target: RecycleTarget, gpu: int, why: str, fence: Callable[[int, str], None], *,
-    timeout: float, wall: Callable[[], float], clock: Callable[[], float], poll: float = 0.1,
-    ready_timeout: float = 600.0,
+    target: RecycleTarget, gpu: int, why: str, *, timeout: float, clock: Callable[[], float],
+    poll: float = 0.1, ready_timeout: float = 600.0,
 ) -> bool:
-    """Recycle the instance on ``gpu``: fence, drain, restart, unfence once its new process is READY.
+    """Recycle the instance on ``gpu``: drain it (``monitor.drain``, never cutting a job), restart
+    it; the drain mark ends once its new process is READY, and jobs go to it again.
 
-    Returns False (instance untouched, unfenced) when its queue did not empty within ``timeout``.
+    Returns False (instance untouched, routed to again) when its queue did not empty within ``timeout``.
     """
-    fence(gpu, f"draining to recycle: {why}")
-    fenced_at = wall()
-    deadline = clock() + timeout
-    try:
-        while True:
-            # A probe started after the fence: the queue it saw holds every job routed before.
-            st = target.instance_status(gpu)
-            view = next(v for v in target.snapshot() if v.index == gpu)
-            probed = st.last_probe is not None and st.last_probe >= fenced_at
-            if probed and view.queue_pending + view.queue_running == 0 and target.jobs_in_flight(gpu) == 0:
-                break
-            if clock() > deadline:
-                log.warning("%s: not recycled: its queue did not empty within %gs", st.name, timeout)
-                return False
-            await asyncio.sleep(poll)
-        old = st.pid
-        log.warning("%s: recycling (%s)", st.name, why)
-        target.request_restart(gpu, f"recycle: {why}")
-        ready_by = clock() + ready_timeout
-        while clock() <= ready_by:  # the restart itself: jobs go to it again once the new process is READY
-            st = target.instance_status(gpu)
-            if st.ready and st.pid is not None and st.pid != old:
-                break
-            await asyncio.sleep(poll)
-        return True
-    finally:
-        fence(gpu, "")
+    old = target.instance_status(gpu).pid
+    drained = await target.drain(gpu, timeout, interrupt=False)
+    if not drained.drained:
+        log.warning("%s: not recycled: its queue did not empty within %gs", drained.name, timeout)
+        return False
+    log.warning("%s: recycling (%s)", drained.name, why)
+    target.request_restart(gpu, f"recycle: {why}")
+    ready_by = clock() + ready_timeout
+    while clock() <= ready_by:  # the restart itself
+        st = target.instance_status(gpu)
+        if st.ready and st.pid is not None and st.pid != old:
+            break
+        await asyncio.sleep(poll)
+    return True
 
 
 def policy_for(settings: Settings, instances: int, host_total: int | None = None) -> MemoryPolicy:
@@ -133,7 +117,6 @@ class MemoryWatch:
             settings.memory_sample_interval, wall, on_process=self._place,
         )
         self._clock, self._wall = clock, wall
-        self._fenced: dict[int, str] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._done_pid: dict[int, int] = {}  # the process last recycled (its old samples linger a round)
         self._retry_at: dict[int, float] = {}
@@ -180,7 +163,6 @@ class MemoryWatch:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._fenced.clear()
         await asyncio.to_thread(self.sampler.stop)
 
     async def _run(self) -> None:
@@ -204,24 +186,14 @@ class MemoryWatch:
 
     async def _recycle(self, gpu: int, pid: int, reason: str, why: str) -> None:
         done = await drain_and_restart(
-            self.target, gpu, why, self._fence, timeout=self.settings.recycle_drain_timeout,
-            wall=self._wall, clock=self._clock, ready_timeout=self.settings.startup_timeout,
+            self.target, gpu, why, timeout=self.settings.recycle_drain_timeout, clock=self._clock,
+            ready_timeout=self.settings.startup_timeout,
         )
         if done:
             self._done_pid[gpu] = pid
             self.recycles[(gpu, reason)] = self.recycles.get((gpu, reason), 0) + 1
         else:
             self._retry_at[gpu] = self._clock() + max(30.0, self.settings.memory_sample_interval)
-
-    def _fence(self, gpu: int, why: str) -> None:
-        if why:
-            self._fenced[gpu] = why
-        else:
-            self._fenced.pop(gpu, None)
-
-    def fenced(self, gpu: int) -> str:
-        """Why no job may be routed to ``gpu``'s instance now ("" when jobs may)."""
-        return self._fenced.get(gpu, "")
 
     def report(self) -> MemoryReport:
         return MemoryReport(self.sampler.latest(), self.policy.budget, dict(self.recycles))

@@ -12,10 +12,21 @@ from orchestrator.core.instances import InstanceView
 from orchestrator.core.plan import Instance
 from orchestrator.core.readiness import InstanceStatus
 from orchestrator.core.states import InstanceState, ProcessInfo, ProcessState
+from orchestrator.machine.generation import process_generation
 from orchestrator.monitor.prober import process_stopped
 from orchestrator.monitor.probes import LogScanner
 
 _ANSWERING = frozenset({InstanceState.READY, InstanceState.SUSPECT})
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainMark:
+    """An instance taken out of routing (:mod:`orchestrator.monitor.drain`): the process it was
+    set on, when, and until when at most (monotonic seconds)."""
+
+    pid: int | None
+    since: float
+    until: float
 
 
 @dataclasses.dataclass
@@ -36,6 +47,34 @@ class Slot:
     # hung and restart_requested are also written from other threads (report_hung from a job
     # thread, request_restart from the API): set and read-and-clear them under this lock only.
     requests_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    drain: DrainMark | None = None  # taken out of routing (monitor.drain)
+    _generation: tuple[int, str | None] = (0, None)  # (pid, the generation it started with)
+
+    def generation(self) -> str | None:
+        """The generation the running process started with (read once per process)."""
+        pid = self.proc.pid if self.proc is not None and self.proc.pid > 0 else 0
+        if pid != self._generation[0]:
+            self._generation = (pid, process_generation(pid))
+        return self._generation[1]
+
+    def planned_out(self, now: float) -> bool:
+        """Drained, or restarting after a drain, until READY on a new process (or the mark expires)."""
+        mark, proc = self.drain, self.proc
+        if mark is None:
+            return False
+        if now >= mark.until:
+            self.drain = None
+            return False
+        if proc is not None and proc.pid != mark.pid and self.record.state is InstanceState.READY \
+                and self.record.pid == proc.pid:
+            self.drain = None  # READY on its new process: back in service
+            return False
+        return True
+
+    def routing_closed(self, now: float) -> bool:
+        """Whether the router must not send new jobs to the current process (it is drained)."""
+        mark = self.drain
+        return self.planned_out(now) and mark is not None and (self.proc is None or self.proc.pid == mark.pid)
 
     def take_requests(self) -> tuple[str, str]:
         """(hung, restart_requested), cleared atomically: a report arriving meanwhile is kept."""
@@ -60,15 +99,18 @@ class Slot:
                 return True  # SIGSTOPped: each probe fails at once, no need to wait PROBE_INTERVAL
         return False
 
-    def view(self) -> InstanceView:
-        """What the job router needs: state and queue depth."""
+    def view(self, now: float) -> InstanceView:
+        """What the job router needs: state, queue depth, and whether it is drained."""
         rec = self.record
         return InstanceView(
             index=self.instance.index, name=self.instance.name, port=self.instance.port, state=rec.state,
             queue_pending=rec.queue_pending or 0, queue_running=rec.queue_running or 0,
+            draining=self.routing_closed(now),
         )
 
-    def status(self, now: float, wall: float, redact: Callable[[str], str]) -> InstanceStatus:
+    def status(
+        self, now: float, wall: float, redact: Callable[[str], str], current: str | None = None
+    ) -> InstanceStatus:
         """The instance as the API and the metrics show it (``now`` monotonic, ``wall`` epoch)."""
         rec, proc, inst = self.record, self.proc, self.instance
 
@@ -100,4 +142,8 @@ class Slot:
             probe_duration=rec.probe_duration,
             device=rec.device,
             comfyui_version=rec.comfyui_version,
+            generation=self.generation() if running is not None else None,
+            current_generation=current,
+            draining=self.routing_closed(now),
+            planned_out=self.planned_out(now),
         )

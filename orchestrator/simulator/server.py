@@ -244,6 +244,7 @@ def run(
             log(line)
     for line in startup.import_times(results):
         log(line)
+    extra_nodes += [name for r in results if r.ok for name in r.classes]
 
     protocol = environ.get("SIM_PROTOCOL", "").strip().lower() or "upstream"
     if protocol not in PROTOCOLS:

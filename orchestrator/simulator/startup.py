@@ -31,6 +31,21 @@ class NodeImport:
     ok: bool
     log: tuple[str, ...] = ()  # lines printed while importing (tracebacks, warnings)
     seconds: float = 0.0
+    classes: tuple[str, ...] = ()  # the literal keys of its NODE_CLASS_MAPPINGS (shown in /object_info)
+
+
+def declared_classes(text: str) -> tuple[str, ...]:
+    """The string keys of a literal ``NODE_CLASS_MAPPINGS = {...}`` (never executed; () otherwise)."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+            isinstance(t, ast.Name) and t.id == "NODE_CLASS_MAPPINGS" for t in node.targets
+        ):
+            return tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    return ()
 
 
 def _failed(
@@ -119,7 +134,7 @@ def import_node(path: Path, comfy_dir: Path, fail: bool) -> NodeImport:
                 "(need one).",
             ),
         )
-    return NodeImport(path, True)
+    return NodeImport(path, True, classes=declared_classes(text))
 
 
 def scan_custom_nodes(
