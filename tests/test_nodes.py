@@ -398,7 +398,7 @@ def test_the_torch_stack_is_pinned_and_pip_runs_once_for_many_files() -> None:
     text = nodes_deps.constraints_text({"torch": "2.3.1+cu121", "xformers": "0.0.27", "numpy": "1"})
     assert "torch==2.3.1+cu121" in text
     assert "xformers==0.0.27" in text
-    assert "numpy" not in text
+    assert "numpy>=1,<2" in text  # numpy is protected by its major version (the firewall)
     files = [Path("/n/a/requirements.txt"), Path("/n/b/requirements.txt")]
     argv = nodes_deps.pip_command("/py", files, Path("/c.txt"), None)
     assert argv[:4] == ["/py", "-m", "pip", "install"]
@@ -572,7 +572,9 @@ def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
     results = by_name(report)
     assert "pip install -r requirements.txt failed" in results["badreq"].error
     assert results["alpha"].status == "ok"
-    assert len(commands.pip_installs) == 4  # the combined one, then one per node
+    # torchy is refused by the firewall before any install; the combined one, then one per node
+    assert results["torchy"].error == "refused: wants torch==2.0.0, torch 1.0.0 is kept"
+    assert len(commands.pip_installs) == 3
     assert venv_has(venv, "import torch; print(torch.VERSION)") == "1.0.0"
     assert venv_has(venv, "import orchtest_alpha; print('ok')") == "ok"
     assert "torch==1.0.0" in (root / ".orchestrator" / "pip-constraints.txt").read_text()
