@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -505,3 +505,68 @@ def readyz_code(m: Machine) -> int | None:
         return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
     except requests.RequestException:
         return None
+
+
+# ---------------------------------------------------------------- wheels and a local package index
+def build_wheel(directory: Path, name: str, version: str, module: str, requires: Sequence[str] = ()) -> Path:
+    """A minimal pure-Python wheel (``module.VERSION``), so pip and uv install something real offline."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = directory / f"{dist}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}.dist-info/METADATA": meta,
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{rel},,\n" for rel in files) + f"{dist}.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, text in files.items():
+            zf.writestr(rel, text)
+        zf.writestr(f"{dist}.dist-info/RECORD", record)
+    return path
+
+
+def install_fake_dist(python: Path, name: str, version: str, module: str | None = None) -> None:
+    """Put an installed distribution straight into a venv (what pip would leave behind)."""
+    site = next((python.parent.parent / "lib").glob("python3*/site-packages"))
+    module = module or name.replace("-", "_")
+    (site / module).mkdir()
+    (site / module / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("test\n")
+    (info / "RECORD").write_text(f"{module}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+
+
+@contextlib.contextmanager
+def package_index(wheels: Path, dest: Path) -> Iterator[str]:
+    """A PEP 503 index (``dest/simple/<name>/``) of the wheels, served by ``python -m http.server``
+    on 127.0.0.1; yields its URL (for ``--index-url`` / PIP_INDEX_URL) and stops the server."""
+    import re
+    import shutil
+
+    simple = dest / "simple"
+    names: dict[str, list[Path]] = {}
+    for whl in sorted(wheels.glob("*.whl")):
+        names.setdefault(re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower(), []).append(whl)
+    for name, files in names.items():
+        (simple / name).mkdir(parents=True, exist_ok=True)
+        for whl in files:
+            shutil.copy2(whl, simple / name / whl.name)
+        links = "".join(f'<a href="{w.name}">{w.name}</a><br>\n' for w in files)
+        (simple / name / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(dest)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: answers(port, "/simple/"), timeout=30, what="the local package index")
+        yield f"http://127.0.0.1:{port}/simple"
+    finally:
+        stop_process(proc)

@@ -75,6 +75,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         print_line("WARNING: running the FALLBACK ComfyUI repository (COMFY_REPO_URL could not be cloned)")
     if report.failed_nodes:
         print_line(f"WARNING: custom nodes failed: {', '.join(report.failed_nodes)}")
+    for name, why in sorted((report.record.get("nodes", {}).get("import_failed") or {}).items()):
+        print_line(f"WARNING: custom node {name} fails at import (checked before start): {why}")
     print_line(f"monitor: http://{settings.orchestrator_listen}:{settings.orchestrator_port}/readyz")
     return 0
 
@@ -155,6 +157,8 @@ def _print_status(data: MachineStatus) -> None:
     failed = data.nodes.get("failed")
     if failed:
         print_line(f"failed custom nodes: {', '.join(failed)}")
+    for name, why in sorted((data.nodes.get("import_failed") or {}).items()):
+        print_line(f"custom node {name} fails at import: {why}")
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

@@ -112,6 +112,7 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
         with timer.stage("nodes"):
             report = nodes.sync_nodes(settings, layout)
             status["nodes"] = {"counts": dict(report.counts), "failed": list(report.failed)}
+            status["nodes"]["import_failed"] = dict(report.import_failed)  # checked before any start
             if report.failed:
                 log.error("custom nodes failed: %s (instances start without them)", ", ".join(report.failed))
     with timer.stage("models"):

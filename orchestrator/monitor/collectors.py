@@ -276,6 +276,13 @@ class ProvisioningCollector(Collector):
         for state, count in sorted(counts.items()):
             if isinstance(count, (int, float)) and not isinstance(count, bool):
                 nodes.add_metric([str(state)], float(count))
+        imports = GaugeMetricFamily(
+            "orchestrator_node_import_failed",
+            "1 per custom node that failed the import check before the instances started",
+            labels=("node", "error"),
+        )
+        for node, why in sorted(((status.get("nodes") or {}).get("import_failed") or {}).items()):
+            imports.add_metric([str(node), self.redact(str(why))[:200]], 1.0)
         comfy = status.get("comfy") or {}
         fallback = GaugeMetricFamily(
             "orchestrator_comfy_fallback",
@@ -297,4 +304,4 @@ class ProvisioningCollector(Collector):
             ],
             1.0,
         )
-        yield from (stages, nodes, fallback, info)
+        yield from (stages, nodes, imports, fallback, info)
