@@ -148,6 +148,12 @@ class StatusResponse(BaseModel):
     comfy: ComfyCodeModel | None = Field(
         default=None, description="The code checked out; each instance's comfyui_version is what it runs"
     )
+    lock_hash: str | None = Field(
+        default=None, description="Hash of the lock the last `up` installed (up --locked) or recorded"
+    )
+    node_import_failed: dict[str, str] = Field(
+        default_factory=dict, description="Custom nodes that failed the import check before start: first error line"
+    )
 
 
 class RestartResponse(BaseModel):
@@ -203,6 +209,22 @@ def _comfy_code(settings: Settings, redact: Callable[[str], str]) -> ComfyCodeMo
         url=redact(code["url"]), ref=code["ref"], commit=code["commit"], wanted=code["wanted"],
         fallback=code["fallback"],
     )
+
+
+def _provisioned(settings: Settings, redact: Callable[[str], str]) -> dict[str, Any]:
+    """The lock hash and the import-check failures that the last `up` recorded in status.json."""
+    from orchestrator.core.layout import Layout
+    from orchestrator.machine.fs import read_json
+
+    recorded = read_json(Layout(settings.root).status_file, {}) or {}
+    if not isinstance(recorded, dict):
+        return {}
+    lock, nodes = recorded.get("lock") or {}, recorded.get("nodes") or {}
+    failed = nodes.get("import_failed") if isinstance(nodes, dict) else None
+    return {
+        "lock_hash": lock.get("hash") if isinstance(lock, dict) else None,
+        "node_import_failed": {str(k): redact(str(v)) for k, v in (failed or {}).items()},
+    }
 
 
 # ---------------------------------------------------------------- the app
@@ -294,6 +316,7 @@ def create_app(
             instances=[_instance(s, redact) for s in control.instance_statuses()],
             gpus=[_gpu(g) for g in control.gpu_statuses()],
             comfy=_comfy_code(settings, redact),
+            **_provisioned(settings, redact),
         )
 
     @routes.get(

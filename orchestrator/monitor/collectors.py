@@ -291,7 +291,8 @@ class ProvisioningCollector(Collector):
         fallback.add_metric([], 1.0 if comfy.get("fallback") else 0.0)
         info = GaugeMetricFamily(
             "orchestrator_build_info", "Orchestrator version and the ComfyUI code it runs (value 1)",
-            labels=("version", "python_version", "comfy_repo", "comfy_ref", "comfy_commit", "comfy_fallback"),
+            labels=("version", "python_version", "comfy_repo", "comfy_ref", "comfy_commit", "comfy_fallback",
+                    "lock_hash"),
         )
         info.add_metric(
             [
@@ -301,6 +302,7 @@ class ProvisioningCollector(Collector):
                 self.redact(str(comfy.get("ref") or "")),
                 str(comfy.get("commit") or ""),
                 "true" if comfy.get("fallback") else "false",
+                str((status.get("lock") or {}).get("hash") or ""),  # the running generation's lock
             ],
             1.0,
         )

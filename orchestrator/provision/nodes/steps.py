@@ -60,7 +60,10 @@ def pip_step(run: RunState, specs: Sequence[NodeSpec]) -> None:
         log.info("firewall: %s", line)
     for node, refusals in wall.refused_nodes.items():
         run.fail(node, "; ".join(r.line.removeprefix(f"node {node}: ") for r in refusals))
-    constraints = _write(run, "pip-constraints.txt", constraints_text(wall.protected)) if wall.protected else None
+    text = constraints_text(wall.protected) + "".join(
+        f"{pin}\n" for pin in run.constraints if pin.split("==")[0] not in wall.protected
+    )
+    constraints = _write(run, "pip-constraints.txt", text) if wall.protected or run.constraints else None
     pending = [(s, m) for s, m in pending if s.name in wall.accepted]
     run.pip = {
         "ran": False,

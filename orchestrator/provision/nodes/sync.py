@@ -90,6 +90,7 @@ def sync_nodes(
     git: GitClient | None = None,
     runner: CommandRunner = run_command,
     environ: Mapping[str, str] | None = None,
+    constraints: Sequence[str] = (),
 ) -> NodesReport:
     """Install, update and remove custom nodes so the folder matches the config.
 
@@ -99,6 +100,7 @@ def sync_nodes(
         config_file: default config_nodes(_test).json from the shared repo, else the shipped one.
         git, runner, environ: seams for tests (git client, command runner, the environment
             that ``.env`` values and pip see).
+        constraints: extra pins for the requirements install (``up --locked``: the lock's packages).
 
     Raises:
         ConfigError: the config is invalid (before anything on disk changes).
@@ -136,6 +138,7 @@ def sync_nodes(
         runner,
         os.environ if environ is None else environ,
     )
+    run.constraints = tuple(constraints)
     execute(run, plan)
     imports = import_step(run, [p.spec for p in plan if p.spec is not None])
     done: list[NodeResult] = []
