@@ -542,10 +542,8 @@ def install_fake_dist(python: Path, name: str, version: str, module: str | None 
     (info / "RECORD").write_text(f"{module}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
 
 
-@contextlib.contextmanager
-def package_index(wheels: Path, dest: Path) -> Iterator[str]:
-    """A PEP 503 index (``dest/simple/<name>/``) of the wheels, served by ``python -m http.server``
-    on 127.0.0.1; yields its URL (for ``--index-url`` / PIP_INDEX_URL) and stops the server."""
+def simple_index(wheels: Path, dest: Path) -> Path:
+    """(Re)write a PEP 503 layout ``dest/simple/<name>/`` of the wheels in ``wheels``; returns ``dest``."""
     import re
     import shutil
 
@@ -559,6 +557,15 @@ def package_index(wheels: Path, dest: Path) -> Iterator[str]:
             shutil.copy2(whl, simple / name / whl.name)
         links = "".join(f'<a href="{w.name}">{w.name}</a><br>\n' for w in files)
         (simple / name / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    return dest
+
+
+@contextlib.contextmanager
+def package_index(wheels: Path, dest: Path) -> Iterator[str]:
+    """A PEP 503 index (:func:`simple_index`) of the wheels, served by ``python -m http.server``
+    on 127.0.0.1; yields its URL (for ``--index-url`` / PIP_INDEX_URL) and stops the server.
+    Wheels added later are published by calling ``simple_index(wheels, dest)`` again."""
+    simple_index(wheels, dest)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(dest)],
