@@ -192,3 +192,20 @@ def test_a_node_that_kills_the_interpreter_is_named_and_the_rest_are_checked(tmp
         (nodes / name / "__init__.py").write_text(code)
     failed = check_imports(sys.executable, tmp_path, sorted(nodes.iterdir()), deps.run_command, dict(os.environ), 60)
     assert failed == {"b_dies": "import crashed the interpreter (exit 9)", "c_exit": "SystemExit: 3"}
+
+
+def test_import_failures_and_the_lock_hash_are_metrics(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from orchestrator.core.layout import Layout
+    from orchestrator.machine.fs import write_json
+    from orchestrator.monitor.collectors import ProvisioningCollector
+
+    layout = Layout(tmp_path)
+    write_json(layout.status_file, {"nodes": {"counts": {"installed": 2}, "import_failed": {"broken": "RuntimeError: x"}},
+                                    "lock": {"hash": "0123456789abcdef"}})
+    reg = CollectorRegistry()
+    reg.register(ProvisioningCollector(layout))
+    assert reg.get_sample_value("orchestrator_node_import_failed", {"node": "broken", "error": "RuntimeError: x"}) == 1
+    text = "\n".join(f"{s.name}{s.labels}" for m in reg.collect() for s in m.samples if s.name == "orchestrator_build_info")
+    assert "'lock_hash': '0123456789abcdef'" in text
