@@ -50,10 +50,10 @@ class LockedRun:
         """``name==version`` of every locked package (constraints for the nodes' installs)."""
         return tuple(f"{n}=={v}" for n, v in sorted(self.lock.packages.items()))
 
-    def node_config(self, layout: Layout) -> Path:
-        """The configured nodes, each pinned to the lock's commit, written under .orchestrator/."""
-        source = default_config_file(self.settings, layout)
-        config = load_config(source)
+    def node_config(self, layout: Layout, source: Path | None = None) -> Path:
+        """The configured nodes (``source``, default: the shared repo's config), each pinned to
+        the lock's commit, written under .orchestrator/."""
+        config = load_config(source or default_config_file(self.settings, layout))
         entries: list[dict[str, Any]] = []
         for spec in config.nodes:
             locked = self.lock.nodes.get(spec.name)
