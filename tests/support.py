@@ -17,6 +17,8 @@ and call into this module.
   the monitor) whose ComfyUI is the simulator, driven through the CLI.
 - :data:`SECRET_MARKERS`, :func:`process_environ`, :func:`leaked_markers`: secrets in ``/proc/<pid>/environ``.
 - :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
+- :func:`build_wheel`, :func:`install_fake_dist`, :func:`package_index` / :func:`simple_index`:
+  tiny wheels, a distribution dropped into a venv, and a local PEP 503 index served over HTTP.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
   ComfyUI's ``node_errors`` for that workflow with seed -1.
