@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import Machine, build_wheel, commit_file, git, make_repo, package_index, simple_index, wait_for
+from support import (
+    Machine,
+    build_wheel,
+    commit_file,
+    git,
+    install_fake_dist,
+    make_repo,
+    package_index,
+    simple_index,
+    wait_for,
+)
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.provision.lock.model import Lock, diff, parse_lock
@@ -117,7 +127,8 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
     make_repo(tmp_path / "alpha", {"__init__.py": mapping, "requirements.txt": "orchtest-alpha\n"})
     second = commit_file(tmp_path / "alpha", "v.txt", "2\n")
     make_repo(tmp_path / "beta", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
-    nodes = [{"name": n, "url": f"file://{tmp_path / n}", "requirements": True} for n in ("alpha", "beta")]
+    make_repo(tmp_path / "broken", {"__init__.py": "raise ImportError('no module named cuda_ext')\n"})
+    nodes = [{"name": n, "url": f"file://{tmp_path / n}", "requirements": True} for n in ("alpha", "beta", "broken")]
     make_repo(tmp_path / "shared", {"config_nodes.json": json.dumps({"custom_nodes": nodes}), "models.yaml": "models: []\n"})
     lockfile = tmp_path / "fleet.lock"
     with package_index(wheels, tmp_path / "served") as index:
@@ -131,7 +142,10 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
             return m
 
         a = fleet_machine("a")
-        a.run("up", check=True, timeout=300)
+        up = a.run("up", check=True, timeout=300)
+        # the node that raises at import is named before any instance starts, and afterwards
+        assert "custom node broken fails at import (checked before start): ImportError: no module named cuda_ext" in up.stdout
+        assert "custom node broken fails at import: ImportError" in a.run("status").stdout
         assert installed_version(Path(a.env["COMFY_PYTHON"]), "orchtest-alpha") == "1.0"
         made = json.loads(a.run("lock", "-o", str(lockfile), "--json", check=True).stdout)
         assert made["nodes"]["alpha"]["commit"] == second
@@ -140,6 +154,9 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
         # the running generation's lock hash, in /status and orchestrator_build_info
         status = wait_for(lambda: monitor_status(a), timeout=60, what="the monitor's /status")
         assert status["lock_hash"] == made["hash"]
+        assert status["node_import_failed"] == {"broken": "ImportError: no module named cuda_ext"}
+        instances = requests.get(f"{a.monitor_url}/instances", timeout=5).json()
+        assert instances["node_import_failed"] == {"broken": "ImportError: no module named cuda_ext"}
         assert f'lock_hash="{made["hash"]}"' in requests.get(f"{a.monitor_url}/metrics", timeout=5).text
 
         build_wheel(wheels, "orchtest-alpha", "1.1", "orchtest_alpha")  # published after the lock
@@ -149,9 +166,16 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
         bad = tmp_path / "bad.lock"
         bad.write_text(json.dumps({**json.loads(lockfile.read_text()), "protected": {"torch": "9.9"}}))
         c = fleet_machine("c")
+        install_fake_dist(Path(c.env["COMFY_PYTHON"]), "torch", "2.1.0")
         refused = c.run("up", "--locked", str(bad), timeout=300)
         assert refused.returncode != 0
-        assert "torch 9.9 is locked but none is installed" in refused.stderr
+        assert "torch 9.9 is locked but 2.1.0 is installed" in refused.stderr
+        assert not (c.root / "ComfyUI").exists()
+        # and one whose packages the index does not have
+        bad.write_text(json.dumps({**json.loads(lockfile.read_text()), "packages": {"orchtest-gone": "3.0"}}))
+        refused = c.run("up", "--locked", str(bad), timeout=300)
+        assert "the locked packages cannot be installed (nothing changed)" in refused.stderr
+        assert refused.returncode != 0
         assert not (c.root / "ComfyUI").exists()
 
         b = fleet_machine("b")

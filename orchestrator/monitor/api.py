@@ -83,6 +83,9 @@ class InstanceModel(BaseModel):
 
 class InstancesResponse(BaseModel):
     instances: list[InstanceModel]
+    node_import_failed: dict[str, str] = Field(
+        default_factory=dict, description="Custom nodes that failed the import check before start: first error line"
+    )
 
 
 class InstanceBrief(BaseModel):
@@ -275,7 +278,10 @@ def create_app(
 
     @routes.get("/instances", response_model=InstancesResponse, summary="Every instance: state, reason, queue")
     async def instances() -> InstancesResponse:
-        return InstancesResponse(instances=[_instance(s, redact) for s in control.instance_statuses()])
+        return InstancesResponse(
+            instances=[_instance(s, redact) for s in control.instance_statuses()],
+            node_import_failed=_provisioned(settings, redact).get("node_import_failed", {}),
+        )
 
     def unknown_gpu(exc: KeyError) -> ApiError:
         return ApiError(404, "not_found", str(exc.args[0]))

@@ -104,7 +104,7 @@ def _env() -> dict[str, str]:
 def _differing(lock: Lock, current: Mapping[str, str]) -> list[str]:
     return [
         f"{n}=={v}" for n, v in sorted(lock.packages.items())
-        if current.get(n) != v and n not in firewall.PROTECTED
+        if current.get(n) != v and not (n in firewall.PROTECTED and n in current)
     ]
 
 
@@ -127,9 +127,9 @@ def prepare(settings: Settings, layout: Layout, runner: CommandRunner = run_comm
     env = _env()
     current = installed_packages(settings.python, runner, env)
     for name, version in sorted(lock.protected.items()):
-        if current.get(name) != version:
+        if current.get(name) not in (None, version):  # absent: installed from the lock like the rest
             raise ProvisionError(
-                f"{path}: {name} {version} is locked but {current.get(name) or 'none'} is installed in "
+                f"{path}: {name} {version} is locked but {current[name]} is installed in "
                 f"COMFY_PYTHON={settings.python}; a lock never replaces a protected package (nothing changed)"
             )
     wanted = _differing(lock, current)
