@@ -125,8 +125,10 @@ def index(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     for name, version, module in [
         ("torch", "1.13.0", "torch"), ("torch", "2.1.0", "torch"), ("opencv-python", "4.9.0.80", "cv2"),
         ("opencv-contrib-python-headless", "4.10.0.84", "cv2"), ("orchtest-alpha", "1.0", "orchtest_alpha"),
+        ("opencv-python-headless", "4.9.0.80", "cv2"),
     ]:
         build_wheel(wheels, name, version, module)
+    build_wheel(wheels, "orchtest-albu", "1.0", "orchtest_albu", requires=["opencv-python-headless"])
     with package_index(wheels, base / "served") as url:
         yield url
 
@@ -138,7 +140,8 @@ def node_repos(base: Path) -> dict[str, str]:
     make_repo(base / "alpha", {"__init__.py": "import orchtest_alpha\n" + mapping, "requirements.txt": "orchtest-alpha\n"})
     make_repo(base / "broken", {"__init__.py": "raise RuntimeError('needs a GPU\\nsecond line')\n"})
     make_repo(base / "nomap", {"__init__.py": "X = 1\n"})
-    return {n: f"file://{base / n}" for n in ("oldtorch", "reactor", "alpha", "broken", "nomap")}
+    make_repo(base / "albu", {"__init__.py": mapping, "requirements.txt": "orchtest-albu\n"})
+    return {n: f"file://{base / n}" for n in ("oldtorch", "reactor", "alpha", "broken", "nomap", "albu")}
 
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
@@ -177,6 +180,9 @@ def test_the_firewall_end_to_end_on_a_local_index(
     assert subprocess.run([python, "-c", show], capture_output=True, text=True, check=True).stdout.split() == ["2.1.0", "1.0"]
     missing = subprocess.run([python, "-c", "import importlib.metadata as m; m.version('opencv-python')"])
     assert missing.returncode != 0  # the rewritten request installed nothing over cv2/
+    # a dependency (not a requirement line) that brings another OpenCV is named, not silent
+    assert "firewall: opencv-python-headless 4.9.0.80 was installed by a dependency: it shares cv2/ with " \
+        "opencv-contrib-python-headless" in report["warnings"]
     # the import check, before any instance: by name, first line of the error
     assert report["import_failed"] == {
         "broken": "RuntimeError: needs a GPU",

@@ -93,6 +93,7 @@ def pip_step(run: RunState, specs: Sequence[NodeSpec]) -> None:
     if result.ok:
         for spec, marker in pending:
             run.update_record(spec.name, requirements=marker)
+        _after(run, env, wall)
         return
     log.warning(
         "%s: the combined install failed (%s); installing node by node to find the culprit(s)",
@@ -117,10 +118,30 @@ def pip_step(run: RunState, specs: Sequence[NodeSpec]) -> None:
             why = "timed out (PIP_TIMEOUT)" if one.timed_out else one.tail(2)
             run.fail(spec.name, f"pip install -r requirements.txt failed: {why}")
     run.pip["culprits"] = culprits
+    _after(run, env, wall)
     if not culprits:
         w = "pip: the combined install failed, yet each node's requirements install alone (conflict?)"
         run.warnings.append(w)
         log.warning("%s", w)
+
+
+def _after(run: RunState, env: Mapping[str, str], wall: firewall.Firewall) -> None:
+    """What a dependency (not a requirement line) did to the protected packages: another OpenCV
+    wheel over ``cv2/``, or a protected version moved. Warned by name, never silent."""
+    after = _protected(run, env)
+    lines = [
+        f"firewall: {name} {after[name]} was installed by a dependency: it shares cv2/ with {wall.opencv}"
+        for name in firewall.OPENCV
+        if name in after and name != wall.opencv and name not in wall.protected
+    ]
+    lines += [
+        f"firewall: {name} moved from {kept} to {after.get(name, 'nothing')} during the install"
+        for name, kept in wall.protected.items()
+        if after.get(name) != kept
+    ]
+    for line in lines:
+        run.warnings.append(line)
+        log.warning("%s", line)
 
 
 def _text(lines: Sequence[str]) -> str:
