@@ -191,3 +191,21 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
             {"kind": "node", "name": "alpha", "locked": second, "actual": moved_to}
         ]
         assert f"node alpha: {second} in the lock, {moved_to} here" in b.run("drift").stdout
+
+
+def test_the_comfy_tree_is_pinned_to_the_locked_commit_even_when_it_follows_a_branch(tmp_path: Path) -> None:
+    from orchestrator.core.layout import Layout
+    from orchestrator.core.settings import load_settings
+    from orchestrator.provision.lock.locked import LockedRun
+
+    first = make_repo(tmp_path / "fork", {"main.py": "# 1\n"})
+    commit_file(tmp_path / "fork", "main.py", "# 2\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    git(root, "clone", "-q", f"file://{tmp_path / 'fork'}", "ComfyUI")
+    settings = load_settings({"ROOT": str(root), "GIT_TIMEOUT": "30"})
+    run = LockedRun(a_lock(comfy={"url": "", "commit": first}), tmp_path / "x.lock", settings)
+    run.pin_comfy(Layout(root))
+    assert git(root / "ComfyUI", "rev-parse", "HEAD") == first
+    run.pin_comfy(Layout(root))  # already there: nothing to do
+    assert git(root / "ComfyUI", "rev-parse", "HEAD") == first

@@ -98,6 +98,8 @@ def provision(settings: Settings, layout: Layout, timer: StageTimer, *, skip: bo
     if not skip:
         with timer.stage("sync"):
             comfy = repos.sync_comfy(settings, layout)
+            if locked:
+                locked.pin_comfy(layout)
             status["comfy"] = comfy.to_dict()
             if comfy.fallback:
                 log.error(

@@ -26,11 +26,15 @@ from orchestrator.core.errors import ConfigError, ProvisionError
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
 from orchestrator.machine.fs import atomic_write, write_json
+from orchestrator.provision.git.client import GitClient
+from orchestrator.provision.git.urls import same_commit
+from orchestrator.provision.git.worktree import origin_url, read_head
 from orchestrator.provision.lock.machine import installed_packages, read_machine
 from orchestrator.provision.lock.model import LOCK_NAME, Difference, Lock, diff, load_lock
 from orchestrator.provision.nodes import firewall
 from orchestrator.provision.nodes.config import default_config_file, load_config
 from orchestrator.provision.nodes.deps import CommandRunner, find_installer, pip_command, run_command
+from orchestrator.provision.repos.targets import git_client
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,19 @@ class LockedRun:
         path = layout.state_dir / "config_nodes.locked.json"
         atomic_write(path, json.dumps({"custom_nodes": entries}, indent=2) + "\n", mode=0o600)
         return path
+
+    def pin_comfy(self, layout: Layout, git: GitClient | None = None) -> None:
+        """Put $ROOT/ComfyUI at the lock's commit (the fork follows a branch: pinned here)."""
+        commit = self.lock.comfy.get("commit", "")
+        path = layout.comfy_dir
+        head = read_head(path)
+        if not commit or head is None or same_commit(head, commit):
+            return
+        git = git or git_client(self.settings, layout)
+        timeout = self.settings.git_timeout
+        git.ensure_commit(path, origin_url(path) or self.settings.comfy_repo_url, commit, timeout=timeout)
+        git.cmd(path).checkout("-q", "-f", "--detach", commit, kill_after_timeout=timeout)
+        log.info("lock: ComfyUI pinned to %s", commit[:12])
 
     def install(self, layout: Layout, runner: CommandRunner = run_command) -> list[Difference]:
         """Install the locked packages that differ, then return every remaining difference."""
