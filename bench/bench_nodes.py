@@ -22,6 +22,16 @@ times (median and min–max):
   one node changed   one node moves to a new commit with new requirements (ours, in-process;
                      compared with one node's share of the legacy cold clone run)
 
+Installers and the lock (the "cold, truly" world draws its requirements from POOL + COLD_EXTRA,
+several dozen wheels with their dependencies; every side gets a fresh venv AND fresh pip/uv
+caches, so nothing is reused between sides or repetitions):
+
+  cold, uv           ours through the CLI with NODES_INSTALLER=uv (the default when uv is found)
+  cold, pip          the same with NODES_INSTALLER=pip (COMFY_PYTHON -m pip), same local index
+  locked, 2nd ROOT   `orchestrator lock` on the uv side's ROOT, then on a second fresh ROOT and
+                     venv what `up --locked` provisions (prepare, the nodes at the lock's commits,
+                     the lock's packages; in-process), checked with `drift` (must be empty)
+
 Prints a table with ratios and writes bench/results/nodes.json.
 """
 
@@ -73,6 +83,12 @@ POOL = [
     "certifi",
     "attrs",
 ]
+# Only in the "cold, truly" world (not installed in this interpreter): what custom nodes pull in.
+COLD_EXTRA = [
+    "numpy", "pillow", "einops", "safetensors", "huggingface-hub", "GitPython", "rich", "piexif",
+    "aiohttp", "scipy", "pandas", "matplotlib", "filelock", "fsspec", "simpleeval", "toml",
+    "websocket-client", "colorama",
+]
 
 
 def run(argv: Sequence[str], cwd: Path | None = None, env: Mapping[str, str] | None = None) -> float:
@@ -108,7 +124,7 @@ def git(cwd: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def build_world(base: Path, count: int) -> tuple[list[dict[str, Any]], Path]:
+def build_world(base: Path, count: int, pool: Sequence[str] = POOL) -> tuple[list[dict[str, Any]], Path]:
     """Node repos named like production, and a config_nodes.json pointing at them."""
     production = json.loads(FIXTURE.read_text())["custom_nodes"][:count]
     repos = base / "repos"
@@ -117,7 +133,8 @@ def build_world(base: Path, count: int) -> tuple[list[dict[str, Any]], Path]:
         path = repos / prod["name"]
         path.mkdir(parents=True)
         git(path, "init", "-q")
-        reqs = [POOL[(i + k) % len(POOL)] for k in range(1 + i % 3)]
+        step = 1 if pool is POOL else 3  # the cold pool is larger: spread the nodes over all of it
+        reqs = [pool[(i * step + k) % len(pool)] for k in range(1 + i % 3)]
         (path / "requirements.txt").write_text("\n".join(reqs) + "\n")
         (path / "__init__.py").write_text(f"NODE_CLASS_MAPPINGS = {{}}  # {prod['name']}\n")
         git(path, "add", "-A")
@@ -187,15 +204,16 @@ def build_wheelhouse(cache: Path) -> Path:
     """Wheels for POOL and their dependencies, downloaded once (the only step that needs the network)."""
     house = cache / "wheelhouse"
     stamp = house / ".complete"
-    if stamp.exists() and stamp.read_text() == "\n".join(POOL):
+    wanted = [*POOL, *COLD_EXTRA]
+    if stamp.exists() and stamp.read_text() == "\n".join(wanted):
         return house
     house.mkdir(parents=True, exist_ok=True)
-    print(f"building the wheelhouse once: pip download {' '.join(POOL)} -> {house}", flush=True)
+    print(f"building the wheelhouse once: pip download {' '.join(wanted)} -> {house}", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", str(house), *POOL],
+        [sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", str(house), *wanted],
         check=True,
     )
-    stamp.write_text("\n".join(POOL))
+    stamp.write_text("\n".join(wanted))
     return house
 
 
@@ -253,6 +271,49 @@ def fresh_venv(path: Path) -> str:
     return str(path / "bin" / "python")
 
 
+def caches(d: Path) -> dict[str, str]:
+    """Fresh pip and uv caches: a cold install downloads every wheel from the index."""
+    return {"PIP_CACHE_DIR": str(d / "pip"), "UV_CACHE_DIR": str(d / "uv")}
+
+
+def comfy_tree(path: Path) -> None:
+    """A one-commit repository standing in for $ROOT/ComfyUI (the lock names its commit)."""
+    path.mkdir(parents=True)
+    (path / "main.py").write_text("# stand-in\n")
+    git(path, "init", "-q")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "comfy")
+
+
+def locked_second_root(d: Path, first: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """`orchestrator lock` on ``first``; then what `up --locked` provisions on a fresh ROOT and venv."""
+    from orchestrator.provision.lock import locked
+
+    lock_file = d / "fleet.lock"
+    subprocess.run([sys.executable, "-m", "orchestrator", "--root", str(first), "lock", "-o", str(lock_file)],
+                   env=dict(env), check=True, capture_output=True)
+    second = d / "root-locked"
+    subprocess.run(["git", "clone", "-q", str(first / "ComfyUI"), str(second / "ComfyUI")], check=True)
+    second_env = {**env, **caches(d / "c-locked"), "COMFY_PYTHON": fresh_venv(d / "venv-locked"),
+                  "LOCKFILE": str(lock_file), "ROOT": str(second)}
+    saved = dict(os.environ)
+    os.environ.update(second_env)  # the lock's installs read the process environment, as in `up`
+    try:
+        settings, layout = load_settings(second_env), Layout(second)
+        layout.state_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        run = locked.prepare(settings, layout)
+        report = nodes_sync.sync_nodes(run.settings, layout, config_file=run.node_config(layout, config),
+                                       constraints=run.pins, environ=second_env)
+        differences = run.install(layout)
+        seconds = time.perf_counter() - start
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"seconds": seconds, "drift": [x.line for x in differences], "failed": list(report.failed),
+            "pip_seconds": float(report.pip.get("seconds", 0.0) or 0.0), "pip_runs": 1}
+
+
 # ---------------------------------------------------------------- our side through the CLI
 def cli_sync(root: Path, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
     """`python -m orchestrator nodes sync --json` as a subprocess: wall time and its own report."""
@@ -296,10 +357,11 @@ def main() -> int:
     house = build_wheelhouse(args.cache)
     server = IndexServer(simple_index(house, base / "index"))
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-        "legacy_truly_cold", "truly_cold", "legacy_satisfied", "satisfied", "legacy_boot",
+        "legacy_truly_cold", "truly_cold", "truly_cold_pip", "locked", "legacy_satisfied", "satisfied", "legacy_boot",
         "warm_cli", "warm_inprocess", "one_node")}
     try:
         entries, config = build_world(base, args.nodes)
+        cold_entries, cold_config = build_world(base / "cold", args.nodes, [*POOL, *COLD_EXTRA])
         n = len(entries)
         print(f"{n} nodes, {args.repeat} repetitions, interpreter {sys.executable}, {machine_note()}", flush=True)
         print(f"package index: {server.url} ({len(list(house.glob('*.whl')))} wheels from {house})", flush=True)
@@ -309,10 +371,17 @@ def main() -> int:
             d = base / f"rep{rep}"
             # truly cold: a fresh venv per side, every requirement from the local index
             py_legacy, py_ours = fresh_venv(d / "venv-legacy"), fresh_venv(d / "venv-ours")
+            py_pip = fresh_venv(d / "venv-pip")
             index_env = {**clean, **common, "PIP_INDEX_URL": server.url}
-            runs["legacy_truly_cold"].append(
-                legacy(entries, d / "legacy-cold" / "custom_nodes", index_env, clone=True, python=py_legacy))
-            runs["truly_cold"].append(cli_sync(d / "root-cold", config, {**index_env, "COMFY_PYTHON": py_ours}))
+            runs["legacy_truly_cold"].append(legacy(
+                cold_entries, d / "legacy-cold" / "custom_nodes", {**index_env, **caches(d / "c-legacy")},
+                clone=True, python=py_legacy))
+            uv_env = {**index_env, **caches(d / "c-uv"), "COMFY_PYTHON": py_ours, "NODES_INSTALLER": "uv"}
+            comfy_tree(d / "root-cold" / "ComfyUI")
+            runs["truly_cold"].append(cli_sync(d / "root-cold", cold_config, uv_env))
+            runs["truly_cold_pip"].append(cli_sync(d / "root-pip", cold_config, {
+                **index_env, **caches(d / "c-pip"), "COMFY_PYTHON": py_pip, "NODES_INSTALLER": "pip"}))
+            runs["locked"].append(locked_second_root(d, d / "root-cold", cold_config, uv_env))
             # cold clone, requirements already satisfied (this interpreter, no index)
             runs["legacy_satisfied"].append(legacy(entries, d / "legacy" / "custom_nodes", env, clone=True))
             runs["legacy_boot"].append(legacy(entries, d / "legacy" / "custom_nodes", env, clone=False))
@@ -341,6 +410,9 @@ def main() -> int:
     per_node_legacy = med["legacy_satisfied"] / n
     ratios = {
         "truly_cold_speedup": med["legacy_truly_cold"] / med["truly_cold"],
+        "uv_vs_pip_cold_speedup": med["truly_cold_pip"] / med["truly_cold"],
+        "pip_cold_speedup_vs_legacy": med["legacy_truly_cold"] / med["truly_cold_pip"],
+        "locked_second_root_vs_cold": med["locked"] / med["truly_cold"],
         "satisfied_cold_speedup": med["legacy_satisfied"] / med["satisfied"],
         "warm_cli_speedup_vs_legacy_boot": med["legacy_boot"] / med["warm_cli"],
         "warm_inprocess_speedup_vs_legacy_boot": med["legacy_boot"] / med["warm_inprocess"],
@@ -350,11 +422,15 @@ def main() -> int:
         "warm (CLI) >= 20x legacy boot": ratios["warm_cli_speedup_vs_legacy_boot"] >= 20,
         "warm in-process <= 1 s": med["warm_inprocess"] <= 1.0,
         "truly cold >= 2x legacy": ratios["truly_cold_speedup"] >= 2,
+        "the default installer (uv) is the faster one cold": ratios["uv_vs_pip_cold_speedup"] >= 1,
+        "up --locked on a 2nd ROOT: no drift": all(not r["drift"] for r in runs["locked"]),
         "one-node change ~ one node (<= 3 legacy nodes)": ratios["one_node_in_legacy_nodes"] <= 3,
     }
     rows = [
         ("legacy cold, truly (fresh venv, local index)", "legacy_truly_cold"),
-        ("ours  cold, truly (CLI, fresh venv, local index)", "truly_cold"),
+        ("ours  cold, truly, uv (CLI, fresh venv+cache, local index)", "truly_cold"),
+        ("ours  cold, truly, pip (CLI, fresh venv+cache, local index)", "truly_cold_pip"),
+        ("ours  up --locked provisioning on a 2nd fresh ROOT (uv)", "locked"),
         ("legacy cold clone, reqs already satisfied", "legacy_satisfied"),
         ("ours  cold clone, reqs already satisfied (CLI)", "satisfied"),
         ("legacy boot (pip install -r for every node)", "legacy_boot"),
@@ -375,7 +451,10 @@ def main() -> int:
     print(f"warm, like for like (CLI vs legacy boot, both subprocesses): "
           f"{ratios['warm_cli_speedup_vs_legacy_boot']:.1f}x faster "
           f"(in-process, as `up` runs it: {ratios['warm_inprocess_speedup_vs_legacy_boot']:.0f}x)")
-    print(f"cold, truly (fresh venvs, local index): {ratios['truly_cold_speedup']:.1f}x faster")
+    print(f"cold, truly (fresh venvs, local index): {ratios['truly_cold_speedup']:.1f}x faster (uv); "
+          f"pip {ratios['pip_cold_speedup_vs_legacy']:.1f}x; uv vs pip: {ratios['uv_vs_pip_cold_speedup']:.1f}x")
+    print(f"locked 2nd ROOT: {ratios['locked_second_root_vs_cold']:.2f}x the unlocked cold sync's time; "
+          f"drift after it: {runs['locked'][-1]['drift'] or 'none'}")
     print(f"cold clone, requirements already satisfied: {ratios['satisfied_cold_speedup']:.1f}x faster")
     print(f"one-node change: {ratios['one_node_in_legacy_nodes']:.2f} legacy nodes' worth")
     for target, ok in targets.items():

@@ -17,6 +17,8 @@ and call into this module.
   the monitor) whose ComfyUI is the simulator, driven through the CLI.
 - :data:`SECRET_MARKERS`, :func:`process_environ`, :func:`leaked_markers`: secrets in ``/proc/<pid>/environ``.
 - :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
+- :func:`build_wheel`, :func:`install_fake_dist`, :func:`package_index` / :func:`simple_index`:
+  tiny wheels, a distribution dropped into a venv, and a local PEP 503 index served over HTTP.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
   ComfyUI's ``node_errors`` for that workflow with seed -1.
@@ -32,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -505,3 +507,75 @@ def readyz_code(m: Machine) -> int | None:
         return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
     except requests.RequestException:
         return None
+
+
+# ---------------------------------------------------------------- wheels and a local package index
+def build_wheel(directory: Path, name: str, version: str, module: str, requires: Sequence[str] = ()) -> Path:
+    """A minimal pure-Python wheel (``module.VERSION``), so pip and uv install something real offline."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = directory / f"{dist}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}.dist-info/METADATA": meta,
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{rel},,\n" for rel in files) + f"{dist}.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, text in files.items():
+            zf.writestr(rel, text)
+        zf.writestr(f"{dist}.dist-info/RECORD", record)
+    return path
+
+
+def install_fake_dist(python: Path, name: str, version: str, module: str | None = None) -> None:
+    """Put an installed distribution straight into a venv (what pip would leave behind)."""
+    site = next((python.parent.parent / "lib").glob("python3*/site-packages"))
+    module = module or name.replace("-", "_")
+    (site / module).mkdir()
+    (site / module / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("test\n")
+    (info / "RECORD").write_text(f"{module}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+
+
+def simple_index(wheels: Path, dest: Path) -> Path:
+    """(Re)write a PEP 503 layout ``dest/simple/<name>/`` of the wheels in ``wheels``; returns ``dest``."""
+    import re
+    import shutil
+
+    simple = dest / "simple"
+    names: dict[str, list[Path]] = {}
+    for whl in sorted(wheels.glob("*.whl")):
+        names.setdefault(re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower(), []).append(whl)
+    for name, files in names.items():
+        (simple / name).mkdir(parents=True, exist_ok=True)
+        for whl in files:
+            shutil.copy2(whl, simple / name / whl.name)
+        links = "".join(f'<a href="{w.name}">{w.name}</a><br>\n' for w in files)
+        (simple / name / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    return dest
+
+
+@contextlib.contextmanager
+def package_index(wheels: Path, dest: Path) -> Iterator[str]:
+    """A PEP 503 index (:func:`simple_index`) of the wheels, served by ``python -m http.server``
+    on 127.0.0.1; yields its URL (for ``--index-url`` / PIP_INDEX_URL) and stops the server.
+    Wheels added later are published by calling ``simple_index(wheels, dest)`` again."""
+    simple_index(wheels, dest)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(dest)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: answers(port, "/simple/"), timeout=30, what="the local package index")
+        yield f"http://127.0.0.1:{port}/simple"
+    finally:
+        stop_process(proc)

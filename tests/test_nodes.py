@@ -16,13 +16,12 @@ import stat
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Recording, commit_file, git, make_repo
+from support import Recording, build_wheel, commit_file, git, install_fake_dist, make_repo
 
 from orchestrator.cli.nodes import cmd_nodes_sync
 from orchestrator.core.errors import ConfigError, ProvisionError
@@ -47,25 +46,6 @@ if not FIXTURE.exists():  # the copy shipped in the repo holds the same producti
 
 
 # ---------------------------------------------------------------- helpers
-def build_wheel(directory: Path, name: str, version: str, module: str) -> Path:
-    """A minimal pure-Python wheel, so pip can install something real without a network."""
-    dist = f"{name.replace('-', '_')}-{version}"
-    path = directory / f"{dist}-py3-none-any.whl"
-    files = {
-        f"{module}/__init__.py": f"VERSION = {version!r}\n",
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-    }
-    record = "".join(f"{rel},,\n" for rel in files) + f"{dist}.dist-info/RECORD,,\n"
-    with zipfile.ZipFile(path, "w") as zf:
-        for rel, text in files.items():
-            zf.writestr(rel, text)
-        zf.writestr(f"{dist}.dist-info/RECORD", record)
-    return path
-
-
 class Commands(Recording):
     """Records every command the sync runs (pip, the torch query, scripts) and runs it."""
 
@@ -103,18 +83,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     make_repo(repos / "badreq", {"__init__.py": "", "requirements.txt": "orchtest-missing==9.9\n"})
     make_repo(repos / "torchy", {"__init__.py": "", "requirements.txt": "torch==2.0.0\n"})
     return w
-
-
-def install_fake_dist(venv: Path, name: str, version: str) -> None:
-    """Put an installed distribution straight into the venv (what pip would leave behind)."""
-    site = next((venv.parent.parent / "lib").glob("python3*/site-packages"))
-    (site / name).mkdir()
-    (site / name / "__init__.py").write_text(f"VERSION = {version!r}\n")
-    info = site / f"{name}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "INSTALLER").write_text("test\n")
-    (info / "RECORD").write_text(f"{name}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
 
 
 @pytest.fixture
@@ -398,7 +366,7 @@ def test_the_torch_stack_is_pinned_and_pip_runs_once_for_many_files() -> None:
     text = nodes_deps.constraints_text({"torch": "2.3.1+cu121", "xformers": "0.0.27", "numpy": "1"})
     assert "torch==2.3.1+cu121" in text
     assert "xformers==0.0.27" in text
-    assert "numpy" not in text
+    assert "numpy>=1,<2" in text  # numpy is protected by its major version (the firewall)
     files = [Path("/n/a/requirements.txt"), Path("/n/b/requirements.txt")]
     argv = nodes_deps.pip_command("/py", files, Path("/c.txt"), None)
     assert argv[:4] == ["/py", "-m", "pip", "install"]
@@ -572,7 +540,9 @@ def test_pip_culprits_are_named_and_no_node_can_replace_the_installed_torch(
     results = by_name(report)
     assert "pip install -r requirements.txt failed" in results["badreq"].error
     assert results["alpha"].status == "ok"
-    assert len(commands.pip_installs) == 4  # the combined one, then one per node
+    # torchy is refused by the firewall before any install; the combined one, then one per node
+    assert results["torchy"].error == "refused: wants torch==2.0.0, torch 1.0.0 is kept"
+    assert len(commands.pip_installs) == 3
     assert venv_has(venv, "import torch; print(torch.VERSION)") == "1.0.0"
     assert venv_has(venv, "import orchtest_alpha; print('ok')") == "ok"
     assert "torch==1.0.0" in (root / ".orchestrator" / "pip-constraints.txt").read_text()

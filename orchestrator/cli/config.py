@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from orchestrator.cli.output import print_json, print_line
 from orchestrator.core.errors import ConfigError
@@ -27,6 +28,8 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
         flags["LOG_FORMAT"] = args.log_format
     if args.log_level:
         flags["LOG_LEVEL"] = args.log_level
+    if getattr(args, "locked", None) is not None:  # up --locked [FILE]
+        flags["LOCKFILE"] = os.path.abspath(args.locked or os.environ.get("LOCKFILE") or "orchestrator.lock")
     if args.command == "demo":
         flags.setdefault("NUM_GPUS", str(args.gpus))
     return flags

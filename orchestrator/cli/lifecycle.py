@@ -149,6 +149,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         print_line("WARNING: running the FALLBACK ComfyUI repository (COMFY_REPO_URL could not be cloned)")
     if report.failed_nodes:
         print_line(f"WARNING: custom nodes failed: {', '.join(report.failed_nodes)}")
+    for name, why in sorted((report.record.get("nodes", {}).get("import_failed") or {}).items()):
+        print_line(f"WARNING: custom node {name} fails at import (checked before start): {why}")
     print_line(f"monitor: http://{settings.orchestrator_listen}:{settings.orchestrator_port}/readyz")
     if getattr(args, "wait", False):
         timeout = args.timeout if args.timeout is not None else settings.startup_timeout
@@ -243,6 +245,8 @@ def _print_status(data: MachineStatus) -> None:
         print_line(f"failed custom nodes ({len(failed)}), retried at the next `up` or `nodes sync`:")
         for name in failed:
             print_line(f"  {name}: {errors.get(name) or 'failed'}")
+    for name, why in sorted((data.nodes.get("import_failed") or {}).items()):
+        print_line(f"custom node {name} fails at import: {why}")
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

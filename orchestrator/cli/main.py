@@ -28,7 +28,7 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 COMMANDS = (
     "up", "down", "status", "start", "stop", "restart", "logs", "gpus", "plan", "config",
     "nodes sync", "nodes validate", "models sync", "models status", "cleanup", "health", "serve",
-    "demo", "runpod-worker",
+    "demo", "runpod-worker", "lock", "drift",
 )
 
 
@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wait", action="store_true", help="return when every instance is READY on the new generation")
     p.add_argument("--timeout", type=_duration, help="with --wait: give up after this (default STARTUP_TIMEOUT)")
+    p.add_argument(
+        "--locked", nargs="?", const="", metavar="FILE",
+        help="install exactly the lock (FILE, else LOCKFILE, else ./orchestrator.lock); "
+        "fail before any change if it cannot",
+    )
     p = sub.add_parser("down", help="stop every instance, the monitor and supervisord")
     p = sub.add_parser("status", help="per instance: GPU, port, pid, state, uptime, restarts, health")
     _json_flag(p)
@@ -129,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rp_api_port", type=int, help="port of the SDK's local test API (default 8000)")
     p.add_argument("--rp_api_host", help="host of the SDK's local test API (default localhost)")
     p.add_argument("runpod_args", nargs=argparse.REMAINDER, help="further RunPod SDK arguments (after --)")
+    p = sub.add_parser("lock", help="write orchestrator.lock: ComfyUI and node commits, packages, models")
+    p.add_argument("-o", "--output", type=Path, help="where to write (default: LOCKFILE, else ./orchestrator.lock)")
+    _json_flag(p)
+    p = sub.add_parser("drift", help="every difference between this machine and a lock (exit 1 if any)")
+    p.add_argument(
+        "--lock", type=Path, help="lock file (default: LOCKFILE, the last up --locked's, ./orchestrator.lock)"
+    )
+    _json_flag(p)
     return parser
 
 
@@ -165,6 +178,10 @@ def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per co
         from orchestrator.cli import jobs
 
         return jobs.cmd_runpod_worker
+    if key in {"lock", "drift"}:
+        from orchestrator.cli import lock
+
+        return lock.cmd_lock if key == "lock" else lock.cmd_drift
     if key == "config":
         return config.cmd_config
     raise KeyError(key)

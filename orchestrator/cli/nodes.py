@@ -35,8 +35,18 @@ def format_report(report: NodesReport) -> str:
         summary += f"; pip {report.pip.get('seconds', 0):.1f}s for {len(report.pip.get('nodes', []))} node(s)"
     lines = [body, "", f"{summary} ({report.seconds:.1f}s, {report.config_file})"]
     lines += [f"warning: {w}" for w in report.warnings]
+    wall = report.pip.get("firewall") or {}
+    lines += [
+        f"firewall: node {r['node']}: {r['requested']} rewritten to {r['rewritten']}"
+        for r in wall.get("rewritten", [])
+    ]
+    lines += [
+        f"firewall: node {r['node']}: refused: wants {r['wanted']}, {r['package']} {r['kept']} is kept"
+        for r in wall.get("refused", [])
+    ]
     if report.failed:
         lines.append(f"FAILED: {', '.join(report.failed)}")
+    lines += [f"IMPORT FAILED: {name}: {error}" for name, error in sorted(report.import_failed.items())]
     return "\n".join(lines)
 
 
@@ -54,7 +64,7 @@ def cmd_nodes_sync(settings: Settings, args: argparse.Namespace) -> int:
         print_line(settings.redact(json.dumps(report.to_dict(), indent=2)))
     else:
         print_line(settings.redact(format_report(report)))
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.import_failed else 0
 
 
 def cmd_nodes_validate(settings: Settings, args: argparse.Namespace) -> int:

@@ -112,9 +112,17 @@ def provision(
     from orchestrator.provision.repos.shipped import has_shared_config
 
     status: dict[str, Any] = {}
+    locked = None
+    if settings.lockfile is not None and not skip:  # up --locked: checked before any change
+        from orchestrator.provision.lock import locked as lockmod
+
+        locked = lockmod.prepare(settings, layout)
+        settings = locked.settings
     if not skip:
         with timer.stage("sync"):
             comfy = repos.sync_comfy(settings, layout)
+            if locked:
+                locked.pin_comfy(layout)
             status["comfy"] = comfy.to_dict()
             if comfy.fallback:
                 log.error(
@@ -134,8 +142,12 @@ def provision(
         from orchestrator.provision.nodes import sync as nodes
 
         with timer.stage("nodes"):
-            report = nodes.sync_nodes(settings, layout)
+            report = nodes.sync_nodes(
+                settings, layout, config_file=locked.node_config(layout) if locked else None,
+                constraints=locked.pins if locked else (),
+            )
             status["nodes"] = {"counts": dict(report.counts), "failed": list(report.failed)}
+            status["nodes"]["import_failed"] = dict(report.import_failed)  # checked before any start
             if report.failed:
                 log.error("custom nodes failed: %s (instances start without them)", ", ".join(report.failed))
     with timer.stage("models"):
@@ -154,6 +166,14 @@ def provision(
             }
             if mreport.failed:
                 log.error("models failed before start: %s", ", ".join(mreport.failed))
+    if not skip:  # the lock's packages (up --locked), else a record of what this up installed
+        from orchestrator.provision.lock import machine as lockmachine
+
+        with timer.stage("lock"):
+            drift = locked.install(layout) if locked else []
+            digest = locked.lock.digest if locked else lockmachine.record_installed(settings, layout)
+            status["lock"] = {"hash": digest, "file": str(locked.path) if locked else None,
+                              "drift": [d.line for d in drift]}
     return status
 
 

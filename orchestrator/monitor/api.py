@@ -89,6 +89,9 @@ class InstanceModel(BaseModel):
 
 class InstancesResponse(BaseModel):
     instances: list[InstanceModel]
+    node_import_failed: dict[str, str] = Field(
+        default_factory=dict, description="Custom nodes that failed the import check before start: first error line"
+    )
 
 
 class InstanceBrief(BaseModel):
@@ -158,6 +161,12 @@ class StatusResponse(BaseModel):
     gpus: list[GpuModel]
     comfy: ComfyCodeModel | None = Field(
         default=None, description="The code checked out; each instance's comfyui_version is what it runs"
+    )
+    lock_hash: str | None = Field(
+        default=None, description="Hash of the lock the last `up` installed (up --locked) or recorded"
+    )
+    node_import_failed: dict[str, str] = Field(
+        default_factory=dict, description="Custom nodes that failed the import check before start: first error line"
     )
 
 
@@ -236,6 +245,22 @@ def _comfy_code(settings: Settings, redact: Callable[[str], str]) -> ComfyCodeMo
     )
 
 
+def _provisioned(settings: Settings, redact: Callable[[str], str]) -> dict[str, Any]:
+    """The lock hash and the import-check failures that the last `up` recorded in status.json."""
+    from orchestrator.core.layout import Layout
+    from orchestrator.machine.fs import read_json
+
+    recorded = read_json(Layout(settings.root).status_file, {}) or {}
+    if not isinstance(recorded, dict):
+        return {}
+    lock, nodes = recorded.get("lock") or {}, recorded.get("nodes") or {}
+    failed = nodes.get("import_failed") if isinstance(nodes, dict) else None
+    return {
+        "lock_hash": lock.get("hash") if isinstance(lock, dict) else None,
+        "node_import_failed": {str(k): redact(str(v)) for k, v in (failed or {}).items()},
+    }
+
+
 # ---------------------------------------------------------------- the app
 def create_app(
     control: ControlPlane,
@@ -298,7 +323,10 @@ def create_app(
 
     @routes.get("/instances", response_model=InstancesResponse, summary="Every instance: state, reason, queue")
     async def instances() -> InstancesResponse:
-        return InstancesResponse(instances=[_instance(s, redact) for s in control.instance_statuses()])
+        return InstancesResponse(
+            instances=[_instance(s, redact) for s in control.instance_statuses()],
+            node_import_failed=_provisioned(settings, redact).get("node_import_failed", {}),
+        )
 
     def unknown_gpu(exc: KeyError) -> ApiError:
         return ApiError(404, "not_found", str(exc.args[0]))
@@ -339,6 +367,7 @@ def create_app(
             instances=[_instance(s, redact) for s in control.instance_statuses()],
             gpus=[_gpu(g) for g in control.gpu_statuses()],
             comfy=_comfy_code(settings, redact),
+            **_provisioned(settings, redact),
         )
 
     @routes.get(

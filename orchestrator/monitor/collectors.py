@@ -405,6 +405,13 @@ class ProvisioningCollector(Collector):
         for state, count in sorted(counts.items()):
             if isinstance(count, (int, float)) and not isinstance(count, bool):
                 nodes.add_metric([str(state)], float(count))
+        imports = GaugeMetricFamily(
+            "orchestrator_node_import_failed",
+            "1 per custom node that failed the import check before the instances started",
+            labels=("node", "error"),
+        )
+        for node, why in sorted(((status.get("nodes") or {}).get("import_failed") or {}).items()):
+            imports.add_metric([str(node), self.redact(str(why))[:200]], 1.0)
         comfy = status.get("comfy") or {}
         fallback = GaugeMetricFamily(
             "orchestrator_comfy_fallback",
@@ -413,7 +420,8 @@ class ProvisioningCollector(Collector):
         fallback.add_metric([], 1.0 if comfy.get("fallback") else 0.0)
         info = GaugeMetricFamily(
             "orchestrator_build_info", "Orchestrator version and the ComfyUI code it runs (value 1)",
-            labels=("version", "python_version", "comfy_repo", "comfy_ref", "comfy_commit", "comfy_fallback"),
+            labels=("version", "python_version", "comfy_repo", "comfy_ref", "comfy_commit", "comfy_fallback",
+                    "lock_hash"),
         )
         info.add_metric(
             [
@@ -423,7 +431,8 @@ class ProvisioningCollector(Collector):
                 self.redact(str(comfy.get("ref") or "")),
                 str(comfy.get("commit") or ""),
                 "true" if comfy.get("fallback") else "false",
+                str((status.get("lock") or {}).get("hash") or ""),  # the running generation's lock
             ],
             1.0,
         )
-        yield from (stages, nodes, fallback, info)
+        yield from (stages, nodes, imports, fallback, info)

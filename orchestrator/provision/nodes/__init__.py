@@ -8,15 +8,19 @@
     checkout    the git step of one node, under NODE_TIMEOUT
     steps       the pip, .env and custom_script steps
     report      NodeResult / NodesReport, and the last report for status and metrics
+    firewall    pure: each node's requirements against the protected packages (torch stack,
+                numpy major, one OpenCV) -> refusals, OpenCV rewrites, the set to install
+    imports     every node imported in a child interpreter the way ComfyUI's loader does
     sync        sync_nodes: config -> plan -> execute -> report
 
     load_config(path)            schema (jsonschema) + normalisation + safety → NodesConfig;
                                  ConfigError names the JSON path, nothing touched on disk
     observe(dir, specs, state)   what is on disk: file reads only, no git subprocess
     plan_actions(...)            pure: install | update | unchanged | remove for each node
-    sync_nodes(...)              git in parallel (bounded pool, per-node timeout) → ONE pip
-                                 install for every changed requirements.txt (torch stack pinned
-                                 by a constraints file) → .env files → custom_script → NodesReport
+    sync_nodes(...)              git in parallel (bounded pool, per-node timeout) → firewall →
+                                 ONE uv/pip install of every node's accepted requirements (the
+                                 protected packages pinned by a constraints file) → .env files →
+                                 custom_script → import check → NodesReport
 
 State (``$ROOT/.orchestrator/nodes_state.json``): per node the URL, branch, commit, resolved
 commit and hashes of the requirements, env template and script that were applied. It is

@@ -50,6 +50,7 @@ class RunState:
         self.warnings: list[str] = []
         self.outcomes: dict[str, Outcome] = {}
         self.pip: dict[str, Any] = {"ran": False}
+        self.constraints: tuple[str, ...] = ()  # extra pins (the lock's packages)
         self._lock = threading.Lock()
 
     def record(self, name: str, record: NodeRecord | None) -> None:

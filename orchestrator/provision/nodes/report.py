@@ -59,6 +59,7 @@ class NodesReport:
     warnings: tuple[str, ...] = ()
     pip: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    import_failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # node -> first error line
 
     @property
     def failed(self) -> tuple[str, ...]:
@@ -81,6 +82,7 @@ class NodesReport:
             "nodes": [r.to_dict() for r in self.results],
             "warnings": list(self.warnings),
             "pip": dict(self.pip),
+            "import_failed": dict(self.import_failed),
             "seconds": round(self.seconds, 3),
         }
 

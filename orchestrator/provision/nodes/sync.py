@@ -11,14 +11,15 @@ from pathlib import Path
 
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
-from orchestrator.machine.fs import write_json
+from orchestrator.machine.fs import read_json, write_json
 from orchestrator.provision.git.client import GitClient
 from orchestrator.provision.git.urls import redact_url
 from orchestrator.provision.git.worktree import read_head, remove_partials
 from orchestrator.provision.nodes.checkout import git_step
-from orchestrator.provision.nodes.config import default_config_file, load_config
+from orchestrator.provision.nodes.config import NodeSpec, default_config_file, load_config
 from orchestrator.provision.nodes.deps import CommandRunner, run_command
 from orchestrator.provision.nodes.engine import Outcome, RunState, remove_node
+from orchestrator.provision.nodes.imports import check_imports
 from orchestrator.provision.nodes.plan import Planned, observe, plan_actions
 from orchestrator.provision.nodes.report import REPORT_FILE, STATE_NAMES, NodeResult, NodesReport
 from orchestrator.provision.nodes.state import load_state
@@ -54,6 +55,31 @@ def execute(run: RunState, plan: Sequence[Planned]) -> None:
         script_step(run, spec)
 
 
+IMPORTS_FILE = "node_imports.json"
+
+
+def import_step(run: RunState, specs: Sequence[NodeSpec]) -> dict[str, str]:
+    """Import every configured node folder in a child (``imports``); node -> first error line.
+
+    Skipped (the last result kept) when no node's commit or requirements changed and nothing was
+    installed since the last check; NODES_IMPORT_CHECK=false turns it off.
+    """
+    if not run.settings.nodes_import_check:
+        return {}
+    dirs = [run.dir / s.name for s in specs if read_head(run.dir / s.name) is not None]
+    stamp = [[d.name, read_head(d)] for d in dirs]
+    last = read_json(run.layout.state_dir / IMPORTS_FILE, {})
+    if isinstance(last, dict) and last.get("stamp") == stamp and not run.pip.get("ran"):
+        failed = last.get("failed")
+        return {str(k): str(v) for k, v in failed.items()} if isinstance(failed, dict) else {}
+    env = {**run.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    failed = check_imports(
+        run.settings.python, run.layout.comfy_dir, dirs, run.runner, env, run.settings.node_timeout
+    )
+    write_json(run.layout.state_dir / IMPORTS_FILE, {"stamp": stamp, "failed": failed})
+    return failed
+
+
 def sync_nodes(
     settings: Settings,
     layout: Layout,
@@ -64,6 +90,7 @@ def sync_nodes(
     git: GitClient | None = None,
     runner: CommandRunner = run_command,
     environ: Mapping[str, str] | None = None,
+    constraints: Sequence[str] = (),
 ) -> NodesReport:
     """Install, update and remove custom nodes so the folder matches the config.
 
@@ -73,6 +100,7 @@ def sync_nodes(
         config_file: default config_nodes(_test).json from the shared repo, else the shipped one.
         git, runner, environ: seams for tests (git client, command runner, the environment
             that ``.env`` values and pip see).
+        constraints: extra pins for the requirements install (``up --locked``: the lock's packages).
 
     Raises:
         ConfigError: the config is invalid (before anything on disk changes).
@@ -110,7 +138,9 @@ def sync_nodes(
         runner,
         os.environ if environ is None else environ,
     )
+    run.constraints = tuple(constraints)
     execute(run, plan)
+    imports = import_step(run, [p.spec for p in plan if p.spec is not None])
     done: list[NodeResult] = []
     for p in plan:
         outcome = run.outcomes.get(p.name, Outcome())
@@ -122,7 +152,7 @@ def sync_nodes(
             )
         )
     report = NodesReport(
-        path, tuple(done), False, tuple(warnings + run.warnings), run.pip, time.monotonic() - start
+        path, tuple(done), False, tuple(warnings + run.warnings), run.pip, time.monotonic() - start, imports
     )
     write_json(layout.state_dir / REPORT_FILE, report.to_dict())
     counts = report.counts
