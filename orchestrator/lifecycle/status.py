@@ -65,7 +65,9 @@ def nodes_section(recorded: Mapping[str, Any], report: Mapping[str, Any] | None)
         str(n.get("name")): str(n.get("error") or "")
         for n in report.get("nodes") or () if isinstance(n, dict) and n.get("status") == "failed"
     }
-    return {"counts": dict(report.get("counts") or {}), "failed": sorted(errors), "errors": errors}
+    import_failed = report.get("import_failed", recorded.get("import_failed")) or {}
+    return {"counts": dict(report.get("counts") or {}), "failed": sorted(errors), "errors": errors,
+            "import_failed": dict(import_failed) if isinstance(import_failed, Mapping) else {}}
 
 
 @dataclasses.dataclass(frozen=True)
