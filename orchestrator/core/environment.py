@@ -56,6 +56,7 @@ PROXY_NAMES = (
 PROGRAM_SECRETS: Mapping[str, frozenset[str]] = {
     "monitor": frozenset({"ORCHESTRATOR_TOKEN"}),
     "models": frozenset({"HF_TOKEN", "CIVITAI_TOKEN"}),
+    "queue": frozenset({"JOB_QUEUE_URL", "ORCHESTRATOR_TOKEN"}),
 }
 _PATTERN = re.compile(r"[A-Za-z_*?\[\]][A-Za-z0-9_*?\[\]!-]*")
 

@@ -147,6 +147,11 @@ class Settings:
     stop_timeout: float = setting("10s", to_positive_duration, "Graceful stop time per instance before SIGKILL")
     instance_env_passthrough: tuple[str, ...] = setting("", to_list, "Variables forwarded to ComfyUI instances besides the allow-list (names or globs, e.g. MY_APP_*,HTTPS_PROXY); secrets are refused")
     umask: int = setting("077", to_umask, "Octal umask of the programs supervisord runs (077: outputs, logs and their folders private; 022: readable by all)")
+    job_queue_url: str = setting("", to_str, "Redis job queue (redis://[:password@]host:port/db): runs `orchestrator worker` under supervisord; empty: off", secret=True)
+    job_max_attempts: int = setting("3", int_in(1, 100), "Deliveries of a queued job before it goes to the dead-letter stream")
+    job_lease_seconds: float = setting("30s", to_positive_duration, "A queued job not renewed for this long is reclaimed by another machine")
+    machine_id: str = setting("", to_str, "This machine's name in the fleet (default: the host name)")
+    fleet_heartbeat_ttl: float = setting("15s", to_positive_duration, "A machine missing heartbeats this long drops out of `fleet status`")
     log_format: str = setting("text", choice("text", "json"), "Log format")
     log_level: str = setting("info", choice("debug", "info", "warning", "error"), "Log level")
     # Secrets that custom nodes receive through their .env files: never printed.

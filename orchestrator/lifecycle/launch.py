@@ -75,7 +75,7 @@ def child_environment() -> dict[str, str]:
     return base_environment(os.environ)
 
 
-PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup")
+PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup", "queue")
 
 
 def env_file(layout: Layout, program: str) -> Path:
@@ -143,6 +143,10 @@ def extra_programs(
     if settings.output_max_age > 0:
         programs.append(
             Program("cleanup", (*batch("cleanup"), "cleanup"), str(layout.root), env("cleanup"), priority=900)
+        )
+    if settings.job_queue_url:  # the Redis queue worker; the URL (a secret) comes from its env file
+        programs.append(
+            Program("queue", (*me("queue"), "worker"), str(layout.root), env("queue"), priority=60, stopwaitsecs=30)
         )
     programs.append(watchdog_program(settings, layout))
     return programs
