@@ -18,6 +18,7 @@ and call into this module.
 - :data:`SECRET_MARKERS`, :func:`process_environ`, :func:`leaked_markers`: secrets in ``/proc/<pid>/environ``.
 - :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
+- :class:`RedisServer`: a real ``redis-server`` on a free port (the fleet's job queue).
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
   ComfyUI's ``node_errors`` for that workflow with seed -1.
 """
@@ -28,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -505,3 +507,41 @@ def readyz_code(m: Machine) -> int | None:
         return requests.get(f"{m.monitor_url}/readyz", timeout=2).status_code
     except requests.RequestException:
         return None
+
+
+# ---------------------------------------------------------------- a real redis-server (the fleet's job queue)
+class RedisServer:
+    """A ``redis-server`` (the Debian package) on a free port with its own folder, no persistence;
+    ``url`` is its redis:// URL. ``stop()`` ends it (also a context manager).
+    Callers skip when :data:`REDIS_SERVER` is None (the binary is missing)."""
+
+    def __init__(self, workdir: Path) -> None:
+        assert REDIS_SERVER, "redis-server is not installed (apt-get install redis-server)"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self._answers(), 20, 0.05, f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        assert self.proc.poll() is None, f"redis-server exited {self.proc.returncode}"
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+REDIS_SERVER = shutil.which("redis-server")
