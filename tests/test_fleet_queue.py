@@ -160,7 +160,8 @@ def test_a_submitted_job_runs_once_on_the_machine_and_its_result_comes_back(
     assert result is not None
     assert (result["status"], result["machine"], result["attempt"]) == ("success", "m1", 1)
     assert result["job"]["outputs"][0]["filename"] == "f1.png"
-    assert len(fake.calls) == 1 and fake.calls[0]["wait"] is True
+    assert len(fake.calls) == 1
+    assert fake.calls[0]["wait"] is True
     assert fake.calls[0]["workflow"] == BODY["workflow"]
     assert rds.get(queue.completions_key(result["id"])) == "1"
     assert rds.xlen(queue.STREAM) == 0  # acknowledged and dropped
@@ -189,7 +190,8 @@ def test_a_machine_with_nothing_ready_takes_no_job(
     wait_for(lambda: fleet_status(rds).machines, 20, 0.05, "the worker's heartbeat")
     assert fleet_status(rds).machines[0]["free_slots"] == 0
     assert not fleet_client.wait_result(rds, job, 1.5)
-    assert fake.calls == [] and fleet_status(rds).waiting == 1
+    assert fake.calls == []
+    assert fleet_status(rds).waiting == 1
     fake.ready = 1
     worker.refresh()
     assert results(rds, [job])[0]["status"] == "success"
@@ -214,7 +216,8 @@ def test_a_dead_workers_job_is_reclaimed_after_the_lease_and_finished_elsewhere(
     job = fleet_client.enqueue(rds, BODY)
     # A worker that read the job and died: the entry is pending on its consumer, never renewed.
     taken = rds.xreadgroup(queue.GROUP, "dead-machine:1", {queue.STREAM: ">"}, count=1)
-    assert taken and taken[0][1][0][1]["id"] == job
+    assert taken
+    assert taken[0][1][0][1]["id"] == job
     run_worker(fake.url, machine_id="m2", lease=1.0)
     result = results(rds, [job])[0]
     assert (result["status"], result["machine"], result["attempt"]) == ("success", "m2", 2)
@@ -248,13 +251,15 @@ def test_a_failing_machine_is_retried_then_the_job_is_dead_lettered_with_its_las
     fake.answer = failing
     run_worker(fake.url, lease=0.5, max_attempts=2)
     result = fleet_client.submit(rds, BODY, timeout=40)
-    assert result is not None and result["status"] == "failed"
+    assert result is not None
+    assert result["status"] == "failed"
     assert result["error"]["type"] == "dead_letter"
     assert "gave up after 2 attempt(s): instance error: gpu lost #2" in result["error"]["message"]
     assert len(fake.calls) == 2
     dead = rds.xrange(queue.DEAD_STREAM)
     assert len(dead) == 1
-    assert dead[0][1]["id"] == result["id"] and dead[0][1]["attempts"] == "2"
+    assert dead[0][1]["id"] == result["id"]
+    assert dead[0][1]["attempts"] == "2"
     assert dead[0][1]["error"] == "instance error: gpu lost #2"
     assert json.loads(dead[0][1]["body"])["workflow"] == BODY["workflow"]
     assert rds.xlen(queue.STREAM) == 0
@@ -269,11 +274,13 @@ def test_the_workflows_own_errors_are_results_not_retries(
     fake.answer = invalid
     run_worker(fake.url, lease=0.5)
     result = fleet_client.submit(rds, BODY, timeout=30)
-    assert result is not None and result["status"] == "error"
+    assert result is not None
+    assert result["status"] == "error"
     assert result["error"] == {
         "type": "validation", "message": "3.seed: Value -1 smaller than min of 0", "node_id": "3",
     }
-    assert len(fake.calls) == 1 and not rds.exists(queue.DEAD_STREAM)
+    assert len(fake.calls) == 1
+    assert not rds.exists(queue.DEAD_STREAM)
 
 
 # ---------------------------------------------------------------- heartbeats and fleet status
@@ -311,10 +318,12 @@ def test_the_cli_prints_fleet_status_and_submit_refuses_bad_input(
     bad.write_text('{"workflow": {"1": {"inputs": {}}}, "colour": "red"}')
     out = subprocess.run([*cli, "submit", str(bad)], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().startswith("error: invalid job:") and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.strip().startswith("error: invalid job:")
+    assert len(out.stderr.strip().splitlines()) == 1
     out = subprocess.run([*cli, "fleet", "status", "--queue", "nope://x"], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 2 and out.stderr.strip() == (
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
         "error: invalid JOB_QUEUE_URL: expected redis://[:password@]host:port/db, rediss://… or unix://…"
     )
 
@@ -332,11 +341,13 @@ def test_the_worker_program_exists_only_with_a_queue_and_gets_the_url_from_its_p
     envs = program_envs(settings)
     programs = {p.name: p for p in extra_programs(settings, layout, plan, envs=envs)}
     worker = programs["queue"]
-    assert worker.argv[-1] == "worker" and all(url not in a for a in worker.argv)
+    assert worker.argv[-1] == "worker"
+    assert all(url not in a for a in worker.argv)
     assert url not in json.dumps(worker.env)
     assert envs["queue"]["JOB_QUEUE_URL"] == url
     assert "HF_TOKEN" not in envs["queue"]
-    assert "JOB_QUEUE_URL" not in envs["monitor"] and "JOB_QUEUE_URL" not in envs["models"]
+    assert "JOB_QUEUE_URL" not in envs["monitor"]
+    assert "JOB_QUEUE_URL" not in envs["models"]
     plain = load_settings({"ROOT": str(tmp_path), "MOCK_GPU": "1"})
     assert "queue" not in {p.name for p in extra_programs(plain, layout, plan, envs=program_envs(plain))}
 
