@@ -18,6 +18,8 @@ and call into this module.
 - :data:`SECRET_MARKERS`, :func:`process_environ`, :func:`leaked_markers`: secrets in ``/proc/<pid>/environ``.
 - :class:`Recording`: wraps a command runner (git, pip) and records every argv it is given.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
+- :func:`freeze_machine`, :func:`kill_machine`: SIGSTOP / SIGKILL a machine's supervisord, its
+  programs and instances at once.
 - :class:`RedisServer`: a real ``redis-server`` on a free port (the fleet's job queue).
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
   ComfyUI's ``node_errors`` for that workflow with seed -1.
@@ -545,3 +547,34 @@ class RedisServer:
 
 
 REDIS_SERVER = shutil.which("redis-server")
+
+
+def freeze_machine(m: Machine) -> list[psutil.Process]:
+    """SIGSTOP a whole machine: supervisord, everything under it (monitor, queue worker, instances)
+    and any process whose command line names its ROOT. Returns them (for SIGCONT or SIGKILL)."""
+    procs: dict[int, psutil.Process] = {}
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        sup = psutil.Process(int(m.layout.supervisord_pid.read_text().strip()))
+        procs.update({p.pid: p for p in [sup, *sup.children(recursive=True)]})
+    for p in psutil.process_iter(["cmdline"]):
+        if str(m.root) in " ".join(p.info["cmdline"] or ()) and p.pid != os.getpid():
+            procs[p.pid] = p
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP)
+    return list(procs.values())
+
+
+def signal_all(procs: Sequence[psutil.Process], sig: int) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)
+
+
+def kill_machine(m: Machine, frozen: Sequence[psutil.Process] | None = None) -> list[int]:
+    """SIGKILL a whole machine at once, as a power cut (frozen first with :func:`freeze_machine`,
+    so that none reacts to another's death). Returns the pids killed once they are gone."""
+    procs = list(frozen) if frozen is not None else freeze_machine(m)
+    signal_all(procs, signal.SIGKILL)
+    wait_for(lambda: all(gone(p.pid) for p in procs), 20, 0.05, f"the processes of {m.root} gone")
+    return sorted(p.pid for p in procs)
