@@ -92,7 +92,6 @@ def test_three_machines_200_jobs_one_killed_every_job_has_exactly_one_result(
 
     frozen, leased = wait_for(freeze_while_holding_a_job, 60, 0.05, "m0 frozen while it holds a job")
     kill_machine(victim, frozen)
-    assert name in live(rds)  # listed until its heartbeat expires
 
     wait_for(lambda: done() == JOBS, 120, 0.2, f"all {JOBS} results")
     results = [fleet_client.result(rds, i) for i in ids]
