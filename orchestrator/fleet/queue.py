@@ -25,6 +25,7 @@ STREAM = f"{PREFIX}:jobs"
 DEAD_STREAM = f"{STREAM}:dead"
 GROUP = "workers"
 MACHINE_PREFIX = f"{PREFIX}:machine:"
+SOCKET_TIMEOUT = 30.0  # seconds
 
 
 class QueueError(OrchestratorError):
@@ -64,7 +65,11 @@ def connect(url: str, *, name: str = "JOB_QUEUE_URL") -> redis.Redis:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"invalid {name}: expected redis://[:password@]host:port/db, rediss://… or unix://…")
     try:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
+        # Blocking reads (BLPOP, XREADGROUP BLOCK) stay well under the socket timeout (redis-py 8: 5 s
+        # by default).
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT, health_check_interval=30
+        )
         client.ping()
     except ValueError as exc:
         raise ConfigError(f"invalid {name}: {type(exc).__name__} while parsing it") from None
