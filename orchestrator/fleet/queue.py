@@ -68,7 +68,8 @@ def connect(url: str, *, name: str = "JOB_QUEUE_URL") -> redis.Redis:
         # Blocking reads (BLPOP, XREADGROUP BLOCK) stay well under the socket timeout (redis-py 8: 5 s
         # by default).
         client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT, health_check_interval=30
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT,
+            health_check_interval=30,
         )
         client.ping()
     except ValueError as exc:
