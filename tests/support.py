@@ -517,10 +517,10 @@ class RedisServer:
     ``url`` is its redis:// URL. ``stop()`` ends it (also a context manager).
     Callers skip when :data:`REDIS_SERVER` is None (the binary is missing)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         assert REDIS_SERVER, "redis-server is not installed (apt-get install redis-server)"
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
                 "--save", "", "--appendonly", "no", "--daemonize", "no"]

@@ -24,7 +24,7 @@ import pytest
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from support import REDIS_SERVER, RedisServer, ServedApp, clean_env, txt2img, wait_for
+from support import REDIS_SERVER, RedisServer, ServedApp, clean_env, free_port, txt2img, wait_for, wait_until
 
 from orchestrator.core.errors import ConfigError
 from orchestrator.core.layout import Layout
@@ -281,6 +281,29 @@ def test_the_workflows_own_errors_are_results_not_retries(
     }
     assert len(fake.calls) == 1
     assert not rds.exists(queue.DEAD_STREAM)
+
+
+def test_a_worker_started_before_redis_waits_for_it_instead_of_exiting(tmp_path: Path, fake: FakeMachine) -> None:
+    port = free_port()
+    client = connect(f"redis://127.0.0.1:{port}/0", ping=False)
+    worker = QueueWorker(client, WorkerConfig(machine_id="early", api_url=fake.url, lease=2.0, heartbeat_ttl=3.0))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop, 5.0), daemon=True)
+    thread.start()
+    try:
+        assert not wait_until(lambda: not thread.is_alive(), 1.5)  # still trying, not crashed
+        with RedisServer(tmp_path / "late-redis", port) as server:
+            rds = connect(server.url)
+            wait_for(lambda: [m["machine_id"] for m in fleet_status(rds).machines] == ["early"], 60, 0.1, "its beat")
+            result = fleet_client.submit(rds, BODY, timeout=30)
+            assert result is not None
+            assert result["status"] == "success"
+            stop.set()
+            thread.join(15)
+            assert not fleet_status(rds).machines  # a clean stop removes its heartbeat
+    finally:
+        stop.set()
+        thread.join(15)
 
 
 # ---------------------------------------------------------------- heartbeats and fleet status

@@ -34,7 +34,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from orchestrator.fleet.worker import QueueWorker, WorkerConfig
     from orchestrator.jobs.runpod import instance_count, job_api_url
 
-    client = connect(queue_url(settings, args))
+    client = connect(queue_url(settings, args), ping=False)  # the worker waits for a Redis that is down
     config = WorkerConfig(
         machine_id=machine_id(settings), api_url=job_api_url(settings), token=settings.orchestrator_token,
         lease=settings.job_lease_seconds, max_attempts=settings.job_max_attempts,

@@ -52,8 +52,8 @@ def machine_key(machine_id: str) -> str:
     return f"{MACHINE_PREFIX}{machine_id}"
 
 
-def connect(url: str, *, name: str = "JOB_QUEUE_URL") -> redis.Redis:
-    """A client for ``url`` (redis://, rediss:// or unix://), checked with a PING.
+def connect(url: str, *, name: str = "JOB_QUEUE_URL", ping: bool = True) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss:// or unix://), checked with a PING unless ``ping`` is False.
 
     Raises:
         ConfigError: no URL, or one that is not a Redis URL (the message never holds the URL:
@@ -71,7 +71,8 @@ def connect(url: str, *, name: str = "JOB_QUEUE_URL") -> redis.Redis:
             url, decode_responses=True, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT,
             health_check_interval=30,
         )
-        client.ping()
+        if ping:
+            client.ping()
     except ValueError as exc:
         raise ConfigError(f"invalid {name}: {type(exc).__name__} while parsing it") from None
     except redis.AuthenticationError:

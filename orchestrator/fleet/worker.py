@@ -227,8 +227,16 @@ class QueueWorker:
 
     def run(self, stop: threading.Event, drain: float = 25.0) -> None:
         """Serve until ``stop`` is set, then wait up to ``drain`` seconds for jobs in flight."""
-        queue.ensure_group(self.client)
-        self.beat()
+        backoff = 1.0
+        while not stop.is_set():  # Redis down at boot: wait for it (exiting would fail `up`'s watch)
+            try:
+                queue.ensure_group(self.client)
+                self.beat()
+                break
+            except redis.RedisError as exc:
+                log.warning("the Redis job queue does not answer (%s); retrying in %g s", type(exc).__name__, backoff)
+                stop.wait(backoff)
+                backoff = min(30.0, backoff * 2)
         renew_every, beat_every = max(0.2, self.config.lease / 3), min(1.0, self.config.heartbeat_ttl / 3)
         helpers = [
             threading.Thread(target=self._every, args=(renew_every, self.renew_all, stop), daemon=True),
