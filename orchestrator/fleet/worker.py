@@ -152,12 +152,12 @@ class QueueWorker:
     def start(self, msg_id: str, fields: Mapping[str, str], delivered: int) -> None:
         """Dead-letter, skip (already finished) or run one delivered entry."""
         job_id = fields.get("id") or msg_id
-        if delivered > self.config.max_attempts:
-            self.dead_letter(msg_id, job_id, fields, delivered)
-            return
         if self.client.exists(queue.result_key(job_id)):
             queue.finish(self.client, msg_id, job_id, "", 1, completed=False)  # ack only: SET NX keeps the result
             log.info("job %s already has a result: acknowledged without running", job_id)
+            return
+        if delivered > self.config.max_attempts:
+            self.dead_letter(msg_id, job_id, fields, delivered)
             return
         self.client.set(
             queue.error_key(job_id),
@@ -218,29 +218,13 @@ class QueueWorker:
             if not queue.renew(self.client, msg_id, self.config.consumer):
                 log.warning("job %s: lease lost to another machine (its result is written once)", job_id)
 
-    def _every(self, interval: float, action: Callable[[], None], stop: threading.Event) -> None:
-        while not stop.wait(interval):
-            try:
-                action()
-            except (redis.RedisError, OSError) as exc:
-                log.warning("%s failed: %s", getattr(action, "__name__", "action"), type(exc).__name__)
-
     def run(self, stop: threading.Event, drain: float = 25.0) -> None:
         """Serve until ``stop`` is set, then wait up to ``drain`` seconds for jobs in flight."""
-        backoff = 1.0
-        while not stop.is_set():  # Redis down at boot: wait for it (exiting would fail `up`'s watch)
-            try:
-                queue.ensure_group(self.client)
-                self.beat()
-                break
-            except redis.RedisError as exc:
-                log.warning("the Redis job queue does not answer (%s); retrying in %g s", type(exc).__name__, backoff)
-                stop.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+        _until_redis_answers(self, stop)
         renew_every, beat_every = max(0.2, self.config.lease / 3), min(1.0, self.config.heartbeat_ttl / 3)
         helpers = [
-            threading.Thread(target=self._every, args=(renew_every, self.renew_all, stop), daemon=True),
-            threading.Thread(target=self._every, args=(beat_every, self.beat, stop), daemon=True),
+            threading.Thread(target=_every, args=(renew_every, self.renew_all, stop), daemon=True),
+            threading.Thread(target=_every, args=(beat_every, self.beat, stop), daemon=True),
         ]
         for t in helpers:
             t.start()
@@ -263,3 +247,28 @@ class QueueWorker:
             self._pool.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(redis.RedisError):
                 cap.forget(self.client, self.config.machine_id)
+
+
+def _every(interval: float, action: Callable[[], None], stop: threading.Event) -> None:
+    """Call ``action`` every ``interval`` seconds until ``stop``; a failure is logged, not fatal."""
+    while not stop.wait(interval):
+        try:
+            action()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("%s failed: %s", getattr(action, "__name__", "action"), type(exc).__name__)
+
+
+def _until_redis_answers(worker: QueueWorker, stop: threading.Event) -> None:
+    """Create the group and write the first heartbeat, retrying while Redis is down (at boot:
+    exiting would put the program in BACKOFF and fail `up`'s watch stage)."""
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            queue.ensure_group(worker.client)
+            worker.beat()
+        except redis.RedisError as exc:
+            log.warning("the Redis job queue does not answer (%s); retrying in %g s", type(exc).__name__, backoff)
+            stop.wait(backoff)
+            backoff = min(30.0, backoff * 2)
+        else:
+            return
