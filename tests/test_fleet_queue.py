@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -349,6 +350,35 @@ def test_the_cli_prints_fleet_status_and_submit_refuses_bad_input(
     assert out.stderr.strip() == (
         "error: invalid JOB_QUEUE_URL: expected redis://[:password@]host:port/db, rediss://… or unix://…"
     )
+
+
+def test_the_worker_and_submit_commands_run_a_job_and_the_worker_stops_cleanly_on_sigterm(
+    rds: redis.Redis, redis_url: str, fake: FakeMachine, tmp_path: Path
+) -> None:
+    env = clean_env(ROOT=str(tmp_path / "root"), ORCHESTRATOR_PORT=str(fake.server.port), MACHINE_ID="cli-m",
+                    JOB_QUEUE_URL=redis_url)
+    cli = [sys.executable, "-m", "orchestrator"]
+    worker = subprocess.Popen([*cli, "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: [m["machine_id"] for m in fleet_status(rds).machines] == ["cli-m"], 60, 0.1, "its beat")
+        job = tmp_path / "job.json"
+        job.write_text(json.dumps(BODY["workflow"]))  # a bare workflow in API format
+        out = subprocess.run([*cli, "submit", str(job), "--json", "--timeout", "60"], env=env, capture_output=True,
+                             text=True, timeout=90)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert (result["status"], result["machine"]) == ("success", "cli-m")
+        assert fake.calls[0]["workflow"] == BODY["workflow"]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        assert fleet_status(rds).machines == ()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(10)
+        assert worker.stdout is not None
+        log = worker.stdout.read().decode()
+    assert redis_url not in log
 
 
 # ---------------------------------------------------------------- the supervisord program
