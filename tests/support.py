@@ -517,12 +517,16 @@ class RedisServer:
     ``url`` is its redis:// URL. ``stop()`` ends it (also a context manager).
     Callers skip when :data:`REDIS_SERVER` is None (the binary is missing)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, password: str = "") -> None:
         assert REDIS_SERVER, "redis-server is not installed (apt-get install redis-server)"
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
+        self.password = password
+        self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
+        conf = workdir / "redis.conf"  # the password in a private file, not on the command line
+        conf.write_text(f"requirepass {password}\n" if password else "")
+        conf.chmod(0o600)
+        argv = [REDIS_SERVER, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
                 "--save", "", "--appendonly", "no", "--daemonize", "no"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self._answers(), 20, 0.05, f"redis-server on port {self.port}")
@@ -532,7 +536,7 @@ class RedisServer:
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+            return bool(redis.Redis(port=self.port, password=self.password or None, socket_timeout=1).ping())
         except redis.RedisError:
             return False
 

@@ -21,7 +21,17 @@ import psutil
 import pytest
 import redis
 import requests
-from support import REDIS_SERVER, Machine, RedisServer, freeze_machine, kill_machine, signal_all, txt2img, wait_for
+from support import (
+    REDIS_SERVER,
+    Machine,
+    RedisServer,
+    freeze_machine,
+    kill_machine,
+    process_environ,
+    signal_all,
+    txt2img,
+    wait_for,
+)
 
 from orchestrator.fleet import client as fleet_client
 from orchestrator.fleet import queue
@@ -34,11 +44,12 @@ pytestmark = [
 JOBS = 200
 LEASE = 3.0
 TTL = 3.0
+PASSWORD = "fleet-redis-pw-7c1e"  # in JOB_QUEUE_URL: only the queue worker may hold it
 
 
 @pytest.fixture
 def fleet(tmp_path: Path, machine: Callable[..., Machine]) -> Iterator[tuple[redis.Redis, list[Machine]]]:
-    with RedisServer(tmp_path / "redis") as server:
+    with RedisServer(tmp_path / "redis", password=PASSWORD) as server:
         rds = queue.connect(server.url)
         machines = [
             machine(
@@ -62,11 +73,25 @@ def outputs(m: Machine) -> list[str]:
     return [re.sub(r"_\d+_\.png$", "", p.name) for p in (m.root / "comfyui_gpu0" / "output").glob("*.png")]
 
 
+def secret_holders(m: Machine) -> None:
+    """The queue's password is in the worker's environment (through its 0600 env file) and in no
+    other process of the machine, nor in supervisord.conf, the plan or a log."""
+    sup = psutil.Process(int(m.layout.supervisord_pid.read_text()))
+    holders = {" ".join(p.cmdline()[-2:]) for p in [sup, *sup.children(recursive=True)]
+               if PASSWORD.encode() in process_environ(p.pid)}
+    assert holders == {"orchestrator worker"}
+    for path in [m.layout.supervisord_conf, m.layout.plan_file, *m.layout.logs_dir.rglob("*.log")]:
+        assert PASSWORD not in path.read_text(errors="replace"), path
+    assert all(PASSWORD not in p.read_text() for p in (m.layout.state_dir / "env").glob("*.json")
+               if p.name != "queue.json")
+
+
 def test_three_machines_200_jobs_one_killed_every_job_has_exactly_one_result(
     fleet: tuple[redis.Redis, list[Machine]],
 ) -> None:
     rds, machines = fleet
     wait_for(lambda: [m["free_slots"] for m in live(rds).values()] == [1, 1, 1], 120, 0.2, "3 machines with a slot")
+    secret_holders(machines[1])
 
     ids = [fleet_client.enqueue(rds, {"workflow": txt2img(f"job{i:03d}", seed=i)}, f"job{i:03d}") for i in range(JOBS)]
     done = lambda: sum(1 for i in ids if rds.exists(queue.result_key(i)))  # noqa: E731
