@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cli.output import print_json, print_line, table
-from orchestrator.core.errors import ConfigError
+from orchestrator.core.errors import ConfigError, JobError
 from orchestrator.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     result = wait_result(client, job_id, args.timeout)
     if result is None:
-        raise ConfigError(f"job {job_id}: no result within {args.timeout:g} s (it stays queued)")
+        raise JobError(f"job {job_id}: no result within {args.timeout:g} s (it stays queued)")
     if args.json:
         print_json(result)
     else:
