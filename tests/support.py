@@ -20,6 +20,9 @@ and call into this module.
 - :func:`build_wheel`, :func:`install_fake_dist`, :func:`package_index` / :func:`simple_index`:
   tiny wheels, a distribution dropped into a venv, and a local PEP 503 index served over HTTP.
 - :func:`jobs_app`: the job API (``jobs_router``) as a FastAPI app whose lifespan runs a ``JobManager``.
+- :func:`freeze_machine`, :func:`kill_machine`: SIGSTOP / SIGKILL a machine's supervisord, its
+  programs and instances at once.
+- :class:`RedisServer`: a real ``redis-server`` on a free port (the fleet's job queue).
 - :func:`txt2img`: the default text-to-image workflow, small; :func:`seed_below_min_node_errors`:
   ComfyUI's ``node_errors`` for that workflow with seed -1.
 """
@@ -30,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -579,3 +583,74 @@ def package_index(wheels: Path, dest: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/simple"
     finally:
         stop_process(proc)
+# ---------------------------------------------------------------- a real redis-server (the fleet's job queue)
+class RedisServer:
+    """A ``redis-server`` (the Debian package) on a free port with its own folder, no persistence;
+    ``url`` is its redis:// URL. ``stop()`` ends it (also a context manager).
+    Callers skip when :data:`REDIS_SERVER` is None (the binary is missing)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, password: str = "") -> None:
+        assert REDIS_SERVER, "redis-server is not installed (apt-get install redis-server)"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password
+        self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
+        conf = workdir / "redis.conf"  # the password in a private file, not on the command line
+        conf.write_text(f"requirepass {password}\n" if password else "")
+        conf.chmod(0o600)
+        argv = [REDIS_SERVER, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self._answers(), 20, 0.05, f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        assert self.proc.poll() is None, f"redis-server exited {self.proc.returncode}"
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, password=self.password or None, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def freeze_machine(m: Machine) -> list[psutil.Process]:
+    """SIGSTOP a whole machine: supervisord, everything under it (monitor, queue worker, instances)
+    and any process whose command line names its ROOT. Returns them (for SIGCONT or SIGKILL)."""
+    procs: dict[int, psutil.Process] = {}
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        sup = psutil.Process(int(m.layout.supervisord_pid.read_text().strip()))
+        procs.update({p.pid: p for p in [sup, *sup.children(recursive=True)]})
+    for p in psutil.process_iter(["cmdline"]):
+        if str(m.root) in " ".join(p.info["cmdline"] or ()) and p.pid != os.getpid():
+            procs[p.pid] = p
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP)
+    return list(procs.values())
+
+
+def signal_all(procs: Sequence[psutil.Process], sig: int) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)
+
+
+def kill_machine(m: Machine, frozen: Sequence[psutil.Process] | None = None) -> list[int]:
+    """SIGKILL a whole machine at once, as a power cut (frozen first with :func:`freeze_machine`,
+    so that none reacts to another's death). Returns the pids killed once they are gone."""
+    procs = list(frozen) if frozen is not None else freeze_machine(m)
+    signal_all(procs, signal.SIGKILL)
+    wait_for(lambda: all(gone(p.pid) for p in procs), 20, 0.05, f"the processes of {m.root} gone")
+    return sorted(p.pid for p in procs)

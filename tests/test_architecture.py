@@ -23,7 +23,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "monitor": frozenset({"core", "machine", "comfy", "provision", "jobs"}),
     "simulator": frozenset({"core", "machine"}),
     "lifecycle": frozenset({"core", "machine", "comfy", "provision", "monitor", "jobs", "simulator"}),
-    "cli": frozenset({"core", "machine", "comfy", "provision", "monitor", "jobs", "lifecycle", "simulator"}),
+    "cli": frozenset({"core", "machine", "comfy", "provision", "monitor", "jobs", "lifecycle", "simulator", "fleet"}),
+    "fleet": frozenset({"core", "machine", "jobs"}),
 }
 # What `core` (pure values and decisions) may not import: anything that reaches the OS or network.
 EFFECTFUL = frozenset({

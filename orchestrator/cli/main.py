@@ -28,7 +28,7 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 COMMANDS = (
     "up", "down", "status", "start", "stop", "restart", "logs", "gpus", "plan", "config",
     "nodes sync", "nodes validate", "models sync", "models status", "cleanup", "health", "serve",
-    "demo", "runpod-worker", "lock", "drift",
+    "demo", "runpod-worker", "lock", "drift", "worker", "submit", "fleet status",
 )
 
 
@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lock", type=Path, help="lock file (default: LOCKFILE, the last up --locked's, ./orchestrator.lock)"
     )
+    queue_help = "Redis job queue URL (default JOB_QUEUE_URL; on the command line it is visible in ps)"
+    p = sub.add_parser("worker", help="take jobs from the fleet's Redis queue for this machine")
+    p.add_argument("--queue", metavar="URL", help=queue_help)
+    p = sub.add_parser("submit", help="queue a job on the fleet (Redis) and wait for its result")
+    p.add_argument("file", help="JSON file (- for stdin): a POST /jobs body or a workflow in API format")
+    p.add_argument("--queue", metavar="URL", help=queue_help)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result (default 600)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    _json_flag(p)
+    fleet = sub.add_parser("fleet", help="the machines taking jobs from the Redis queue")
+    fsub = fleet.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = fsub.add_parser("status", help="every live machine: GPUs, ready instances, free slots; queue counts")
+    p.add_argument("--queue", metavar="URL", help=queue_help)
     _json_flag(p)
     return parser
 
@@ -182,6 +195,11 @@ def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per co
         from orchestrator.cli import lock
 
         return lock.cmd_lock if key == "lock" else lock.cmd_drift
+    if key in {"worker", "submit", "fleet status"}:
+        from orchestrator.cli import fleet as fleet_cli
+
+        return {"worker": fleet_cli.cmd_worker, "submit": fleet_cli.cmd_submit,
+                "fleet status": fleet_cli.cmd_fleet_status}[key]
     if key == "config":
         return config.cmd_config
     raise KeyError(key)
@@ -189,7 +207,7 @@ def handler_for(key: str) -> Handler:  # noqa: C901, PLR0911 - one branch per co
 
 # Commands that change the machine: only these may create $ROOT/logs (and so $ROOT). Every
 # other command logs to $ROOT/logs/orchestrator.log only when that folder already exists.
-CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker", "demo"})
+CREATES_ROOT = frozenset({"up", "nodes sync", "models sync", "cleanup", "serve", "runpod-worker", "demo", "worker"})
 # Read-only commands that, given no ROOT at all, look at a running `orchestrator demo`.
 FOLLOWS_DEMO = frozenset({"status", "gpus", "plan", "logs", "health", "config"})
 

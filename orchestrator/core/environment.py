@@ -56,6 +56,7 @@ PROXY_NAMES = (
 PROGRAM_SECRETS: Mapping[str, frozenset[str]] = {
     "monitor": frozenset({"ORCHESTRATOR_TOKEN"}),
     "models": frozenset({"HF_TOKEN", "CIVITAI_TOKEN"}),
+    "queue": frozenset({"JOB_QUEUE_URL", "ORCHESTRATOR_TOKEN"}),
 }
 # The monitor's extra secrets when OUTPUT_UPLOAD is set.
 UPLOAD_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})

@@ -79,7 +79,7 @@ def child_environment() -> dict[str, str]:
     return base_environment(os.environ)
 
 
-PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup")
+PROGRAMS_WITH_ENV = ("monitor", "models", "cleanup", "queue")
 INSTANCE_ONLY = frozenset({"COMFY_ARGS", "COMFY_FLAGS"})  # settings no orchestrator program reads
 
 
@@ -155,6 +155,10 @@ def extra_programs(
     if settings.output_max_age > 0:
         programs.append(
             Program("cleanup", (*batch("cleanup"), "cleanup"), str(layout.root), env("cleanup"), priority=900)
+        )
+    if settings.job_queue_url:  # the Redis queue worker; the URL (a secret) comes from its env file
+        programs.append(
+            Program("queue", (*me("queue"), "worker"), str(layout.root), env("queue"), priority=60, stopwaitsecs=30)
         )
     programs.append(watchdog_program(settings, layout))
     return programs
