@@ -1,7 +1,8 @@
 """How many jobs this machine can take now, its heartbeat in Redis, and the fleet's view of them.
 
 :func:`free_slots` is the one place the number is decided. It reads the monitor's
-``GET /instances`` (READY instances) and the worker's own count of jobs in flight: the queue
+``GET /scaling`` (READY instances, as ``comfyui_machine_ready_instances``; none while the machine
+drains) and the worker's own count of jobs in flight: the queue
 worker is the machine's job source, and its own count is exact where the probe's queue figures
 lag by up to PROBE_INTERVAL (a finished job would hold its slot until the next probe).
 """
@@ -12,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -40,22 +41,24 @@ def free_slots(capacity: Capacity, inflight: int, per_instance: int = SLOTS_PER_
     return max(0, capacity.ready * per_instance - inflight) if capacity.monitor_up else 0
 
 
-def capacity_from_instances(instances: Sequence[Mapping[str, Any]]) -> Capacity:
-    """A :class:`Capacity` from ``GET /instances``' list."""
-    return Capacity(gpus=len(instances), ready=sum(1 for i in instances if i.get("ready")), monitor_up=True)
+def capacity_from_scaling(load: Mapping[str, Any]) -> Capacity:
+    """A :class:`Capacity` from ``GET /scaling`` (the monitor's one count of READY instances, the
+    same as ``comfyui_machine_ready_instances``); a draining machine has none to offer."""
+    ready = 0 if load.get("draining") else int(load.get("ready_instances") or 0)
+    return Capacity(gpus=int(load.get("instances") or 0), ready=ready, monitor_up=True)
 
 
 def read_capacity(session: requests.Session, api_url: str, headers: Mapping[str, str], gpus: int) -> Capacity:
     """This machine's capacity from its monitor; nothing READY when the monitor does not answer."""
     try:
-        resp = session.get(f"{api_url}/instances", headers=dict(headers), timeout=(2, 5))
+        resp = session.get(f"{api_url}/scaling", headers=dict(headers), timeout=(2, 5))
         resp.raise_for_status()
-        instances = resp.json().get("instances")
-    except (requests.RequestException, ValueError, AttributeError):
+        load = resp.json()
+    except (requests.RequestException, ValueError):
         return Capacity(gpus=gpus, ready=0, monitor_up=False)
-    if not isinstance(instances, list):
+    if not isinstance(load, dict):
         return Capacity(gpus=gpus, ready=0, monitor_up=False)
-    return capacity_from_instances([i for i in instances if isinstance(i, dict)])
+    return capacity_from_scaling(load)
 
 
 def plan_hash(layout: Layout) -> str:
