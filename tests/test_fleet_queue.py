@@ -1,7 +1,7 @@
 """The fleet's Redis job queue against a real redis-server: backpressure, leases, reclaim, retries,
 the dead-letter stream, one result per job id, heartbeats and `fleet status`.
 
-The machine behind the worker is a small job API (``/instances`` and ``POST /jobs``) whose answers
+The machine behind the worker is a small job API (``/scaling`` and ``POST /jobs``) whose answers
 each test sets, so that a failing machine, a slow job or a full machine is a value; the whole path
 through real machines (``up``, supervisord, the monitor, the simulator) is
 ``tests/reliability/test_fleet_chaos.py``.
@@ -33,7 +33,7 @@ from orchestrator.core.plan import build_plan
 from orchestrator.core.settings import load_settings
 from orchestrator.fleet import client as fleet_client
 from orchestrator.fleet import queue
-from orchestrator.fleet.capacity import Capacity, fleet_status, free_slots, heartbeat
+from orchestrator.fleet.capacity import Capacity, capacity_from_scaling, fleet_status, free_slots, heartbeat
 from orchestrator.fleet.queue import QueueError, connect
 from orchestrator.fleet.worker import QueueWorker, WorkerConfig
 from orchestrator.lifecycle.launch import extra_programs, program_envs
@@ -44,7 +44,7 @@ BODY = {"workflow": txt2img("fleet")}
 
 # ---------------------------------------------------------------- a machine's job API, scripted
 class FakeMachine:
-    """``GET /instances`` with ``ready`` READY instances; ``POST /jobs`` answers ``answer(n)`` after
+    """``GET /scaling`` with ``ready`` READY instances; ``POST /jobs`` answers ``answer(n)`` after
     ``delay`` seconds (n: the call's number). Records calls and the most jobs running at once."""
 
     def __init__(self, ready: int = 1, delay: float = 0.05) -> None:
@@ -54,9 +54,9 @@ class FakeMachine:
         self.answer: Callable[[int, dict[str, Any]], tuple[int, dict[str, Any]]] = self.success
         app = FastAPI()
 
-        @app.get("/instances")
-        async def instances() -> dict[str, Any]:
-            return {"instances": [{"gpu": i, "ready": i < self.ready} for i in range(max(1, self.ready))]}
+        @app.get("/scaling")
+        async def scaling() -> dict[str, Any]:  # the fields the worker reads (core.scaling.MachineLoad)
+            return {"ready_instances": self.ready, "instances": max(1, self.ready), "draining": False}
 
         @app.post("/jobs")
         async def jobs(request: Request) -> JSONResponse:
@@ -131,6 +131,9 @@ def test_free_slots_are_ready_instances_less_jobs_in_flight_and_none_without_a_m
     assert free_slots(Capacity(gpus=4, ready=3, monitor_up=True), inflight=5) == 0
     assert free_slots(Capacity(gpus=4, ready=0, monitor_up=True), inflight=0) == 0
     assert free_slots(Capacity(gpus=4, ready=4, monitor_up=False), inflight=0) == 0
+    # From the monitor's /scaling: its READY count, none while the machine drains for shutdown.
+    assert capacity_from_scaling({"ready_instances": 2, "instances": 3, "draining": False}) == Capacity(3, 2, True)
+    assert capacity_from_scaling({"ready_instances": 2, "instances": 3, "draining": True}).ready == 0
     assert free_slots(Capacity(gpus=2, ready=2, monitor_up=True), inflight=1, per_instance=3) == 5
 
 
