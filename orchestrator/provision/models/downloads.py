@@ -51,7 +51,7 @@ import requests
 import tenacity
 
 from orchestrator.core.errors import ModelError
-from orchestrator.provision.models import limits, partfile
+from orchestrator.provision.models import limits, partfile, ranged
 from orchestrator.provision.models.limits import Guard, RetryBudget
 from orchestrator.provision.models.partfile import Partial
 from orchestrator.provision.models.responses import (
@@ -277,8 +277,26 @@ class Engine:
             return DownloadResult(task, "downloaded", path, state.received, time.monotonic() - start, digest)
 
     def _attempt(self, task: DownloadTask, state: Partial) -> None:
-        """One request: resume or start the part, then stream the body into it."""
+        try:
+            self._attempt_once(task, state)
+        except ranged.Refused:
+            log.info("model %s: the server ignored a range request; going on with one connection", task.name)
+            state.ranged = False
+            self._attempt_once(task, state)
+
+    def _attempt_once(self, task: DownloadTask, state: Partial) -> None:
+        """One request: resume or start the part, then stream the body into it (or go ranged)."""
         opts = self.options
+        if "done" in partfile.read_meta(task):  # a ranged part, of this run or an earlier one
+            partfile.load_meta(task, state)
+            done = ranged.saved_ranges(task, state.total)
+            if done is None or not (task.filename or state.filename):
+                partfile.reset_part(task, state)
+            elif state.ranged is False:
+                ranged.to_single_stream(task, state, done)
+            else:
+                self._guarded(task, state, lambda: self._ranged(task, state, None, done))
+                return
         try:
             on_disk = task.part.stat().st_size
         except FileNotFoundError:
@@ -313,18 +331,50 @@ class Engine:
                     return
                 partfile.reset_part(task, state)
                 raise TransientError("the server refused the resume range; starting again")
-            try:
-                negotiate(task, state, resp, opts)
-                self._check_space(task, state)
-                self._stream(task, state, resp)
-            except limits.Stop:
-                partfile.reset_part(task, state)
+            self._guarded(task, state, lambda: self._negotiated(task, state, resp))
+
+    def _negotiated(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
+        negotiate(task, state, resp, self.options)
+        self._check_space(task, state)
+        if ranged.splittable(state, resp, self.options):
+            self._ranged(task, state, resp, [])
+        else:
+            self._stream(task, state, resp)
+
+    def _guarded(self, task: DownloadTask, state: Partial, fn: Callable[[], None]) -> None:
+        """Run ``fn``; the cap, the floor, a full disk and a changed remote file remove the part."""
+        try:
+            fn()
+        except limits.Stop:
+            partfile.reset_part(task, state)
+            raise
+        except ranged.Changed as exc:
+            partfile.reset_part(task, state)
+            raise TransientError(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in limits.DISK_FULL:
                 raise
-            except OSError as exc:
-                if exc.errno not in limits.DISK_FULL:
-                    raise
-                partfile.reset_part(task, state)
-                raise limits.disk_full_error(task, opts) from None
+            partfile.reset_part(task, state)
+            raise limits.disk_full_error(task, self.options) from None
+
+    def _ranged(self, task: DownloadTask, state: Partial, first: requests.Response | None,
+                done: list[tuple[int, int]]) -> None:
+        """Fetch the missing ranges over several connections (:mod:`.ranged`)."""
+        if first is None:  # resuming: the checks the first answer gets on the one-stream path
+            state.offset = sum(b - a for a, b in done)
+            limits.check_length(task, self.options, state.total)
+            self._check_space(task, state)
+        if state.total is None:
+            raise RuntimeError("a ranged download needs the file's length")
+        total = state.total
+        self.progress.started(task, total, state.offset)
+
+        def advanced(n: int) -> None:
+            self.progress.advanced(task, n)
+            self._reservations.set(task.key, state.dev, total - run.ranges.written)
+
+        run = ranged.RangedDownload(task, state, self.options, done, advanced)
+        run.run(first, self._session())
 
     def _stream(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
         opts = self.options

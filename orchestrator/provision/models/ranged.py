@@ -1,0 +1,430 @@
+"""One large file over several ranged connections at once, resumable range by range.
+
+A file of at least ``DownloadOptions.ranged_min_bytes`` whose server answered the first GET with
+a length and ``Accept-Ranges: bytes`` is cut into chunks (a few per connection, 8–64 MiB); up to
+``DownloadOptions.connections`` workers (one ``requests.Session`` each, so one TCP connection
+each) take chunks in order, ask for ``Range: bytes=a-b`` (with ``If-Range``) and write each
+piece at its offset into the sparse ``.part`` (``os.pwrite``). The first GET's own body serves
+the first chunk.
+
+Which bytes are written lives in the part's sidecar (``done`` in ``.part.json``, atomic JSON),
+saved every 1/256 of the file (1–16 MiB), so a killed run loses at most that much; the next run
+fetches only the missing ranges. SHA-256 is computed in order by a thread that reads back the
+part (from the page cache) as the written prefix grows, so most of the hash is done when the
+last chunk lands (``hash_in_order=False``: one pass after the last chunk; bench_downloads.py
+measures both). The engine then checks size and hash and renames, as for one stream.
+
+Failures: a connection that fails (dropped, timed out, 5xx, 429) gives its chunk back and
+retires; the others go on. When the last one fails, the attempt fails and the engine's retry
+budget decides (the next attempt starts all connections again, from the recorded ranges). A
+``200`` to a range request means the server ignores ranges after all: :class:`Refused`, and the
+engine falls back to one stream from the written prefix. A ``206`` for another offset or length,
+a ``416``, or a ``200`` with another validator means the file changed: the part is thrown away.
+401/403/404, a redirect loop, the cap, the floor and a full disk stop every connection at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from orchestrator.provision.models import partfile
+from orchestrator.provision.models.limits import Guard
+from orchestrator.provision.models.partfile import Partial
+from orchestrator.provision.models.responses import (
+    NETWORK_ERRORS,
+    READ_ERRORS,
+    TransientError,
+    body_reader,
+    check_status,
+    describe,
+    is_encoded,
+    parse_content_range,
+    redirect_error,
+)
+from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask, MiB, human
+from orchestrator.provision.models.verified import hash_file
+
+log = logging.getLogger(__name__)
+
+CHUNK_MIN = 8 * MiB
+CHUNK_MAX = 64 * MiB
+HASH_BLOCK = 4 * MiB
+
+
+class Refused(Exception):
+    """The server answered a range request with the whole file: go on with one stream."""
+
+
+class Changed(Exception):
+    """The file on the server is not the one the part holds."""
+
+
+def splittable(state: Partial, resp: requests.Response, opts: DownloadOptions) -> bool:
+    """Whether the first answer (a 200 from byte 0) allows ranged connections for this file."""
+    return (
+        opts.connections > 1
+        and state.ranged is not False
+        and resp.status_code == 200
+        and state.offset == 0
+        and state.total is not None
+        and state.total >= max(opts.ranged_min_bytes, 1)
+        and resp.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
+        and not is_encoded(resp)
+    )
+
+
+def chunk_size(total: int, connections: int) -> int:
+    """Four chunks per connection, 8–64 MiB each."""
+    return max(CHUNK_MIN, min(CHUNK_MAX, -(-total // (connections * 4))))
+
+
+def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(s for s in spans if s[0] < s[1]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def saved_ranges(task: DownloadTask, total: int | None) -> list[tuple[int, int]] | None:
+    """The written ranges a ranged part's sidecar lists (None: no ranged part, or a bad record)."""
+    meta = partfile.read_meta(task)
+    done = meta.get("done")
+    if not isinstance(done, list) or not total or meta.get("total") != total or not task.part.exists():
+        return None
+    spans: list[tuple[int, int]] = []
+    for item in done:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+            return None
+        a, b = item
+        if not 0 <= a < b <= total:
+            return None
+        spans.append((a, b))
+    return merge(spans)
+
+
+class Chunk:
+    __slots__ = ("end", "pos", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = self.pos = start
+        self.end = end
+
+
+class Ranges:
+    """Written ranges, chunks in progress and chunks to do; thread-safe."""
+
+    def __init__(self, total: int, done: list[tuple[int, int]], chunk: int) -> None:
+        self.total = total
+        self.done = merge(done)
+        self.active: set[Chunk] = set()
+        self.todo: deque[tuple[int, int]] = deque()
+        pos = 0
+        for a, b in [*self.done, (total, total)]:
+            for start in range(pos, a, chunk):
+                self.todo.append((start, min(start + chunk, a)))
+            pos = b
+        self.written = sum(b - a for a, b in self.done)
+        self.lock = threading.Lock()
+        self.grew = threading.Condition(self.lock)
+
+    def take(self) -> Chunk | None:
+        with self.lock:
+            if not self.todo:
+                return None
+            chunk = Chunk(*self.todo.popleft())
+            self.active.add(chunk)
+            return chunk
+
+    def close(self, chunk: Chunk) -> None:
+        """The chunk is written up to ``pos``; what is left goes back to the front of the queue."""
+        with self.lock:
+            self.active.discard(chunk)
+            self.done = merge([*self.done, (chunk.start, chunk.pos)])
+            if chunk.pos < chunk.end:
+                self.todo.appendleft((chunk.pos, chunk.end))
+            self.grew.notify_all()
+
+    def snapshot(self) -> list[tuple[int, int]]:
+        with self.lock:
+            return merge([*self.done, *((c.start, c.pos) for c in self.active)])
+
+    def frontier(self) -> int:
+        """The end of the written prefix."""
+        spans = self.snapshot()
+        return spans[0][1] if spans and spans[0][0] == 0 else 0
+
+
+class InOrderHasher:
+    """Hashes the part from byte 0 as far as it is written, in a thread, reading it back."""
+
+    def __init__(self, state: Partial, path: Path, ranges: Ranges, stop: threading.Event) -> None:
+        self.h = hashlib.sha256()
+        self.pos = 0
+        self.ranges = ranges
+        self.stop = stop
+        self.error: OSError | None = None
+        self._fd = os.open(path, os.O_RDONLY)
+        self._thread = threading.Thread(target=self._run, name="sha256-ranged", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray(HASH_BLOCK)
+        view = memoryview(buf)
+        try:
+            while self.pos < self.ranges.total and not self.stop.is_set():
+                limit = self.ranges.frontier()
+                if limit <= self.pos:
+                    with self.ranges.lock:
+                        self.ranges.grew.wait(0.05)
+                    continue
+                while self.pos < limit and not self.stop.is_set():
+                    n = os.preadv(self._fd, [view[: min(HASH_BLOCK, limit - self.pos)]], self.pos)
+                    if n <= 0:
+                        self.error = OSError("the part file is shorter than its written ranges")
+                        return
+                    self.h.update(view[:n])
+                    self.pos += n
+        except OSError as exc:
+            self.error = exc
+
+    def finish(self) -> hashlib._Hash:
+        self._thread.join()
+        os.close(self._fd)
+        if self.error is not None:
+            raise self.error
+        if self.pos != self.ranges.total:
+            raise RuntimeError("the in-order hash stopped before the end")
+        return self.h
+
+    def abandon(self) -> None:
+        self.stop.set()
+        self._thread.join()
+        os.close(self._fd)
+
+
+class RangedDownload:
+    """One attempt: workers over the missing chunks until done, refused, or all failed."""
+
+    def __init__(
+        self,
+        task: DownloadTask,
+        state: Partial,
+        opts: DownloadOptions,
+        done: list[tuple[int, int]],
+        advanced: Callable[[int], None],
+    ) -> None:
+        if state.total is None:
+            raise RuntimeError("a ranged download needs the file's length")
+        self.task, self.state, self.opts, self.advanced = task, state, opts, advanced
+        self.total = total = state.total
+        self.ranges = Ranges(total, done, chunk_size(total, opts.connections))
+        self.stop = threading.Event()
+        self.guard = Guard(task, opts)
+        self.save_every = max(MiB, min(16 * MiB, total // 256))
+        self._unsaved = 0
+        self._save_lock = threading.Lock()
+        self._alive = 0
+        self.fatal: BaseException | None = None  # stops every worker
+        self.failure: str | None = None  # the last transient failure
+        self.refused = False
+        self.changed: str | None = None
+
+    # -- the attempt
+    def run(self, first: requests.Response | None, session: requests.Session) -> None:
+        """Fetch every missing chunk; on return the part is complete and ``state.hasher`` holds its hash.
+
+        Raises:
+            Refused: the server ignores ranges (the written ranges are saved).
+            Changed: the file changed on the server.
+            TransientError: every connection failed (the written ranges are saved).
+            ModelError, OSError: as for one stream (auth, cap, floor, disk full).
+        """
+        task, state = self.task, self.state
+        flags = os.O_RDWR | os.O_CREAT | (0 if first is None else os.O_TRUNC)
+        fd = os.open(task.part, flags, 0o600)
+        try:
+            os.ftruncate(fd, self.total)  # sparse: blocks are allocated as ranges are written
+            self.save(fd)
+            hasher = InOrderHasher(state, task.part, self.ranges, self.stop) if self.opts.hash_in_order else None
+            workers = min(self.opts.connections, len(self.ranges.todo))
+            log.info("model %s: %d connections, %s still to fetch", task.name, workers,
+                     human(self.total - self.ranges.written))
+            self._alive = workers
+            own = self.ranges.take()  # (taken first: the first answer's body is this chunk's)
+            if first is not None and (own is None or own.start != 0):
+                first.close()
+                first = None
+            threads = [threading.Thread(target=self._worker, args=(fd, None, None, self.opts.session_factory(), True),
+                                        name=f"range-{i}", daemon=True) for i in range(1, workers)]
+            for t in threads:
+                t.start()
+            self._worker(fd, own, first, session, False)
+            for t in threads:
+                t.join()
+            self.save(fd)
+            complete = self.ranges.written == self.total and not self.ranges.todo
+            if not complete or self.fatal is not None or self.changed:
+                if hasher is not None:
+                    hasher.abandon()
+                self._raise()
+            state.hasher = hasher.finish() if hasher is not None else hash_file(task.part)
+            state.offset = self.total
+        finally:
+            os.close(fd)
+
+    def _raise(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+        if self.changed:
+            raise Changed(self.changed)
+        if self.refused:
+            raise Refused("the server ignored a range request")
+        raise TransientError(self.failure or "every connection failed")
+
+    def save(self, fd: int) -> None:
+        """Record the written ranges (after an fdatasync when ``fsync`` is on)."""
+        with self._save_lock:
+            if self.opts.fsync:
+                os.fdatasync(fd)
+            done = self.ranges.snapshot()
+            self.state.offset = sum(b - a for a, b in done)
+            partfile.save_meta(self.task, self.state, done=done)
+
+    # -- one connection
+    def _worker(self, fd: int, chunk: Chunk | None, first: requests.Response | None,
+                session: requests.Session, own: bool) -> None:
+        """Fetch chunks until none is left, this connection fails, or every worker must stop."""
+        buf = bytearray(self.opts.chunk_size)
+        try:
+            while not self.stop.is_set():
+                chunk = chunk or self.ranges.take()
+                if chunk is None:
+                    return
+                try:
+                    resp = first if first is not None else self._request(session, chunk)
+                    first = None
+                    with resp:
+                        self._fill(fd, resp, chunk, buf)
+                        self._keep_alive(resp)
+                except TransientError as exc:
+                    if not self.stop.is_set():
+                        self._retire(str(exc))
+                    return
+                except Refused:
+                    self.refused = True
+                    return
+                except Changed as exc:
+                    self.changed = str(exc)
+                    self.stop.set()
+                    return
+                except Exception as exc:  # noqa: BLE001 (auth, cap, floor, disk: run() raises it)
+                    self.fatal = self.fatal or exc
+                    self.stop.set()
+                    return
+                finally:
+                    self.ranges.close(chunk)
+                chunk = None
+        finally:
+            with self.ranges.lock:
+                self._alive -= 1
+            if first is not None:
+                first.close()
+            if own:
+                session.close()
+
+    def _retire(self, why: str) -> None:
+        with self.ranges.lock:
+            self.failure = why
+            others = self._alive - 1
+        if others:
+            log.info("model %s: a connection failed (%s); going on with %d", self.task.name, why, others)
+
+    def _request(self, session: requests.Session, chunk: Chunk) -> requests.Response:
+        task, opts = self.task, self.opts
+        headers = {"Accept-Encoding": "identity", **task.headers, "Range": f"bytes={chunk.pos}-{chunk.end - 1}"}
+        if self.state.validator:
+            headers["If-Range"] = self.state.validator
+        try:
+            resp = session.get(task.url, headers=headers, stream=True,
+                               timeout=(opts.connect_timeout, opts.read_timeout))
+        except requests.TooManyRedirects as exc:
+            raise redirect_error(task.name, task.source, exc) from None
+        except NETWORK_ERRORS as exc:
+            raise TransientError(describe(exc)) from None
+        try:
+            self._check(resp, chunk)
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    def _check(self, resp: requests.Response, chunk: Chunk) -> None:
+        check_status(self.task, resp)
+        if resp.status_code == 416:
+            raise Changed("the server refused a range inside the file; starting again")
+        if resp.status_code == 200:
+            etag = resp.headers.get("ETag", "")
+            now = (etag if etag and not etag.startswith("W/") else None) or resp.headers.get("Last-Modified")
+            if self.state.validator and now and now != self.state.validator:
+                raise Changed("the file changed on the server; starting again")
+            raise Refused()
+        start, total = parse_content_range(resp.headers.get("Content-Range"))
+        if resp.status_code != 206 or start != chunk.pos or total != self.total or is_encoded(resp):
+            raise Changed("the server answered another range or length; starting again")
+
+    def _fill(self, fd: int, resp: requests.Response, chunk: Chunk, buf: bytearray) -> None:
+        read = body_reader(resp, len(buf))
+        view = memoryview(buf)
+        while chunk.pos < chunk.end:
+            if self.stop.is_set():
+                raise TransientError("stopped")
+            try:
+                n = read(view[: min(len(buf), chunk.end - chunk.pos)])
+            except READ_ERRORS as exc:
+                raise TransientError(describe(exc)) from None
+            if not n:
+                raise TransientError("the connection closed before the end of its range")
+            self.guard(chunk.pos, n)
+            partfile.pwrite_all(fd, view[:n], chunk.pos)
+            with self.ranges.lock:
+                chunk.pos += n
+                self.ranges.written += n
+                self.state.received += n
+                self._unsaved += n
+                due = self._unsaved >= self.save_every
+                if due:
+                    self._unsaved = 0
+            self.advanced(n)
+            if due:
+                self.save(fd)
+
+    @staticmethod
+    def _keep_alive(resp: requests.Response) -> None:
+        """Give a fully read connection back to its pool (reading past urllib3 would close it)."""
+        fp = getattr(resp.raw, "_fp", None)
+        if isinstance(fp, http.client.HTTPResponse) and fp.isclosed():
+            with contextlib.suppress(AttributeError):
+                resp.raw.release_conn()
+
+
+def to_single_stream(task: DownloadTask, state: Partial, done: list[tuple[int, int]]) -> None:
+    """Keep the written prefix of a ranged part as a one-stream part (the rest is fetched again)."""
+    prefix = done[0][1] if done and done[0][0] == 0 else 0
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(task.part, prefix)
+    state.offset, state.hasher = prefix, None
+    partfile.save_meta(task, state)
+
