@@ -19,7 +19,7 @@ from test_downloads import FAST, FileSpec, RangeServer, blob, leftovers, sha
 from orchestrator.core.disk import to_disk_floor
 from orchestrator.core.settings import load_settings
 from orchestrator.machine.fs import read_json
-from orchestrator.provision.models import ranged
+from orchestrator.provision.models import ranged, ranges
 from orchestrator.provision.models.downloads import Engine
 from orchestrator.provision.models.sync import download_options
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
@@ -212,7 +212,7 @@ KILLED_RUN = """
 import dataclasses, sys
 from pathlib import Path
 from orchestrator.core.disk import to_disk_floor
-from orchestrator.provision.models import ranged
+from orchestrator.provision.models import ranged, ranges
 from orchestrator.provision.models.downloads import Engine
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
 ranged.CHUNK_MIN = {chunk}
@@ -264,8 +264,8 @@ def test_the_connection_settings_reach_the_engine(tmp_path: Path) -> None:
 
 
 def test_chunks_and_ranges() -> None:
-    assert ranged.merge([(5, 9), (0, 3), (3, 4), (8, 12), (20, 20)]) == [(0, 4), (5, 12)]
-    r = ranged.Ranges(100, [(10, 30), (50, 60)], 15)
+    assert ranges.merge([(5, 9), (0, 3), (3, 4), (8, 12), (20, 20)]) == [(0, 4), (5, 12)]
+    r = ranges.Ranges(100, [(10, 30), (50, 60)], 15)
     assert list(r.todo) == [(0, 10), (30, 45), (45, 50), (60, 75), (75, 90), (90, 100)]
     assert r.written == 30
     assert ranged.chunk_size(2 << 30, 8) == 64 << 20

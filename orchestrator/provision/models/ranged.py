@@ -26,20 +26,18 @@ a ``416``, or a ``200`` with another validator means the file changed: the part 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 
 import requests
 
 from orchestrator.provision.models import partfile
 from orchestrator.provision.models.limits import Guard
 from orchestrator.provision.models.partfile import Partial
+from orchestrator.provision.models.ranges import Chunk, InOrderHasher, Ranges
 from orchestrator.provision.models.responses import (
     NETWORK_ERRORS,
     READ_ERRORS,
@@ -51,14 +49,13 @@ from orchestrator.provision.models.responses import (
     parse_content_range,
     redirect_error,
 )
-from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask, MiB, human
+from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask, MiB, ProgressSink, human
 from orchestrator.provision.models.verified import hash_file
 
 log = logging.getLogger(__name__)
 
 CHUNK_MIN = 8 * MiB
 CHUNK_MAX = 64 * MiB
-HASH_BLOCK = 4 * MiB
 
 
 class Refused(Exception):
@@ -88,133 +85,6 @@ def chunk_size(total: int, connections: int) -> int:
     return max(CHUNK_MIN, min(CHUNK_MAX, -(-total // (connections * 4))))
 
 
-def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(s for s in spans if s[0] < s[1]):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def saved_ranges(task: DownloadTask, total: int | None) -> list[tuple[int, int]] | None:
-    """The written ranges a ranged part's sidecar lists (None: no ranged part, or a bad record)."""
-    meta = partfile.read_meta(task)
-    done = meta.get("done")
-    if not isinstance(done, list) or not total or meta.get("total") != total or not task.part.exists():
-        return None
-    spans: list[tuple[int, int]] = []
-    for item in done:
-        if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
-            return None
-        a, b = item
-        if not 0 <= a < b <= total:
-            return None
-        spans.append((a, b))
-    return merge(spans)
-
-
-class Chunk:
-    __slots__ = ("end", "pos", "start")
-
-    def __init__(self, start: int, end: int) -> None:
-        self.start = self.pos = start
-        self.end = end
-
-
-class Ranges:
-    """Written ranges, chunks in progress and chunks to do; thread-safe."""
-
-    def __init__(self, total: int, done: list[tuple[int, int]], chunk: int) -> None:
-        self.total = total
-        self.done = merge(done)
-        self.active: set[Chunk] = set()
-        self.todo: deque[tuple[int, int]] = deque()
-        pos = 0
-        for a, b in [*self.done, (total, total)]:
-            for start in range(pos, a, chunk):
-                self.todo.append((start, min(start + chunk, a)))
-            pos = b
-        self.written = sum(b - a for a, b in self.done)
-        self.lock = threading.Lock()
-        self.grew = threading.Condition(self.lock)
-
-    def take(self) -> Chunk | None:
-        with self.lock:
-            if not self.todo:
-                return None
-            chunk = Chunk(*self.todo.popleft())
-            self.active.add(chunk)
-            return chunk
-
-    def close(self, chunk: Chunk) -> None:
-        """The chunk is written up to ``pos``; what is left goes back to the front of the queue."""
-        with self.lock:
-            self.active.discard(chunk)
-            self.done = merge([*self.done, (chunk.start, chunk.pos)])
-            if chunk.pos < chunk.end:
-                self.todo.appendleft((chunk.pos, chunk.end))
-            self.grew.notify_all()
-
-    def snapshot(self) -> list[tuple[int, int]]:
-        with self.lock:
-            return merge([*self.done, *((c.start, c.pos) for c in self.active)])
-
-    def frontier(self) -> int:
-        """The end of the written prefix."""
-        spans = self.snapshot()
-        return spans[0][1] if spans and spans[0][0] == 0 else 0
-
-
-class InOrderHasher:
-    """Hashes the part from byte 0 as far as it is written, in a thread, reading it back."""
-
-    def __init__(self, state: Partial, path: Path, ranges: Ranges, stop: threading.Event) -> None:
-        self.h = hashlib.sha256()
-        self.pos = 0
-        self.ranges = ranges
-        self.stop = stop
-        self.error: OSError | None = None
-        self._fd = os.open(path, os.O_RDONLY)
-        self._thread = threading.Thread(target=self._run, name="sha256-ranged", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        buf = bytearray(HASH_BLOCK)
-        view = memoryview(buf)
-        try:
-            while self.pos < self.ranges.total and not self.stop.is_set():
-                limit = self.ranges.frontier()
-                if limit <= self.pos:
-                    with self.ranges.lock:
-                        self.ranges.grew.wait(0.05)
-                    continue
-                while self.pos < limit and not self.stop.is_set():
-                    n = os.preadv(self._fd, [view[: min(HASH_BLOCK, limit - self.pos)]], self.pos)
-                    if n <= 0:
-                        self.error = OSError("the part file is shorter than its written ranges")
-                        return
-                    self.h.update(view[:n])
-                    self.pos += n
-        except OSError as exc:
-            self.error = exc
-
-    def finish(self) -> hashlib._Hash:
-        self._thread.join()
-        os.close(self._fd)
-        if self.error is not None:
-            raise self.error
-        if self.pos != self.ranges.total:
-            raise RuntimeError("the in-order hash stopped before the end")
-        return self.h
-
-    def abandon(self) -> None:
-        self.stop.set()
-        self._thread.join()
-        os.close(self._fd)
-
-
 class RangedDownload:
     """One attempt: workers over the missing chunks until done, refused, or all failed."""
 
@@ -224,11 +94,13 @@ class RangedDownload:
         state: Partial,
         opts: DownloadOptions,
         done: list[tuple[int, int]],
-        advanced: Callable[[int], None],
+        progress: ProgressSink,
+        reserve: Callable[[int], None],
     ) -> None:
+        """``reserve(n)``: ``n`` bytes are still to come (for the free-space reservations)."""
         if state.total is None:
             raise RuntimeError("a ranged download needs the file's length")
-        self.task, self.state, self.opts, self.advanced = task, state, opts, advanced
+        self.task, self.state, self.opts, self.progress, self.reserve = task, state, opts, progress, reserve
         self.total = total = state.total
         self.ranges = Ranges(total, done, chunk_size(total, opts.connections))
         self.stop = threading.Event()
@@ -255,10 +127,12 @@ class RangedDownload:
         task, state = self.task, self.state
         flags = os.O_RDWR | os.O_CREAT | (0 if first is None else os.O_TRUNC)
         fd = os.open(task.part, flags, 0o600)
+        hasher: InOrderHasher | None = None
         try:
             os.ftruncate(fd, self.total)  # sparse: blocks are allocated as ranges are written
             self.save(fd)
-            hasher = InOrderHasher(state, task.part, self.ranges, self.stop) if self.opts.hash_in_order else None
+            self.progress.started(task, self.total, self.ranges.written)
+            hasher = InOrderHasher(task.part, self.ranges, self.stop) if self.opts.hash_in_order else None
             workers = min(self.opts.connections, len(self.ranges.todo))
             log.info("model %s: %d connections, %s still to fetch", task.name, workers,
                      human(self.total - self.ranges.written))
@@ -277,12 +151,13 @@ class RangedDownload:
             self.save(fd)
             complete = self.ranges.written == self.total and not self.ranges.todo
             if not complete or self.fatal is not None or self.changed:
-                if hasher is not None:
-                    hasher.abandon()
                 self._raise()
             state.hasher = hasher.finish() if hasher is not None else hash_file(task.part)
+            hasher = None
             state.offset = self.total
         finally:
+            if hasher is not None:
+                hasher.abandon()
             os.close(fd)
 
     def _raise(self) -> None:
@@ -318,7 +193,7 @@ class RangedDownload:
                     first = None
                     with resp:
                         self._fill(fd, resp, chunk, buf)
-                        self._keep_alive(resp)
+                        keep_alive(resp)
                 except TransientError as exc:
                     if not self.stop.is_set():
                         self._retire(str(exc))
@@ -407,24 +282,15 @@ class RangedDownload:
                 due = self._unsaved >= self.save_every
                 if due:
                     self._unsaved = 0
-            self.advanced(n)
+            self.progress.advanced(self.task, n)
+            self.reserve(self.total - self.ranges.written)
             if due:
                 self.save(fd)
 
-    @staticmethod
-    def _keep_alive(resp: requests.Response) -> None:
-        """Give a fully read connection back to its pool (reading past urllib3 would close it)."""
-        fp = getattr(resp.raw, "_fp", None)
-        if isinstance(fp, http.client.HTTPResponse) and fp.isclosed():
-            with contextlib.suppress(AttributeError):
-                resp.raw.release_conn()
 
-
-def to_single_stream(task: DownloadTask, state: Partial, done: list[tuple[int, int]]) -> None:
-    """Keep the written prefix of a ranged part as a one-stream part (the rest is fetched again)."""
-    prefix = done[0][1] if done and done[0][0] == 0 else 0
-    with contextlib.suppress(FileNotFoundError):
-        os.truncate(task.part, prefix)
-    state.offset, state.hasher = prefix, None
-    partfile.save_meta(task, state)
-
+def keep_alive(resp: requests.Response) -> None:
+    """Give a fully read connection back to its pool (reading past urllib3 would close it)."""
+    fp = getattr(resp.raw, "_fp", None)
+    if isinstance(fp, http.client.HTTPResponse) and fp.isclosed():
+        with contextlib.suppress(AttributeError):
+            resp.raw.release_conn()
