@@ -125,9 +125,9 @@ def write_all(fh: BinaryIO, view: memoryview) -> None:
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """Write ``view`` at ``offset`` (in the same slices as :func:`write_all`)."""
+    """Write ``view`` at ``offset``, whole (with 8 writer threads, fewer GIL round trips won)."""
     while view:
-        written = os.pwrite(fd, view[:WRITE_SLICE], offset)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
 

@@ -108,6 +108,8 @@ class RangedDownload:
         self.save_every = max(MiB, min(16 * MiB, total // 256))
         self._unsaved = 0
         self._save_lock = threading.Lock()
+        self._save_due = threading.Event()
+        self._saving = True
         self._alive = 0
         self.fatal: BaseException | None = None  # stops every worker
         self.failure: str | None = None  # the last transient failure
@@ -143,11 +145,15 @@ class RangedDownload:
                 first = None
             threads = [threading.Thread(target=self._worker, args=(fd, None, None, self.opts.session_factory(), True),
                                         name=f"range-{i}", daemon=True) for i in range(1, workers)]
-            for t in threads:
+            saver = threading.Thread(target=self._saver, args=(fd,), name="range-state", daemon=True)
+            for t in [*threads, saver]:
                 t.start()
             self._worker(fd, own, first, session, False)
             for t in threads:
                 t.join()
+            self._saving = False
+            self._save_due.set()
+            saver.join()
             self.save(fd)
             complete = self.ranges.written == self.total and not self.ranges.todo
             if not complete or self.fatal is not None or self.changed:
@@ -177,6 +183,20 @@ class RangedDownload:
             done = self.ranges.snapshot()
             self.state.offset = sum(b - a for a, b in done)
             partfile.save_meta(self.task, self.state, done=done)
+
+    def _saver(self, fd: int) -> None:
+        """Saves the written ranges when asked, off the workers' path (a rename can take ms)."""
+        while True:
+            self._save_due.wait()
+            self._save_due.clear()
+            if not self._saving:
+                return
+            try:
+                self.save(fd)
+            except Exception as exc:  # noqa: BLE001 (e.g. a full disk: run() raises it)
+                self.fatal = self.fatal or exc
+                self.stop.set()
+                return
 
     # -- one connection
     def _worker(self, fd: int, chunk: Chunk | None, first: requests.Response | None,
@@ -285,7 +305,7 @@ class RangedDownload:
             self.progress.advanced(self.task, n)
             self.reserve(self.total - self.ranges.written)
             if due:
-                self.save(fd)
+                self._save_due.set()
 
 
 def keep_alive(resp: requests.Response) -> None:

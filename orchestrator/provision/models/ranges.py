@@ -18,7 +18,7 @@ from orchestrator.provision.models import partfile
 from orchestrator.provision.models.partfile import Partial
 from orchestrator.provision.models.tasks import DownloadTask, MiB
 
-HASH_BLOCK = 4 * MiB
+HASH_BLOCK = MiB  # read back and hashed while still in the CPU cache (4 MiB: about 10 % more CPU)
 
 
 def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
