@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import subprocess
@@ -14,12 +15,12 @@ from typing import Any
 
 import pytest
 from support import wait_for
-from test_downloads import FAST, FileSpec, RangeServer, blob, leftovers, sha
+from test_downloads import FAST, FileSpec, Hostile, RangeServer, blob, leftovers, sha
 
 from orchestrator.core.disk import to_disk_floor
 from orchestrator.core.settings import load_settings
 from orchestrator.machine.fs import read_json
-from orchestrator.provision.models import ranged, ranges
+from orchestrator.provision.models import partfile, ranged, ranges
 from orchestrator.provision.models.downloads import Engine
 from orchestrator.provision.models.sync import download_options
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
@@ -212,7 +213,7 @@ KILLED_RUN = """
 import dataclasses, sys
 from pathlib import Path
 from orchestrator.core.disk import to_disk_floor
-from orchestrator.provision.models import ranged, ranges
+from orchestrator.provision.models import partfile, ranged, ranges
 from orchestrator.provision.models.downloads import Engine
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask
 ranged.CHUNK_MIN = {chunk}
@@ -270,3 +271,53 @@ def test_chunks_and_ranges() -> None:
     assert r.written == 30
     assert ranged.chunk_size(2 << 30, 8) == 64 << 20
     assert ranged.chunk_size(1 << 20, 8) == CHUNK  # (CHUNK_MIN here)
+
+
+def test_a_full_disk_on_a_ranged_write_is_one_clear_line_and_no_part(
+    server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.files["/full.bin"] = FileSpec(blob(SIZE))
+    real = partfile.pwrite_all
+    calls: list[int] = []
+
+    def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, view, offset)
+
+    monkeypatch.setattr(partfile, "pwrite_all", pwrite_all)
+    dest = tmp_path / "d"
+    result = engine(tmp_path).download(task(server, "/full.bin", dest))
+    assert result.state == "failed"
+    assert result.error.startswith("full.bin: the disk is full in ")
+    assert "\n" not in result.error
+    assert leftovers(dest) == []
+    assert len(server.hits("/full.bin")) <= 1 + RANGED.connections  # not retried
+
+
+def test_a_range_refused_with_403_stops_the_download_without_retries(tmp_path: Path) -> None:
+    data = blob(SIZE)
+
+    def answer(h: Any) -> None:
+        if h.headers.get("Range"):
+            h.send_response(403)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.send_header("Accept-Ranges", "bytes")
+        h.end_headers()
+        h.wfile.write(data)
+
+    srv = Hostile(answer)
+    try:
+        t = DownloadTask(name="private", url=srv.url("/p.bin"), dest_dir=tmp_path / "d", filename="p.bin")
+        result = engine(tmp_path).download(t)
+    finally:
+        srv.close()
+    assert result.state == "failed"
+    assert result.error.startswith("private: 127.0.0.1 refused access (HTTP 403)")
+    assert len(srv.requests) <= 1 + RANGED.connections  # not retried
+    assert not (tmp_path / "d" / "p.bin").exists()
