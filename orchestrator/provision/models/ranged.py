@@ -88,16 +88,9 @@ def chunk_size(total: int, connections: int) -> int:
 class RangedDownload:
     """One attempt: workers over the missing chunks until done, refused, or all failed."""
 
-    def __init__(
-        self,
-        task: DownloadTask,
-        state: Partial,
-        opts: DownloadOptions,
-        done: list[tuple[int, int]],
-        progress: ProgressSink,
-        reserve: Callable[[int], None],
-    ) -> None:
-        """``reserve(n)``: ``n`` bytes are still to come (for the free-space reservations)."""
+    def __init__(self, task: DownloadTask, state: Partial, opts: DownloadOptions, done: list[tuple[int, int]],
+                 progress: ProgressSink, reserve: Callable[[int], None]) -> None:
+        """``done``: the written ranges; ``reserve(n)``: ``n`` bytes are still to come (free-space reservations)."""
         if state.total is None:
             raise RuntimeError("a ranged download needs the file's length")
         self.task, self.state, self.opts, self.progress, self.reserve = task, state, opts, progress, reserve
@@ -214,9 +207,10 @@ class RangedDownload:
                     with resp:
                         self._fill(fd, resp, chunk, buf)
                         keep_alive(resp)
-                except TransientError as exc:
+                except TransientError as exc:  # this connection retires; the others go on
                     if not self.stop.is_set():
-                        self._retire(str(exc))
+                        self.failure = str(exc)
+                        log.info("model %s: a connection failed (%s)", self.task.name, exc)
                     return
                 except Refused:
                     self.refused = True
@@ -240,13 +234,6 @@ class RangedDownload:
             if own:
                 session.close()
 
-    def _retire(self, why: str) -> None:
-        with self.ranges.lock:
-            self.failure = why
-            others = self._alive - 1
-        if others:
-            log.info("model %s: a connection failed (%s); going on with %d", self.task.name, why, others)
-
     def _request(self, session: requests.Session, chunk: Chunk) -> requests.Response:
         task, opts = self.task, self.opts
         headers = {"Accept-Encoding": "identity", **task.headers, "Range": f"bytes={chunk.pos}-{chunk.end - 1}"}
@@ -260,25 +247,11 @@ class RangedDownload:
         except NETWORK_ERRORS as exc:
             raise TransientError(describe(exc)) from None
         try:
-            self._check(resp, chunk)
+            check_answer(resp, task, self.state.validator, self.total, chunk.pos)
         except BaseException:
             resp.close()
             raise
         return resp
-
-    def _check(self, resp: requests.Response, chunk: Chunk) -> None:
-        check_status(self.task, resp)
-        if resp.status_code == 416:
-            raise Changed("the server refused a range inside the file; starting again")
-        if resp.status_code == 200:
-            etag = resp.headers.get("ETag", "")
-            now = (etag if etag and not etag.startswith("W/") else None) or resp.headers.get("Last-Modified")
-            if self.state.validator and now and now != self.state.validator:
-                raise Changed("the file changed on the server; starting again")
-            raise Refused()
-        start, total = parse_content_range(resp.headers.get("Content-Range"))
-        if resp.status_code != 206 or start != chunk.pos or total != self.total or is_encoded(resp):
-            raise Changed("the server answered another range or length; starting again")
 
     def _fill(self, fd: int, resp: requests.Response, chunk: Chunk, buf: bytearray) -> None:
         read = body_reader(resp, len(buf))
@@ -306,6 +279,28 @@ class RangedDownload:
             self.reserve(self.total - self.ranges.written)
             if due:
                 self._save_due.set()
+
+
+def check_answer(resp: requests.Response, task: DownloadTask, validator: str | None, total: int, pos: int) -> None:
+    """A range request's answer must be the range from ``pos`` of the same file.
+
+    Raises:
+        Refused: a 200 (the whole file) with the same or no validator.
+        Changed: a 200 with another validator, a 416, another offset or length, an encoding.
+        ModelError, TransientError: :func:`.responses.check_status`.
+    """
+    check_status(task, resp)
+    if resp.status_code == 416:
+        raise Changed("the server refused a range inside the file; starting again")
+    if resp.status_code == 200:
+        etag = resp.headers.get("ETag", "")
+        now = (etag if etag and not etag.startswith("W/") else None) or resp.headers.get("Last-Modified")
+        if validator and now and now != validator:
+            raise Changed("the file changed on the server; starting again")
+        raise Refused()
+    start, length = parse_content_range(resp.headers.get("Content-Range"))
+    if resp.status_code != 206 or start != pos or length != total or is_encoded(resp):
+        raise Changed("the server answered another range or length; starting again")
 
 
 def keep_alive(resp: requests.Response) -> None:
