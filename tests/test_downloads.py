@@ -83,6 +83,7 @@ class RangeServer:
                     "range": self.headers.get("Range"),
                     "auth": self.headers.get("Authorization"),
                     "host": self.headers.get("Host"),
+                    "client": self.client_address[1],  # the client's port: one per connection
                     "status": 0,
                     "sent": 0,
                 }

@@ -80,6 +80,7 @@ def test_a_large_file_comes_over_several_ranged_connections_and_is_verified(
     assert sorted(asked) == [(a, a + CHUNK) for a in range(CHUNK, SIZE, CHUNK)]  # each byte asked once
     assert all(h["status"] == 206 for h in hits[1:])
     assert server.max_active >= 3  # connections at once
+    assert len({h["client"] for h in hits}) <= RANGED.connections + 1  # kept alive (else one per chunk)
     # The first answer is cut after its chunk: at most what sat in the socket buffers besides.
     assert server.sent("/big.bin") < SIZE + 4 * 1024 * 1024
 
