@@ -99,7 +99,10 @@ class RangedDownload:
         self.stop = threading.Event()
         self.guard = Guard(task, opts)
         self.save_every = max(MiB, min(16 * MiB, total // 256))
+        self.max_unsaved = 4 * self.save_every  # writers wait beyond this: a kill loses at most that much
+        self.read_size = max(64 * 1024, min(opts.chunk_size, total // 1024))  # (plus a read per connection)
         self._unsaved = 0
+        self._saved = 0  # bytes written when the last saved record was taken
         self._save_lock = threading.Lock()
         self._save_due = threading.Event()
         self._saving = True
@@ -173,9 +176,13 @@ class RangedDownload:
         with self._save_lock:
             if self.opts.fsync:
                 os.fdatasync(fd)
+            upto = self.ranges.written  # (only grows: the snapshot covers at least this much)
             done = self.ranges.snapshot()
             self.state.offset = sum(b - a for a, b in done)
             partfile.save_meta(self.task, self.state, done=done)
+            with self.ranges.lock:
+                self._saved = max(self._saved, upto)
+                self.ranges.grew.notify_all()
 
     def _saver(self, fd: int) -> None:
         """Saves the written ranges when asked, off the workers' path (a rename can take ms)."""
@@ -195,7 +202,7 @@ class RangedDownload:
     def _worker(self, fd: int, chunk: Chunk | None, first: requests.Response | None,
                 session: requests.Session, own: bool) -> None:
         """Fetch chunks until none is left, this connection fails, or every worker must stop."""
-        buf = bytearray(self.opts.chunk_size)
+        buf = bytearray(self.read_size)
         try:
             while not self.stop.is_set():
                 chunk = chunk or self.ranges.take()
@@ -275,6 +282,9 @@ class RangedDownload:
                 due = self._unsaved >= self.save_every
                 if due:
                     self._unsaved = 0
+                while self.ranges.written - self._saved > self.max_unsaved and not self.stop.is_set():
+                    self._save_due.set()
+                    self.ranges.grew.wait(0.1)  # the record lags (slow renames): wait for it
             self.progress.advanced(self.task, n)
             self.reserve(self.total - self.ranges.written)
             if due:
