@@ -101,11 +101,9 @@ class RangedDownload:
         self.save_every = max(MiB, min(16 * MiB, total // 256))
         self.max_unsaved = 4 * self.save_every  # writers wait beyond this: a kill loses at most that much
         self.read_size = max(64 * 1024, min(opts.chunk_size, total // 1024))  # (plus a read per connection)
-        self._unsaved = 0
-        self._saved = 0  # bytes written when the last saved record was taken
+        self._unsaved = self._saved = 0  # bytes since the last save is due; written when the last record was taken
         self._save_lock = threading.Lock()
-        self._save_due = threading.Event()
-        self._saving = True
+        self._save_due, self._saving = threading.Event(), True
         self._alive = 0
         self.fatal: BaseException | None = None  # stops every worker
         self.failure: str | None = None  # the last transient failure
@@ -148,7 +146,7 @@ class RangedDownload:
             for t in threads:
                 t.join()
             self._saving = False
-            self._save_due.set()
+            self._save_due.set()  # (the saver stops)
             saver.join()
             self.save(fd)
             complete = self.ranges.written == self.total and not self.ranges.todo
@@ -209,7 +207,8 @@ class RangedDownload:
                 if chunk is None:
                     return
                 try:
-                    resp = first if first is not None else self._request(session, chunk)
+                    resp = first if first is not None else request_range(
+                        session, self.task, self.opts, self.state.validator, self.total, chunk)
                     first = None
                     with resp:
                         self._fill(fd, resp, chunk, buf)
@@ -241,25 +240,6 @@ class RangedDownload:
             if own:
                 session.close()
 
-    def _request(self, session: requests.Session, chunk: Chunk) -> requests.Response:
-        task, opts = self.task, self.opts
-        headers = {"Accept-Encoding": "identity", **task.headers, "Range": f"bytes={chunk.pos}-{chunk.end - 1}"}
-        if self.state.validator:
-            headers["If-Range"] = self.state.validator
-        try:
-            resp = session.get(task.url, headers=headers, stream=True,
-                               timeout=(opts.connect_timeout, opts.read_timeout))
-        except requests.TooManyRedirects as exc:
-            raise redirect_error(task.name, task.source, exc) from None
-        except NETWORK_ERRORS as exc:
-            raise TransientError(describe(exc)) from None
-        try:
-            check_answer(resp, task, self.state.validator, self.total, chunk.pos)
-        except BaseException:
-            resp.close()
-            raise
-        return resp
-
     def _fill(self, fd: int, resp: requests.Response, chunk: Chunk, buf: bytearray) -> None:
         read = body_reader(resp, len(buf))
         view = memoryview(buf)
@@ -289,6 +269,26 @@ class RangedDownload:
             self.reserve(self.total - self.ranges.written)
             if due:
                 self._save_due.set()
+
+
+def request_range(session: requests.Session, task: DownloadTask, opts: DownloadOptions, validator: str | None,
+                  total: int, chunk: Chunk) -> requests.Response:
+    """GET the rest of ``chunk`` (with If-Range); the answer is checked (:func:`check_answer`)."""
+    headers = {"Accept-Encoding": "identity", **task.headers, "Range": f"bytes={chunk.pos}-{chunk.end - 1}"}
+    if validator:
+        headers["If-Range"] = validator
+    try:
+        resp = session.get(task.url, headers=headers, stream=True, timeout=(opts.connect_timeout, opts.read_timeout))
+    except requests.TooManyRedirects as exc:
+        raise redirect_error(task.name, task.source, exc) from None
+    except NETWORK_ERRORS as exc:
+        raise TransientError(describe(exc)) from None
+    try:
+        check_answer(resp, task, validator, total, chunk.pos)
+    except BaseException:
+        resp.close()
+        raise
+    return resp
 
 
 def check_answer(resp: requests.Response, task: DownloadTask, validator: str | None, total: int, pos: int) -> None:
