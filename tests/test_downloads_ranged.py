@@ -33,6 +33,7 @@ RANGED = dataclasses.replace(FAST, connections=4, ranged_min_bytes=1 << 20)
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ranged, "CHUNK_MIN", CHUNK)  # (8 MiB in production)
+    monkeypatch.setattr(ranged, "RAMP_WINDOW", 0)  # every connection at once (the ramp has its own test)
 
 
 @pytest.fixture
@@ -83,6 +84,23 @@ def test_a_large_file_comes_over_several_ranged_connections_and_is_verified(
     assert len({h["client"] for h in hits}) <= RANGED.connections + 1  # kept alive (else one per chunk)
     # The first answer is cut after its chunk: at most what sat in the socket buffers besides.
     assert server.sent("/big.bin") < SIZE + 4 * 1024 * 1024
+
+
+def test_connections_ramp_up_to_the_limit_against_a_server_that_caps_each_one(
+    server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ranged, "RAMP_WINDOW", 0.2)
+    data = blob(4 * SIZE)
+    server.files["/cdn.bin"] = FileSpec(data, rate=4_000_000)  # per connection
+    result = engine(tmp_path).download(task(server, "/cdn.bin", tmp_path / "d", sha256=sha(data)))
+    assert result.state == "downloaded", result.error
+    assert server.max_active == RANGED.connections  # 1 → 2 → 4: each doubling doubled the rate
+
+
+def test_the_ramp_stops_when_more_connections_bring_no_more_bytes() -> None:
+    assert ranged.doubled(10e6, 19e6)  # capped per connection: twice the connections, about twice the rate
+    assert not ranged.doubled(800e6, 820e6)  # not capped (or the link or the CPUs are the limit)
+    assert not ranged.doubled(800e6, 1100e6)
 
 
 def test_a_file_under_the_threshold_or_one_connection_stays_one_stream(server: RangeServer, tmp_path: Path) -> None:
@@ -141,18 +159,26 @@ def test_when_every_connection_fails_the_attempt_is_retried_from_the_written_ran
     server: RangeServer, tmp_path: Path
 ) -> None:
     data = blob(SIZE)
-    # The first GET and the three other connections' first ranges all close after 50 kB.
-    server.files["/down.bin"] = FileSpec(data, drop_after=50_000, drops=RANGED.connections)
+    server.files["/down.bin"] = FileSpec(data, drop_after=50_000, drops=10**9)  # every request is cut
+    flipped: list[int] = []
+
+    def backoff(seconds: float) -> None:  # between attempts: the server recovers
+        flipped.append(len(server.hits("/down.bin")))
+        server.files["/down.bin"] = FileSpec(data)
+
     dest = tmp_path / "d"
-    result = engine(tmp_path).download(task(server, "/down.bin", dest, sha256=sha(data)))
+    result = engine(tmp_path, sleep=backoff).download(task(server, "/down.bin", dest, sha256=sha(data)))
     assert result.state == "downloaded", result.error
     assert (dest / "down.bin").read_bytes() == data
+    assert len(flipped) == 1  # one failed attempt: when its last connection failed
     hits = server.hits("/down.bin")
-    assert [h["sent"] for h in hits[: RANGED.connections]] == [50_000] * RANGED.connections  # all failed
+    first, second = hits[: flipped[0]], hits[flipped[0] :]
+    assert len(first) >= RANGED.connections
+    assert all(h["sent"] <= 50_000 for h in first)
     # The next attempt resumed from the recorded ranges (no new first GET from byte 0) and asked
     # only for what was missing (bytes that came just before a reset may be lost and asked again).
-    assert all(h["range"] and not h["range"].endswith("-") for h in hits[RANGED.connections :])
-    assert server.sent("/down.bin") <= SIZE + RANGED.connections * 50_000
+    assert all(h["range"] and not h["range"].endswith("-") for h in second)
+    assert server.sent("/down.bin") <= SIZE + len(first) * 50_000
 
 
 def test_a_wrong_sha256_after_a_ranged_download_is_not_installed_and_the_part_is_removed(

@@ -30,6 +30,7 @@ import http.client
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import requests
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_MIN = 8 * MiB
 CHUNK_MAX = 64 * MiB
+RAMP_WINDOW = 0.3  # seconds each step of the connection ramp is measured (0: every connection at once)
 
 
 class Refused(Exception):
@@ -85,6 +87,40 @@ def chunk_size(total: int, connections: int) -> int:
     return max(CHUNK_MIN, min(CHUNK_MAX, -(-total // (connections * 4))))
 
 
+def ramp(spawn: Callable[[], None], written: Callable[[], int], most: int, done: threading.Event) -> None:
+    """Add connections 1 → 2 → 4 → … → ``most`` while each doubling pays (:func:`doubled`).
+
+    A server that caps each connection (a CDN) gets them all within a few ``RAMP_WINDOW``s; a fast
+    one that does not (or a full link, or busy CPUs) keeps one or two, which cost less CPU per byte.
+    """
+    if RAMP_WINDOW <= 0:
+        for _ in range(most - 1):
+            spawn()
+        return
+    n, before = 1, rate(written, done)
+    while n < most and not done.is_set():
+        for _ in range(min(n, most - n)):
+            spawn()
+        n = min(2 * n, most)
+        now = rate(written, done)
+        if not doubled(before, now):
+            log.debug("ranged: %d connections: %.0f B/s, %.0f B/s with half as many; no more", n, now, before)
+            return
+        before = now
+
+
+def rate(written: Callable[[], int], done: threading.Event) -> float:
+    """Bytes per second written during the next RAMP_WINDOW (shorter when ``done`` is set)."""
+    start, t0 = written(), time.monotonic()
+    done.wait(RAMP_WINDOW)
+    return (written() - start) / max(time.monotonic() - t0, 1e-6)
+
+
+def doubled(before: float, now: float) -> bool:
+    """Twice the connections brought at least 1.5× the bytes per second: the server caps each one."""
+    return now >= 1.5 * before
+
+
 class RangedDownload:
     """One attempt: workers over the missing chunks until done, refused, or all failed."""
 
@@ -104,7 +140,7 @@ class RangedDownload:
         self._unsaved = self._saved = 0  # bytes since the last save is due; written when the last record was taken
         self._save_lock = threading.Lock()
         self._save_due, self._saving = threading.Event(), True
-        self._alive = 0
+        self._finished = threading.Event()  # the first connection has nothing left to take
         self.fatal: BaseException | None = None  # stops every worker
         self.failure: str | None = None  # the last transient failure
         self.refused = False
@@ -130,19 +166,27 @@ class RangedDownload:
             self.progress.started(task, self.total, self.ranges.written)
             hasher = InOrderHasher(task.part, self.ranges, self.stop) if self.opts.hash_in_order else None
             workers = min(self.opts.connections, len(self.ranges.todo))
-            log.info("model %s: %d connections, %s still to fetch", task.name, workers,
+            log.info("model %s: up to %d connections, %s still to fetch", task.name, workers,
                      human(self.total - self.ranges.written))
-            self._alive = workers
             own = self.ranges.take()  # (taken first: the first answer's body is this chunk's)
             if first is not None and (own is None or own.start != 0):
                 first.close()
                 first = None
-            threads = [threading.Thread(target=self._worker, args=(fd, None, None, self.opts.session_factory(), True),
-                                        name=f"range-{i}", daemon=True) for i in range(1, workers)]
+            threads: list[threading.Thread] = []
+
+            def spawn() -> None:
+                threads.append(threading.Thread(target=self._worker, name=f"range-{len(threads) + 1}", daemon=True,
+                                                args=(fd, None, None, self.opts.session_factory(), True)))
+                threads[-1].start()
+
+            ramper = threading.Thread(target=ramp, args=(spawn, lambda: self.ranges.written, workers, self._finished),
+                                      name="range-ramp", daemon=True)
             saver = threading.Thread(target=self._saver, args=(fd,), name="range-state", daemon=True)
-            for t in [*threads, saver]:
+            for t in (ramper, saver):
                 t.start()
             self._worker(fd, own, first, session, False)
+            self._finished.set()
+            ramper.join()  # (then no thread is added)
             for t in threads:
                 t.join()
             self._saving = False
@@ -233,8 +277,6 @@ class RangedDownload:
                     self.ranges.close(chunk)
                 chunk = None
         finally:
-            with self.ranges.lock:
-                self._alive -= 1
             if first is not None:
                 first.close()
             if own:
