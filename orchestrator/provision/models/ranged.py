@@ -136,7 +136,6 @@ class RangedDownload:
         self.guard = Guard(task, opts)
         self.save_every = max(2 * MiB, min(32 * MiB, total // 128))  # (each save costs about 0.3 ms of CPU)
         self.max_unsaved = 2 * self.save_every  # writers wait beyond this: a kill loses at most that much
-        self.read_size = max(64 * 1024, min(opts.chunk_size, total // 1024))  # (plus a read per connection)
         self._unsaved = self._saved = 0  # bytes since the last save is due; written when the last record was taken
         self._save_lock = threading.Lock()
         self._save_due, self._saving = threading.Event(), True
@@ -222,6 +221,7 @@ class RangedDownload:
             done = self.ranges.snapshot()
             self.state.offset = sum(b - a for a, b in done)
             partfile.save_meta(self.task, self.state, done=done)
+            self.reserve(self.total - self.state.offset)
             with self.ranges.lock:
                 self._saved = max(self._saved, upto)
                 self.ranges.grew.notify_all()
@@ -244,7 +244,7 @@ class RangedDownload:
     def _worker(self, fd: int, chunk: Chunk | None, first: requests.Response | None,
                 session: requests.Session, own: bool) -> None:
         """Fetch chunks until none is left, this connection fails, or every worker must stop."""
-        buf = bytearray(self.read_size)
+        buf = bytearray(self.opts.chunk_size)  # (each read costs locks and a statvfs: 1 MiB)
         try:
             while not self.stop.is_set():
                 chunk = chunk or self.ranges.take()
@@ -308,7 +308,6 @@ class RangedDownload:
                     self._save_due.set()
                     self.ranges.grew.wait(0.1)  # the record lags (slow renames): wait for it
             self.progress.advanced(self.task, n)
-            self.reserve(self.total - self.ranges.written)
             if due:
                 self._save_due.set()
 
