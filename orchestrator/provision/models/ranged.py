@@ -5,14 +5,18 @@ a length and ``Accept-Ranges: bytes`` is cut into chunks (a few per connection, 
 ``DownloadOptions.connections`` workers (one ``requests.Session`` each, so one TCP connection
 each) take chunks in order, ask for ``Range: bytes=a-b`` (with ``If-Range``) and write each
 piece at its offset into the sparse ``.part`` (``os.pwrite``). The first GET's own body serves
-the first chunk.
+the first chunk. Connections ramp up 1 → 2 → 4 → … while each doubling brings 1.5× the bytes
+per second (:func:`ramp`): a server that caps each connection gets them all within a second, a
+fast one that does not keeps one or two (cheaper in CPU).
 
 Which bytes are written lives in the part's sidecar (``done`` in ``.part.json``, atomic JSON),
-saved every 1/256 of the file (1–16 MiB), so a killed run loses at most that much; the next run
-fetches only the missing ranges. SHA-256 is computed in order by a thread that reads back the
-part (from the page cache) as the written prefix grows, so most of the hash is done when the
-last chunk lands (``hash_in_order=False``: one pass after the last chunk; bench_downloads.py
-measures both). The engine then checks size and hash and renames, as for one stream.
+saved by a thread of its own every 1/128 of the file (2–32 MiB); writers wait when the record
+lags two steps, so a killed run loses at most about that much, and the next run fetches only the
+missing ranges. SHA-256 is computed in order by a thread that reads back the part (from the page
+cache) as the written prefix grows, so most of the hash is done when the last chunk lands
+(``hash_in_order=False``: one pass after the last chunk; bench_downloads.py measures both). The
+engine then checks size and hash and renames, as for one stream. With ``fsync`` the part is
+fdatasynced before each record is saved (the record never claims bytes a power loss could lose).
 
 Failures: a connection that fails (dropped, timed out, 5xx, 429) gives its chunk back and
 retires; the others go on. When the last one fails, the attempt fails and the engine's retry
