@@ -49,6 +49,7 @@ class FileSpec:
     json: Any = None  # answer this JSON instead of data
     redirect: str | None = None  # answer 302 to this location
     etag: str | None = '"v1"'
+    accept_ranges: bool = True  # say Accept-Ranges: bytes
 
 
 class RangeServer:
@@ -82,6 +83,7 @@ class RangeServer:
                     "range": self.headers.get("Range"),
                     "auth": self.headers.get("Authorization"),
                     "host": self.headers.get("Host"),
+                    "client": self.client_address[1],  # the client's port: one per connection
                     "status": 0,
                     "sent": 0,
                 }
@@ -129,7 +131,7 @@ class RangeServer:
                     entry["status"] = 200
                     return self._send(200, {"Content-Type": "application/json"}, _json.dumps(spec.json).encode())
                 data = spec.data
-                start, status = 0, 200
+                start, end, status = 0, len(spec.data), 200
                 rng = self.headers.get("Range")
                 if_range = self.headers.get("If-Range")
                 if rng and not spec.ignore_range and (if_range is None or if_range == spec.etag):
@@ -140,12 +142,16 @@ class RangeServer:
                             entry["status"] = 416
                             return self._send(416, {"Content-Range": f"bytes */{len(data)}"})
                         status = 206
-                body = data[start:]
-                headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+                        if m.group(2):
+                            end = min(int(m.group(2)) + 1, len(data))
+                body = data[start:end]
+                headers = {"Content-Type": "application/octet-stream"}
+                if spec.accept_ranges:
+                    headers["Accept-Ranges"] = "bytes"
                 if spec.etag:
                     headers["ETag"] = spec.etag
                 if status == 206:
-                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                    headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
                 if spec.disposition:
                     headers["Content-Disposition"] = spec.disposition
                 entry["status"] = status

@@ -124,6 +124,8 @@ class Settings:
     min_free_disk: DiskFloor = setting("5G,5%", to_disk_floor, "Free space no download may take and output cleanup keeps free (size, percentage of the filesystem, or the smaller of a list: 5G,5%; 0: off)")
     download_retries: int = setting("10", int_in(0, 1000), "Retries per model file and run, with or without progress")
     download_retry_seconds: float = setting("30m", to_positive_duration, "No model file is retried after it has been downloading this long")
+    models_connections: int = setting("8", int_in(1, 64), "Ranged connections per large model file when its server supports ranges (1: one stream)")
+    models_ranged_min_bytes: int = setting("64M", to_size, "Model files at least this large are fetched over MODELS_CONNECTIONS ranged connections")
     civitai_models: tuple[str, ...] = setting("", to_list, "CivitAI version ids → checkpoints")
     civitai_loras: tuple[str, ...] = setting("", to_list, "CivitAI version ids → loras")
     civitai_vaes: tuple[str, ...] = setting("", to_list, "CivitAI version ids → vae")

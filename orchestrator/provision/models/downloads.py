@@ -12,7 +12,10 @@ module, which ties them into one download with retries and a free-space check. O
 2. Stream into ``<dest>/.<key>.part``; an existing part is resumed with ``Range`` (and ``If-Range``
    when the server gave a validator); its prefix is hashed once first. A server that answers 200 to
    a Range request is restarted from byte 0. SHA-256 is computed while streaming, in a second
-   thread, so the file is never read twice.
+   thread, so the file is never read twice. A file of at least ``ranged_min_bytes`` whose first
+   answer has a length and ``Accept-Ranges: bytes`` goes over ``connections`` ranged connections
+   instead (:mod:`.ranged`; its written ranges are in the part's sidecar, so a resume fetches only
+   the missing ones); a server that then ignores ranges gets one stream from the written prefix.
 3. Before streaming, free space is checked: the bytes still to come + the ``MIN_FREE_DISK`` floor
    (or the margin, if larger) + what concurrent downloads on the same disk still need. While
    streaming, every chunk is checked against the file's byte cap and the floor (:mod:`.limits`).
@@ -39,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,8 +53,8 @@ import requests
 import tenacity
 
 from orchestrator.core.errors import ModelError
-from orchestrator.provision.models import limits, partfile
-from orchestrator.provision.models.limits import Guard, RetryBudget
+from orchestrator.provision.models import limits, partfile, ranged, ranges
+from orchestrator.provision.models.limits import Guard, Reservations, RetryBudget
 from orchestrator.provision.models.partfile import Partial
 from orchestrator.provision.models.responses import (
     NETWORK_ERRORS,
@@ -83,26 +85,6 @@ from orchestrator.provision.models.verified import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class _Reservations:
-    """Bytes that running downloads still need, per device, for the free-space check."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._left: dict[str, tuple[int, int]] = {}  # key → (st_dev, bytes still to come)
-
-    def others(self, key: str, dev: int) -> int:
-        with self._lock:
-            return sum(left for k, (d, left) in self._left.items() if k != key and d == dev)
-
-    def set(self, key: str, dev: int, left: int) -> None:
-        with self._lock:
-            self._left[key] = (dev, max(left, 0))
-
-    def drop(self, key: str) -> None:
-        with self._lock:
-            self._left.pop(key, None)
 
 
 def with_retries(task: DownloadTask, state: Partial, opts: DownloadOptions, fn: Callable[[], T]) -> T:
@@ -192,7 +174,7 @@ class Engine:
         self.progress: ProgressSink = progress or NullProgress()
         self.store = VerifiedStore(state_dir / VERIFIED_FILE, durable=self.options.fsync)
         self._local = threading.local()
-        self._reservations = _Reservations()
+        self._reservations = Reservations()
 
     # -- public
     def run(self, tasks: Sequence[DownloadTask], concurrency: int = 4) -> list[DownloadResult]:
@@ -277,8 +259,20 @@ class Engine:
             return DownloadResult(task, "downloaded", path, state.received, time.monotonic() - start, digest)
 
     def _attempt(self, task: DownloadTask, state: Partial) -> None:
-        """One request: resume or start the part, then stream the body into it."""
+        try:
+            self._attempt_once(task, state)
+        except ranged.Refused:
+            log.info("model %s: the server ignored a range request; going on with one connection", task.name)
+            state.ranged = False
+            self._attempt_once(task, state)
+
+    def _attempt_once(self, task: DownloadTask, state: Partial) -> None:
+        """One request: resume or start the part, then stream the body into it (or go ranged)."""
         opts = self.options
+        done = ranges.saved_part(task, state)  # a ranged part, of this run or an earlier one
+        if done is not None:
+            self._guarded(task, state, lambda: self._ranged(task, state, None, done))
+            return
         try:
             on_disk = task.part.stat().st_size
         except FileNotFoundError:
@@ -313,18 +307,45 @@ class Engine:
                     return
                 partfile.reset_part(task, state)
                 raise TransientError("the server refused the resume range; starting again")
-            try:
-                negotiate(task, state, resp, opts)
-                self._check_space(task, state)
-                self._stream(task, state, resp)
-            except limits.Stop:
-                partfile.reset_part(task, state)
+            self._guarded(task, state, lambda: self._negotiated(task, state, resp))
+
+    def _negotiated(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
+        negotiate(task, state, resp, self.options)
+        limits.check_space(task, state, self.options, self._reservations)
+        if ranged.splittable(state, resp, self.options):
+            self._ranged(task, state, resp, [])
+        else:
+            self._stream(task, state, resp)
+
+    def _guarded(self, task: DownloadTask, state: Partial, fn: Callable[[], None]) -> None:
+        """Run ``fn``; the cap, the floor, a full disk and a changed remote file remove the part."""
+        try:
+            fn()
+        except limits.Stop:
+            partfile.reset_part(task, state)
+            raise
+        except ranged.Changed as exc:
+            partfile.reset_part(task, state)
+            raise TransientError(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in limits.DISK_FULL:
                 raise
-            except OSError as exc:
-                if exc.errno not in limits.DISK_FULL:
-                    raise
-                partfile.reset_part(task, state)
-                raise limits.disk_full_error(task, opts) from None
+            partfile.reset_part(task, state)
+            raise limits.disk_full_error(task, self.options) from None
+
+    def _ranged(self, task: DownloadTask, state: Partial, first: requests.Response | None,
+                done: list[tuple[int, int]]) -> None:
+        """Fetch the missing ranges over several connections (:mod:`.ranged`)."""
+        if first is None:  # resuming: the checks the first answer gets on the one-stream path
+            state.offset = sum(b - a for a, b in done)
+            limits.check_length(task, self.options, state.total)
+            limits.check_space(task, state, self.options, self._reservations)
+
+        def reserve(left: int) -> None:
+            self._reservations.set(task.key, state.dev, left)
+
+        run = ranged.RangedDownload(task, state, self.options, done, self.progress, reserve)
+        run.run(first, self._session())
 
     def _stream(self, task: DownloadTask, state: Partial, resp: requests.Response) -> None:
         opts = self.options
@@ -338,24 +359,3 @@ class Engine:
 
         partfile.stream(task, state, resp, chunk_size=opts.chunk_size, fsync=opts.fsync, advanced=advanced,
                         guard=Guard(task, opts))
-
-    def _check_space(self, task: DownloadTask, state: Partial) -> None:
-        opts = self.options
-        floor = limits.floor_of(task.dest_dir, opts)
-        free = opts.disk_free(task.dest_dir)
-        remaining = (state.total - state.offset) if state.total is not None else None
-        if remaining is None:
-            if floor and free <= floor:  # (the length is unknown: the stream checks each chunk)
-                raise limits.floor_error(task, opts, free, floor, removed=False)
-            return
-        state.dev = dev = os.stat(task.dest_dir).st_dev
-        self._reservations.set(task.key, dev, remaining)
-        others = self._reservations.others(task.key, dev)
-        keep = max(opts.free_space_margin, floor)
-        if free < remaining + keep + others:
-            extra = f" and {human(others)} for other downloads" if others else ""
-            raise ModelError(
-                f"{task.name}: not enough disk space in {task.dest_dir}: needs {human(remaining)} "
-                f"(+ {human(keep)} kept free, MIN_FREE_DISK={opts.min_free}{extra}), {human(free)} free; "
-                "free some space, put ROOT on a larger disk or lower MIN_FREE_DISK"
-            )

@@ -3,7 +3,9 @@
 * **Cap**: the manifest's ``size`` when given, else ``MODELS_MAX_BYTES``. A Content-Length above
   it, or a body that goes past it, fails the file at once (the part is thrown away).
 * **Floor**: ``MIN_FREE_DISK`` (the smallest of its sizes and percentages of the filesystem). It
-  is checked before a download starts and before every chunk is written, through the
+  is checked before a download starts (:func:`check_space`: the bytes still to come, the floor and
+  what concurrent downloads on the same disk still need, :class:`Reservations`) and before every
+  chunk is written, through the
   ``DownloadOptions.disk_free`` seam (statvfs); a write that would go below it, or a full disk
   (ENOSPC), fails the file with one line, and its part is removed.
 * **Retries**: :class:`RetryBudget` — at most ``attempts`` failures in a row without progress,
@@ -15,9 +17,12 @@
 from __future__ import annotations
 
 import errno
+import os
+import threading
 from pathlib import Path
 
 from orchestrator.core.errors import ModelError
+from orchestrator.provision.models.partfile import Partial
 from orchestrator.provision.models.tasks import DownloadOptions, DownloadTask, human
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -124,3 +129,45 @@ class RetryBudget:
         if elapsed >= opts.retry_seconds:
             return f"after {elapsed:.0f} s of attempts (DOWNLOAD_RETRY_SECONDS={opts.retry_seconds:g})"
         return None
+
+
+class Reservations:
+    """Bytes that running downloads still need, per device, for the free-space check."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left: dict[str, tuple[int, int]] = {}  # key → (st_dev, bytes still to come)
+
+    def others(self, key: str, dev: int) -> int:
+        with self._lock:
+            return sum(left for k, (d, left) in self._left.items() if k != key and d == dev)
+
+    def set(self, key: str, dev: int, left: int) -> None:
+        with self._lock:
+            self._left[key] = (dev, max(left, 0))
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._left.pop(key, None)
+
+
+def check_space(task: DownloadTask, state: Partial, opts: DownloadOptions, reservations: Reservations) -> None:
+    """Free space for the bytes still to come + the floor (or margin) + what other downloads still need."""
+    floor = floor_of(task.dest_dir, opts)
+    free = opts.disk_free(task.dest_dir)
+    remaining = (state.total - state.offset) if state.total is not None else None
+    if remaining is None:
+        if floor and free <= floor:  # (the length is unknown: the stream checks each chunk)
+            raise floor_error(task, opts, free, floor, removed=False)
+        return
+    state.dev = dev = os.stat(task.dest_dir).st_dev
+    reservations.set(task.key, dev, remaining)
+    others = reservations.others(task.key, dev)
+    keep = max(opts.free_space_margin, floor)
+    if free < remaining + keep + others:
+        extra = f" and {human(others)} for other downloads" if others else ""
+        raise ModelError(
+            f"{task.name}: not enough disk space in {task.dest_dir}: needs {human(remaining)} "
+            f"(+ {human(keep)} kept free, MIN_FREE_DISK={opts.min_free}{extra}), {human(free)} free; "
+            "free some space, put ROOT on a larger disk or lower MIN_FREE_DISK"
+        )

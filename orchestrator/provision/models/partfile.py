@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import requests
 
@@ -42,21 +42,32 @@ class Partial:
     validator: str | None = None  # ETag or Last-Modified, for If-Range
     received: int = 0  # bytes received over the network in this run
     dev: int = 0  # st_dev of the destination, for the free-space reservations
+    ranged: bool | None = None  # False: the server ignored a range request (one stream from then on)
+
+
+def read_meta(task: DownloadTask) -> dict[str, Any]:
+    """The part's sidecar (empty when missing or unreadable)."""
+    meta = read_json(task.part_meta, {})
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_meta(task: DownloadTask, state: Partial) -> None:
     """Take the validator, file name and length an earlier run saved next to its part."""
-    meta = read_json(task.part_meta, {})
-    if isinstance(meta, dict):
-        state.validator = meta.get("validator") or None
-        state.filename = state.filename or meta.get("filename") or None
-        state.total = state.total or meta.get("total") or None
+    meta = read_meta(task)
+    state.validator = meta.get("validator") or None
+    state.filename = state.filename or meta.get("filename") or None
+    total = meta.get("total")
+    state.total = state.total or (total if type(total) is int and total > 0 else None)
 
 
-def save_meta(task: DownloadTask, state: Partial) -> None:
+def save_meta(task: DownloadTask, state: Partial, *, done: list[tuple[int, int]] | None = None) -> None:
+    """Save the resume hints; ``done``: the written ranges of a ranged part (:mod:`.ranged`)."""
     # A hint for the next run's resume: atomic against a kill, not worth an fsync.
-    write_json(task.part_meta, {"validator": state.validator, "filename": state.filename,
-                                "total": state.total, "source": task.source}, mode=0o600, durable=False)
+    meta: dict[str, Any] = {"validator": state.validator, "filename": state.filename, "total": state.total,
+                            "source": task.source}
+    if done is not None:
+        meta["done"] = [list(span) for span in done]
+    write_json(task.part_meta, meta, mode=0o600, durable=False)
 
 
 def reset_part(task: DownloadTask, state: Partial) -> None:
@@ -111,6 +122,14 @@ def write_all(fh: BinaryIO, view: memoryview) -> None:
     while view:
         written = fh.write(view[:WRITE_SLICE])
         view = view[written:]
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write ``view`` at ``offset``, whole (with 8 writer threads, fewer GIL round trips won)."""
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def stream(

@@ -134,7 +134,7 @@ def is_encoded(resp: requests.Response) -> bool:
     return resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
 
 
-def body_reader(resp: requests.Response, chunk_size: int) -> Callable[[bytearray], int]:
+def body_reader(resp: requests.Response, chunk_size: int) -> Callable[[bytearray | memoryview], int]:
     """A ``readinto`` for the response body.
 
     An unencoded body is read straight from the stdlib response under urllib3
@@ -148,7 +148,7 @@ def body_reader(resp: requests.Response, chunk_size: int) -> Callable[[bytearray
     chunks = resp.iter_content(chunk_size)
     pending = memoryview(b"")
 
-    def readinto(buf: bytearray) -> int:
+    def readinto(buf: bytearray | memoryview) -> int:
         nonlocal pending
         while not pending:
             chunk = next(chunks, None)

@@ -194,13 +194,15 @@ def _download(
 
 
 def download_options(settings: Settings, base: DownloadOptions | None = None) -> DownloadOptions:
-    """The engine's knobs from the settings: the byte cap, the free-space floor, the retry budget."""
+    """The engine's knobs from the settings: the byte cap, the free-space floor, the retry budget, connections."""
     return dataclasses.replace(
         base or DownloadOptions(),
         max_bytes=settings.models_max_bytes,
         min_free=settings.min_free_disk,
         retries=settings.download_retries,
         retry_seconds=settings.download_retry_seconds,
+        connections=settings.models_connections,
+        ranged_min_bytes=settings.models_ranged_min_bytes,
     )
 
 

@@ -63,6 +63,9 @@ class DownloadOptions:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     session_factory: Callable[[], requests.Session] = new_session
+    connections: int = 8  # ranged connections per large file (MODELS_CONNECTIONS; 1: one stream)
+    ranged_min_bytes: int = 64 * MiB  # files at least this large use them (MODELS_RANGED_MIN_BYTES)
+    hash_in_order: bool = True  # ranged: hash while downloading (False: one pass after the last chunk)
 
 
 def task_key(url: str, dest_dir: Path, filename: str | None) -> str:
