@@ -38,6 +38,7 @@ from orchestrator.jobs.metrics import JobMetrics
 from orchestrator.jobs.recovery import restore
 from orchestrator.jobs.schemas import ErrorType, JobErrorInfo, JobRequest
 from orchestrator.jobs.store import Job, ResultStore, new_job
+from orchestrator.jobs.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class JobManager:
         self.tracking = Tracking(directory, clock, poll_interval, check_interval)
         self.tracking.saved = journal.record if journal else self.tracking.saved
         self.metrics = JobMetrics(registry, self.inflight, directory.snapshot)
+        self.webhooks = Webhooks(settings, registry, journal.directory if journal else None, clock=clock, wall=wall)
 
     @property
     def dialects(self) -> dict[int, Dialect]:
@@ -100,6 +102,7 @@ class JobManager:
             journal = self.journal
             forget = (lambda kept: journal.forget(journal.ids() - kept)) if journal else None
             self._pruner = asyncio.create_task(self.store.prune_periodically(forget))
+        await self.webhooks.start(self.store)
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
@@ -110,6 +113,7 @@ class JobManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pruner = None
+        await self.webhooks.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -152,6 +156,8 @@ class JobManager:
         if self.journal is not None:
             self.journal.record(job)
         self._start(job, self._run(job, view, self._session))
+        if request.webhook is not None:
+            self.webhooks.watch(job, request.webhook)
         return job
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:
