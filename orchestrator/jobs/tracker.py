@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 class JobManager:
     """Accepts jobs, routes them, follows them on their instance, keeps their results.
 
+    Longer than 200 lines because it is the one place a job's path is told end to end.
+
     Args:
         settings: MAX_QUEUE_DEPTH, JOB_TIMEOUT, JOB_RESULTS_MAX, JOB_RESULTS_TTL are read here.
         directory: the monitor's live view of the instances.
@@ -156,8 +158,7 @@ class JobManager:
         if self.journal is not None:
             self.journal.record(job)
         self._start(job, self._run(job, view, self._session))
-        if request.webhook is not None:
-            self.webhooks.watch(job, request.webhook)
+        self.webhooks.watch(job, request.webhook)
         return job
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:

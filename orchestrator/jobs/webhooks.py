@@ -171,7 +171,7 @@ class Webhooks:
         self.retries = settings.webhook_retries
         self.max_seconds = settings.webhook_max_seconds
         self.progress_interval = settings.webhook_progress_interval
-        self.directory = directory
+        self.files = StateFiles(directory)
         self.backoff = backoff
         self._clock = clock
         self._wall = wall
@@ -192,7 +192,8 @@ class Webhooks:
         """Open the HTTP session; resume the events of the journal's jobs that are still kept."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT))
-            self._resume(store)
+            for job, target, resume in self.files.resume(store):
+                self._spawn(job, target, resume)
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -205,10 +206,12 @@ class Webhooks:
             await self._session.close()
             self._session = None
 
-    def watch(self, job: Job, webhook: WebhookIn) -> None:
-        """Send the job's status changes to ``webhook`` from now until its final event."""
+    def watch(self, job: Job, webhook: WebhookIn | None) -> None:
+        """Send the job's status changes to ``webhook`` (if any) from now until its final event."""
+        if webhook is None:
+            return
         target = Target.of(webhook)
-        self._save(job.id, target, 0, None, delivered=True)
+        self.files.save(job.id, target, 0, None, delivered=True)
         self._spawn(job, target, _Resume())
 
     def _spawn(self, job: Job, target: Target, resume: _Resume) -> None:
@@ -225,13 +228,14 @@ class Webhooks:
             while True:
                 event = await outbox.get()
                 sequence += 1
-                self._save(job.id, target, sequence, event.name, delivered=False)
+                self.files.save(job.id, target, sequence, event.name, delivered=False)
                 delivered = await self._deliver(job.id, target, event, sequence)
                 if event.final:
-                    self._forget(job.id)
+                    self._complained.discard(job.id)
+                    self.files.forget(job.id)
                     return
                 if delivered:
-                    self._save(job.id, target, sequence, event.name, delivered=True)
+                    self.files.save(job.id, target, sequence, event.name, delivered=True)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -312,11 +316,18 @@ class Webhooks:
         self._complained.add(job_id)
         log.warning("job %s: %s", job_id, message)
 
-    # ------------------------------------------------------------ kept across restarts
+
+
+class StateFiles:
+    """``<id>.webhook.json`` (0600) beside each job's journal record: URL, secret, last sequence."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
     def _path(self, job_id: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{job_id}{_SUFFIX}"
 
-    def _save(self, job_id: str, target: Target, sequence: int, event: str | None, *, delivered: bool) -> None:
+    def save(self, job_id: str, target: Target, sequence: int, event: str | None, *, delivered: bool) -> None:
         path = self._path(job_id)
         if path is None:
             return
@@ -327,35 +338,36 @@ class Webhooks:
         except OSError as exc:
             log.warning("job %s: could not keep its webhook state under %s: %s", job_id, self.directory, exc)
 
-    def _forget(self, job_id: str) -> None:
-        self._complained.discard(job_id)
+    def forget(self, job_id: str) -> None:
         path = self._path(job_id)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _resume(self, store: ResultStore) -> None:
+    def resume(self, store: ResultStore) -> list[tuple[Job, Target, _Resume]]:
+        """The kept jobs' targets and where their events resume; the files of dropped jobs go."""
+        resumed: list[tuple[Job, Target, _Resume]] = []
         if self.directory is None or not self.directory.is_dir():
-            return
+            return resumed
         for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
             job_id = path.name[: -len(_SUFFIX)]
-            job = store.get(job_id)
             try:
                 saved = read_json(path)
                 target = Target(str(saved["url"]), saved.get("secret") or None)
-                sequence, event = int(saved["sequence"]), saved.get("event")
-                delivered = bool(saved.get("delivered"))
+                sequence, event, delivered = int(saved["sequence"]), saved.get("event"), bool(saved["delivered"])
             except (ValueError, TypeError, KeyError):
                 log.warning("%s is damaged; its job's webhook events are not resumed", path)
-                job = None
-            if job is None:
-                self._forget(job_id)
+                self.forget(job_id)
                 continue
-            if not delivered and isinstance(event, str):  # send it again under the same key
+            job = store.get(job_id)
+            if job is None:
+                self.forget(job_id)
+            elif not delivered and isinstance(event, str):  # send it again under the same key
                 before = {"queued": None, "running": "queued"}.get(event, "running")
-                self._spawn(job, target, _Resume(sequence - 1, before))
+                resumed.append((job, target, _Resume(sequence - 1, before)))
             else:
-                self._spawn(job, target, _Resume(sequence, event if isinstance(event, str) else None))
+                resumed.append((job, target, _Resume(sequence, event if isinstance(event, str) else None)))
+        return resumed
 
 
 def _progress(job: Job) -> tuple[int, int] | None:
