@@ -267,14 +267,14 @@ def test_a_receiver_down_for_the_whole_window_is_counted_and_logged_once_without
     job_id = api.client.post("/jobs", json=job(url)).json()["id"]
     assert api.client.get(f"/jobs/{job_id}", params={"wait": 30}).json()["status"] == "success"
     wait_for(api.idle, 60, 0.05, what="the deliverer given up")
-    failed = api.deliveries("failed")
-    assert failed >= 3  # queued, running, success at least
+    assert api.deliveries("failed") >= 2  # queued (or running) and success at least
     assert api.deliveries("delivered") == 0
-    assert api.deliveries("retried") == 2 * failed
+    assert api.deliveries("retried") >= 4  # each of those retried twice
     warnings = [r for r in caplog.records if r.name == "orchestrator.jobs.webhooks" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert job_id in warnings[0].getMessage()
     assert "not delivered after 3 attempt(s)" in warnings[0].getMessage()
+    assert any(f"job {job_id}: webhook success event" in r.getMessage() for r in caplog.records)  # tried too
     assert SECRET not in caplog.text
     assert "URLTOKEN" not in caplog.text
 
@@ -288,8 +288,8 @@ def test_a_client_error_is_not_retried(sim: ComfyServer, receivers: list[Receive
     assert api.client.get(f"/jobs/{job_id}", params={"wait": 30}).json()["status"] == "success"
     wait_for(api.idle, 30, 0.05, what="the deliverer done")
     assert set(receiver.attempts.values()) == {1}  # each event tried once
-    assert [d.json["event"] for d in receiver.deliveries][-1] == "success"  # the final one still tried
-    assert api.deliveries("failed") == len(receiver.attempts)
+    assert [d.json["event"] for d in receiver.deliveries] == ["queued", "success"]  # then only the final one
+    assert api.deliveries("failed") >= len(receiver.attempts)
     assert api.deliveries("retried") == 0
 
 

@@ -15,7 +15,9 @@ ran). Each POST carries ``Idempotency-Key: <job id>:<sequence>`` (the same on ev
 a secret, ``X-Orchestrator-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">``. 2xx is
 delivered; 408, 429, 5xx, timeouts and connection errors are retried with exponential backoff up
 to WEBHOOK_RETRIES / WEBHOOK_MAX_SECONDS; any other status (redirects included) is a permanent
-failure. Failures are counted and logged once per job, naming the URL's origin only.
+failure. Failures are counted and logged once per job, naming the URL's origin only. Once an
+event of a job is given up, its later non-final events are dropped (counted as failed) so that
+the final event, which is always tried, is not kept waiting behind them.
 
 With a job journal, ``<id>.webhook.json`` (0600) beside the job's record keeps the URL, secret
 and last sequence, so a restarted monitor resumes the job's events (re-sending an undelivered
@@ -224,9 +226,12 @@ class Webhooks:
         outbox = Outbox()
         watcher = asyncio.create_task(self._watch(job, outbox, resume.seen))
         try:
-            sequence = resume.sequence
+            sequence, gave_up = resume.sequence, False
             while True:
                 event = await outbox.get()
+                if gave_up and not event.final:  # the receiver is failing: keep the way clear for the end
+                    self.deliveries.labels("failed").inc()
+                    continue
                 sequence += 1
                 self.files.save(job.id, target, sequence, event.name, delivered=False)
                 delivered = await self._deliver(job.id, target, event, sequence)
@@ -236,6 +241,7 @@ class Webhooks:
                     return
                 if delivered:
                     self.files.save(job.id, target, sequence, event.name, delivered=True)
+                gave_up = not delivered
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
