@@ -7,6 +7,7 @@ RunPod serverless worker over the same API.
     follow    /ws events backed by /history    metrics  comfyui_jobs_* collectors
     routes    jobs_router (POST /jobs, GET /jobs/{id})   runpod   the serverless handler
     speeds    run/load times learned per instance  vram     peak GPU memory from the monitor's samples
+    webhooks  signed callbacks: each status change POSTed to the job's webhook, retried
 
 Routing decisions are ``core.routing`` (capacity and affinity scoring: ``core.routing_score``);
 ComfyUI calls and parsing are ``comfy``. May import ``core``, ``machine`` and ``comfy``; the

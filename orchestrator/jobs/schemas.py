@@ -8,8 +8,9 @@ import base64
 import binascii
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from orchestrator.comfy.protocol import Failure, OutputRef
 from orchestrator.core.workflow import WorkflowError
@@ -44,6 +45,26 @@ class InputImage(BaseModel):
     image: str = Field(description="Base64 data (a data: URI prefix is accepted)")
 
 
+class WebhookIn(BaseModel):
+    """Where the job's status changes are POSTed; signed with HMAC-SHA256 when a secret is given."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="http:// or https:// URL that receives the events", max_length=2048)
+    secret: SecretStr | None = Field(default=None, description="Key of the X-Orchestrator-Signature HMAC")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            ok = parts.scheme in {"http", "https"} and bool(parts.hostname) and parts.port != 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. https://example.com/hook")
+        return v
+
+
 class JobRequest(BaseModel):
     """A workflow to run, with overrides or the serverless seed's shorthand."""
 
@@ -66,6 +87,7 @@ class JobRequest(BaseModel):
     height: int | None = Field(default=None, description="Shorthand: latent height")
     size_node_id: str | None = None
     images: list[InputImage] = Field(default_factory=list, description="Input images to upload first")
+    webhook: WebhookIn | None = Field(default=None, description="POST each status change there (signed)")
 
     @field_validator("prompt_node_id", "seed_node_id", "size_node_id", mode="before")
     @classmethod

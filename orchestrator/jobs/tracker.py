@@ -44,6 +44,7 @@ from orchestrator.jobs.speeds import SpeedBook, choose_instance
 from orchestrator.jobs.store import Job, ResultStore, new_job
 from orchestrator.jobs.uploads import OutputUploader
 from orchestrator.jobs.vram import PeakWatcher
+from orchestrator.jobs.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def check_timeout(request: JobRequest, least: float) -> None:
 
 class JobManager:
     """Accepts jobs, routes them, follows them on their instance, keeps their results.
+
+    Longer than 200 lines because it is the one place a job's path is told end to end.
 
     Args:
         settings: MAX_QUEUE_DEPTH, JOB_TIMEOUT, JOB_RESULTS_MAX, JOB_RESULTS_TTL are read here.
@@ -107,6 +110,7 @@ class JobManager:
         self.tracking.saved = journal.record if journal else self.tracking.saved
         self.metrics = JobMetrics(registry, self.inflight, directory.snapshot)
         self.speeds = SpeedBook()  # learned from completed jobs; read by capacity routing
+        self.webhooks = Webhooks(settings, registry, journal.directory if journal else None, clock=clock, wall=wall)
 
     @property
     def dialects(self) -> dict[int, Dialect]:
@@ -125,6 +129,7 @@ class JobManager:
             forget = (lambda kept: journal.forget(journal.ids() - kept)) if journal else None
             self._pruner = asyncio.create_task(self.store.prune_periodically(forget))
         self.vram.start(self.store.__iter__)
+        await self.webhooks.start(self.store)
 
     async def close(self) -> None:
         """Stop following jobs (they keep running on their instances) and close the session."""
@@ -136,6 +141,7 @@ class JobManager:
                 await task
         self._pruner = None
         await self.vram.stop()
+        await self.webhooks.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -190,6 +196,7 @@ class JobManager:
         if self.journal is not None:
             self.journal.record(job)
         self._start(job, self._run(job, view, self._session))
+        self.webhooks.watch(job, request.webhook)
         return job
 
     async def wait(self, job: Job, timeout: float | None = None) -> bool:
