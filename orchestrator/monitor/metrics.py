@@ -22,14 +22,8 @@ from prometheus_client.utils import floatToGoString
 
 from orchestrator.core.layout import Layout
 from orchestrator.core.settings import Settings
-from orchestrator.monitor.collectors import (
-    GpuCollector,
-    InstanceCollector,
-    MemoryCollector,
-    MemorySource,
-    ProvisioningCollector,
-    StatusSource,
-)
+from orchestrator.monitor.collectors import InstanceCollector, ProvisioningCollector, StatusSource
+from orchestrator.monitor.gpu_collectors import GpuCollector, MemoryCollector, MemorySource
 from orchestrator.provision.cleanup import CleanupCollector
 from orchestrator.provision.models.status import DownloadsCollector
 

@@ -47,7 +47,7 @@ def check_start(settings: Settings) -> None:
     Raises:
         ConfigError: the listen address without a token; unusable GPU metric label names.
     """
-    from orchestrator.monitor.collectors import gpu_label_names
+    from orchestrator.monitor.gpu_collectors import gpu_label_names
 
     check_listen(settings)
     if settings.gpu_metrics == "dcgm":
