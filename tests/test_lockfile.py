@@ -182,6 +182,7 @@ def test_lock_then_up_locked_on_a_fresh_root_has_no_drift_and_a_moved_node_is_na
         b.run("up", "--locked", str(lockfile), check=True, timeout=300)
         assert installed_version(Path(b.env["COMFY_PYTHON"]), "orchtest-alpha") == "1.0"  # not the newer 1.1
         drift = b.run("drift", "--json")
+        assert drift.stdout.strip(), drift.stderr
         assert json.loads(drift.stdout)["differences"] == [], drift.stdout
         assert drift.returncode == 0
         moved_to = commit_file(b.root / "ComfyUI" / "custom_nodes" / "alpha", "local.txt", "a hotfix by hand\n")

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lock", type=Path, help="lock file (default: LOCKFILE, the last up --locked's, ./orchestrator.lock)"
     )
+    _json_flag(p)
     queue_help = "Redis job queue URL (default JOB_QUEUE_URL; on the command line it is visible in ps)"
     p = sub.add_parser("worker", help="take jobs from the fleet's Redis queue for this machine")
     p.add_argument("--queue", metavar="URL", help=queue_help)

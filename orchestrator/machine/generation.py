@@ -35,13 +35,13 @@ class CurrentGeneration:
     def __init__(self, layout: Layout) -> None:
         self.path = state_file(layout)
         self._layout = layout
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._value: str | None = None
 
     def get(self) -> str | None:
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # written by rename: a new inode each time
         except OSError:
             return None
         if stamp != self._stamp:

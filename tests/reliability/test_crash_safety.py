@@ -541,6 +541,8 @@ ALLOWED_DIRECT_WRITES = {
     ("provision/models/partfile.py", "open"): "the .part file: partial by design, renamed to its final name only when verified",
     ("provision/git/client.py", "write_text"): "a marker inside a clone being adopted",
     ("machine/fs.py", "fdopen"): "atomic_write itself: temp file, fsync (unless durable=False), rename",
+    ("machine/cgroups.py", "write_text"): "cgroup v2 control files (memory.max, cgroup.procs): kernel interfaces, "
+    "one write each, never renamed into place",
 }
 
 
