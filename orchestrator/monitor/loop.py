@@ -183,6 +183,10 @@ class Monitor:
     supervisord ``poller`` and ``actions``, the ``prober``, the GPU ``sampler``), takes commands
     from other threads and answers the views; none of its methods blocks.
 
+    Longer than 200 lines because it is the one owner of the instances' state that every view,
+    command and piece (probe loop, drain, GPU faults, memory watch) goes through; the pieces
+    themselves live in their own modules and only their wiring is here.
+
     Args:
         settings: the effective settings.
         plan: the applied machine plan.
