@@ -22,7 +22,34 @@ from orchestrator.machine.gpu import GpuBackend
 log = logging.getLogger(__name__)
 
 
-class GpuSampler:
+class SamplerThread:
+    """A daemon thread running ``_run`` (each sampler's rounds, until ``_stop`` is set)."""
+
+    thread_name = "sampler"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _wanted(self) -> bool:
+        return True
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is None and self._wanted():
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+class GpuSampler(SamplerThread):
     """Samples GPU telemetry in a thread on its own interval; :meth:`statuses` never blocks on NVML.
 
     Args:
@@ -43,22 +70,15 @@ class GpuSampler:
         self._gpus = list(gpus)
         self._interval = interval
         self._wall = wall
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._latest: dict[int, tuple[GpuSample, float]] = {}
         self._backend: GpuBackend | None = None
         self._error = ""
 
-    def start(self) -> None:
-        if self._thread is None and self._gpus:
-            self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
-            self._thread.start()
+    thread_name = "gpu-sampler"
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _wanted(self) -> bool:
+        return bool(self._gpus)
 
     def sample_once(self) -> None:
         """One sampling round (the thread's body; tests call it directly)."""
@@ -197,7 +217,7 @@ class ExecutionCounter:
         return data.count(EXECUTED)
 
 
-class MemorySampler:
+class MemorySampler(SamplerThread):
     """Samples each instance's RSS (process tree), GPU memory and prompt count in a thread.
 
     Args:
@@ -224,19 +244,9 @@ class MemorySampler:
         self._wall = wall
         self._on_process = on_process
         self._latest: dict[int, InstanceMemory] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    thread_name = "memory-sampler"
 
     def _run(self) -> None:
         while not self._stop.is_set():
