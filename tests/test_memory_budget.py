@@ -416,3 +416,50 @@ def test_the_watch_recycles_once_per_process_and_counts_by_reason(tmp_path: Path
         assert len(target.restarts) == 1
 
     asyncio.run(main())
+
+
+class TwoGpus:
+    """A monitor of two instances whose drains are held open by the test."""
+
+    def __init__(self) -> None:
+        self.pids = {0: 100, 1: 200}
+        self.draining: set[int] = set()
+        self.most = 0
+        self.release = asyncio.Event()
+
+    def instance_status(self, gpu: int) -> InstanceStatus:
+        return InstanceStatus(gpu, f"comfyui_gpu{gpu}", 8188 + gpu, InstanceState.READY, "", 0.0, "RUNNING",
+                              self.pids[gpu], None, None, 0, (), 0, 0, time.time(), None, None)
+
+    def request_restart(self, gpu: int, reason: str) -> InstanceStatus:
+        self.pids[gpu] += 1
+        return self.instance_status(gpu)
+
+    async def drain(self, gpu: int, timeout: float, *, interrupt: bool = True) -> DrainResult:
+        self.draining.add(gpu)
+        self.most = max(self.most, len(self.draining))
+        await self.release.wait()
+        self.draining.discard(gpu)
+        return DrainResult(gpu, f"comfyui_gpu{gpu}", True, 0, 0.0)
+
+
+def test_recycles_due_at_once_take_out_one_instance_at_a_time(tmp_path: Path) -> None:
+    async def main() -> None:
+        settings = load_settings({"ROOT": str(tmp_path), "MOCK_GPU": "1", "NUM_GPUS": "2",
+                                  "INSTANCE_MEMORY_MAX": "off", "RECYCLE_AFTER_JOBS": "3"})
+        plan = build_plan(settings, MockBackend(2, GIB).list_gpus())
+        target = TwoGpus()
+        watch = MemoryWatch(target, settings, plan, dict, lambda gpu: None,  # type: ignore[arg-type]
+                            clock=time.monotonic, wall=time.time)
+        samples = {g: InstanceMemory(g, 100 * (g + 1), 500 * MIB, 400 * MIB, None, 3, 1.0) for g in (0, 1)}
+        watch.sampler.latest = lambda: samples  # type: ignore[method-assign]
+        watch.check_once()
+        await wait_async(lambda: bool(target.draining))
+        await asyncio.sleep(0.2)
+        assert len(target.draining) == 1  # ROLLING_MAX_UNAVAILABLE=1: the other waits its turn
+        target.release.set()
+        await asyncio.wait_for(asyncio.gather(*watch._tasks.values()), 30)
+        assert target.most == 1
+        assert watch.recycles == {(0, "jobs"): 1, (1, "jobs"): 1}
+
+    asyncio.run(main())

@@ -102,10 +102,11 @@ def cmd_fleet_status(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     rows = [
         [m.get("machine_id", "?"), m.get("gpus", ""), m.get("ready_instances", ""), m.get("free_slots", ""),
-         m.get("jobs_running", ""), m.get("monitor", ""), m.get("plan_hash", ""), f"{m.get('age_seconds', '')}s"]
+         m.get("jobs_running", ""), m.get("monitor", ""), str(m.get("generation", ""))[:12],
+         str(m.get("lock_hash", ""))[:12], f"{m.get('age_seconds', '')}s"]
         for m in status.machines
     ]
-    header = ["MACHINE", "GPUS", "READY", "FREE", "RUNNING", "MONITOR", "PLAN", "SEEN"]
+    header = ["MACHINE", "GPUS", "READY", "FREE", "RUNNING", "MONITOR", "GENERATION", "LOCK", "SEEN"]
     print_line(table(rows, header) if rows else "no live machine (no heartbeat within FLEET_HEARTBEAT_TTL)")
     print_line(f"jobs: {status.waiting} waiting, {status.leased} leased, {status.dead} dead-lettered")
     return 0

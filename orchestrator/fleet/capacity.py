@@ -21,6 +21,8 @@ import requests
 
 from orchestrator.core.layout import Layout
 from orchestrator.fleet.queue import DEAD_STREAM, GROUP, MACHINE_PREFIX, STREAM, machine_key
+from orchestrator.machine.fs import read_json
+from orchestrator.machine.generation import current_id
 
 # Jobs handed to one READY instance at once. One: a second job would wait in that instance's
 # queue while another machine of the fleet may be idle; the queue is where jobs wait.
@@ -68,6 +70,19 @@ def plan_hash(layout: Layout) -> str:
     except (OSError, ValueError):
         return ""
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions(layout: Layout) -> dict[str, str]:
+    """What a machine runs, for comparing machines: its plan, its instances' generation (the
+    fingerprint of everything they see) and its lock hash (``orchestrator.lock`` or what ``up``
+    installed); "" where not known."""
+    status = read_json(layout.status_file, {})
+    lock = status.get("lock") if isinstance(status, dict) else None
+    return {
+        "plan_hash": plan_hash(layout),
+        "generation": current_id(layout) or "",
+        "lock_hash": str(lock.get("hash") or "") if isinstance(lock, dict) else "",
+    }
 
 
 def heartbeat(

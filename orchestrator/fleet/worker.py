@@ -107,7 +107,7 @@ class QueueWorker:
             "free_slots": self.free(),
             "jobs_running": self.inflight(),
             "monitor": "up" if self.capacity.monitor_up else "down",
-            "plan_hash": cap.plan_hash(Layout(Path(c.root))) if c.root else "",
+            **(cap.versions(Layout(Path(c.root))) if c.root else {}),
             "worker_pid": os.getpid(),
             "updated_at": time.time(),
         }

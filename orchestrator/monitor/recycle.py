@@ -118,6 +118,7 @@ class MemoryWatch:
         )
         self._clock, self._wall = clock, wall
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._rolling = asyncio.Semaphore(settings.rolling_max_unavailable)
         self._done_pid: dict[int, int] = {}  # the process last recycled (its old samples linger a round)
         self._retry_at: dict[int, float] = {}
         self.recycles: dict[tuple[int, str], int] = {}
@@ -185,10 +186,11 @@ class MemoryWatch:
             self._tasks[gpu] = asyncio.create_task(self._recycle(gpu, mem.pid, reason.value, why))
 
     async def _recycle(self, gpu: int, pid: int, reason: str, why: str) -> None:
-        done = await drain_and_restart(
-            self.target, gpu, why, timeout=self.settings.recycle_drain_timeout, clock=self._clock,
-            ready_timeout=self.settings.startup_timeout,
-        )
+        async with self._rolling:  # several due at once: ROLLING_MAX_UNAVAILABLE at a time, as a roll
+            done = await drain_and_restart(
+                self.target, gpu, why, timeout=self.settings.recycle_drain_timeout, clock=self._clock,
+                ready_timeout=self.settings.startup_timeout,
+            )
         if done:
             self._done_pid[gpu] = pid
             self.recycles[(gpu, reason)] = self.recycles.get((gpu, reason), 0) + 1
