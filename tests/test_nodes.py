@@ -140,6 +140,7 @@ def sync(
     git_runner: git_command.GitRunner = git_command.git_runner,
     prune: bool = False,
     env: Mapping[str, str] | None = None,
+    progress: list[str] | None = None,
     **settings_env: str,
 ) -> nodes_report.NodesReport:
     return nodes_sync.sync_nodes(
@@ -150,6 +151,7 @@ def sync(
         git=quick_git(git_runner),
         runner=commands or Commands(),
         environ=env or offline_env(world),
+        progress=None if progress is None else progress.append,
     )
 
 
@@ -454,9 +456,14 @@ def test_a_cold_sync_installs_everything_and_a_warm_sync_starts_nothing(
     config = full_config(world, tmp_path)
     env = offline_env(world, NODE_TEST_TOKEN="tok-123")
     commands = Commands()
-    report = sync(root, venv, world, config, commands=commands, env=env)
+    steps: list[str] = []
+    report = sync(root, venv, world, config, commands=commands, env=env, progress=steps)
     assert report.failed == ()
     assert report.counts == {"installed": 5, "updated": 0, "unchanged": 0, "removed": 0, "failed": 0}
+    # what `up` shows as it runs: each clone counted, then the one pip, the scripts, the imports
+    assert [line for line in steps if line.startswith("nodes: git")] == [f"nodes: git {n}/5 ..." for n in range(1, 6)]
+    assert steps.index("nodes: pip, the requirements of 5 nodes in one install ...") > steps.index("nodes: git 5/5 ...")
+    assert steps[-1] == "nodes: import check ..."
     cn = root / "ComfyUI" / "custom_nodes"
     # one pip install for every changed requirements file; the node's package is importable
     assert len(commands.pip_installs) == 1

@@ -73,7 +73,7 @@ class Progress:
             self.stream.write(f"\r\033[K{line}")
             self.stream.flush()
             self._open = True
-        elif not line.endswith(": ..."):  # a stage starting: shown on a terminal only
+        elif not line.endswith("..."):  # a stage or step under way: shown on a terminal only
             print_line(line, file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -120,6 +120,8 @@ def provision(
         settings = locked.settings
     if not skip:
         with timer.stage("sync"):
+            if timer.progress is not None:
+                timer.progress(f"sync: ComfyUI into {layout.comfy_dir} ...")
             comfy = repos.sync_comfy(settings, layout)
             if locked:
                 locked.pin_comfy(layout)
@@ -129,6 +131,8 @@ def provision(
                     "ComfyUI: running the FALLBACK %s %s at %s, not the configured %s",
                     comfy.url, comfy.ref, comfy.commit, comfy.wanted,
                 )
+            if timer.progress is not None:
+                timer.progress("sync: the shared config repository ...")
             status["shared"] = repos.sync_shared(settings, layout).to_dict()
         check_inputs(settings)  # the copies just fetched, before any pip
     elif not settings.shared_repo_url and not has_shared_config(layout.shared_dir):
@@ -144,7 +148,7 @@ def provision(
         with timer.stage("nodes"):
             report = nodes.sync_nodes(
                 settings, layout, config_file=locked.node_config(layout) if locked else None,
-                constraints=locked.pins if locked else (),
+                constraints=locked.pins if locked else (), progress=timer.progress,
             )
             status["nodes"] = {"counts": dict(report.counts), "failed": list(report.failed)}
             status["nodes"]["import_failed"] = dict(report.import_failed)  # checked before any start

@@ -7,7 +7,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.core.layout import Layout
@@ -51,6 +51,7 @@ class RunState:
         self.outcomes: dict[str, Outcome] = {}
         self.pip: dict[str, Any] = {"ran": False}
         self.constraints: tuple[str, ...] = ()  # extra pins (the lock's packages)
+        self.progress: Callable[[str], None] = lambda _line: None  # "nodes: git 3/12 ..." as steps run
         self._lock = threading.Lock()
 
     def record(self, name: str, record: NodeRecord | None) -> None:

@@ -6,7 +6,7 @@ import concurrent.futures
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.core.layout import Layout
@@ -45,13 +45,17 @@ def execute(run: RunState, plan: Sequence[Planned]) -> None:
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="node"
         ) as pool:
-            for future in [pool.submit(git_step, run, item) for item in git_items]:
+            futures = [pool.submit(git_step, run, item) for item in git_items]
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 future.result()
+                run.progress(f"nodes: git {done}/{len(git_items)} ...")
     specs = [p.spec for p in plan if p.spec is not None]
+    run.progress(f"nodes: pip, the requirements of {len(specs)} nodes in one install ...")
     pip_step(run, specs)
     for spec in specs:
         env_step(run, spec)
-    for spec in specs:  # install order: a script may rely on an earlier node
+    for n, spec in enumerate(specs, 1):  # install order: a script may rely on an earlier node
+        run.progress(f"nodes: install scripts {n}/{len(specs)} ...")
         script_step(run, spec)
 
 
@@ -91,6 +95,7 @@ def sync_nodes(
     runner: CommandRunner = run_command,
     environ: Mapping[str, str] | None = None,
     constraints: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> NodesReport:
     """Install, update and remove custom nodes so the folder matches the config.
 
@@ -101,6 +106,7 @@ def sync_nodes(
         git, runner, environ: seams for tests (git client, command runner, the environment
             that ``.env`` values and pip see).
         constraints: extra pins for the requirements install (``up --locked``: the lock's packages).
+        progress: told a line as each step runs (``nodes: git 3/12 ...``, pip, scripts, imports).
 
     Raises:
         ConfigError: the config is invalid (before anything on disk changes).
@@ -139,7 +145,10 @@ def sync_nodes(
         os.environ if environ is None else environ,
     )
     run.constraints = tuple(constraints)
+    if progress is not None:
+        run.progress = progress
     execute(run, plan)
+    run.progress("nodes: import check ...")
     imports = import_step(run, [p.spec for p in plan if p.spec is not None])
     done: list[NodeResult] = []
     for p in plan:
