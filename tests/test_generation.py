@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import commit_file, make_repo
+from support import commit_file, make_repo, wait_for
 
 from orchestrator.core.generation import GenerationInputs, differences, digest, fingerprint
 from orchestrator.core.layout import Layout
@@ -119,7 +119,8 @@ def test_the_recorded_generation_and_a_process_generation_are_read_back(tmp_path
     code = "import time; time.sleep(30)"
     proc = subprocess.Popen([sys.executable, "-c", code], env={"ORCHESTRATOR_GENERATION": "def456def456"})
     try:
-        assert process_generation(proc.pid) == "def456def456"
+        # Readable once the new program runs (on one busy core, a moment after Popen returns).
+        assert wait_for(lambda: process_generation(proc.pid), 30, 0.05, what="its environment") == "def456def456"
     finally:
         proc.kill()
         proc.wait()

@@ -51,9 +51,9 @@ class Slot:
     _generation: tuple[int, str | None] = (0, None)  # (pid, the generation it started with)
 
     def generation(self) -> str | None:
-        """The generation the running process started with (read once per process)."""
+        """The generation the running process started with (read once per process, once readable)."""
         pid = self.proc.pid if self.proc is not None and self.proc.pid > 0 else 0
-        if pid != self._generation[0]:
+        if pid != self._generation[0] or self._generation[1] is None:  # not readable yet: ask again
             self._generation = (pid, process_generation(pid))
         return self._generation[1]
 
